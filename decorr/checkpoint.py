@@ -1,0 +1,227 @@
+"""One checkpoint format: a directory of safetensors files plus ``config.json``.
+
+Loading never runs pickled code. Writing is atomic: everything goes to ``<dir>.tmp`` first, is synced
+to disk, and replaces the old directory by renames, so a kill at any moment leaves the previous complete
+checkpoint in place (as ``<dir>`` or, between the two renames, ``<dir>.old``, which loading accepts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from decorr.errors import DecorrError
+from decorr.models import create_model
+
+FORMAT = "decorr-checkpoint/1"
+CHECKPOINT_DIR = "checkpoint"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+__all__ = [
+    "Checkpoint",
+    "FORMAT",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_models",
+    "build_model",
+    "model_entry",
+    "optimizer_tensors",
+    "load_optimizer_state",
+]
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict[str, Any]
+    state_dicts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.config["models"])
+
+
+def model_entry(arch: str, kwargs: Mapping[str, Any] | None = None, feature_layer: str | None = None) -> dict[str, Any]:
+    """The config record describing how to rebuild one model from the registry."""
+    from decorr.models import model_spec
+
+    return {
+        "arch": arch,
+        "kwargs": dict(kwargs or {}),
+        "feature_layer": feature_layer if feature_layer is not None else model_spec(arch).feature_layer,
+    }
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    with open(path, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=float)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage; checkpoints hold plain copies.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer's state into tensors (for safetensors) and JSON-able metadata."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous().clone()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
+    """Restore an optimizer saved by :func:`save_checkpoint`."""
+    checkpoint = load_checkpoint(path, load_weights=False)
+    meta = checkpoint.config.get("optimizer")
+    file = checkpoint.path / OPTIMIZER_FILE
+    if meta is None or not file.exists():
+        raise DecorrError(f"checkpoint {checkpoint.path} has no optimizer state to resume from; start a new run")
+    tensors = load_file(str(file))
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError) as err:
+        raise DecorrError(f"optimizer state in {checkpoint.path} does not fit this run ({err}); start a new run") from None
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    models: Mapping[str, nn.Module],
+    config: Mapping[str, Any],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
+    """Write ``models`` and ``config`` to the checkpoint directory ``path`` atomically.
+
+    ``config["models"]`` must describe every model (see :func:`model_entry`).
+    """
+    path = Path(path)
+    entries = config.get("models", {})
+    missing = [name for name in models if name not in entries]
+    if missing:
+        raise ValueError(f"config['models'] lacks entries for {missing}")
+    full_config = {"format": FORMAT, **config}
+    tmp = path.with_name(path.name + ".tmp")
+    old = path.with_name(path.name + ".old")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name, module in models.items():
+        save_file(_state_tensors(module), str(tmp / f"{name}.safetensors"))
+    if optimizer is not None:
+        tensors, meta = optimizer_tensors(optimizer)
+        save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        full_config["optimizer"] = meta
+    _write_json(tmp / "config.json", full_config)
+    for file in tmp.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(tmp)
+    if path.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return path
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint directory for ``path``: a checkpoint directory itself or a run directory."""
+    path = Path(path)
+    for candidate in (path, path / CHECKPOINT_DIR):
+        if (candidate / "config.json").is_file():
+            return candidate
+        old = candidate.with_name(candidate.name + ".old")
+        if not candidate.exists() and (old / "config.json").is_file():
+            return old
+    if not path.exists():
+        raise DecorrError(f"checkpoint {path} does not exist; pass a run directory or its checkpoint/ folder")
+    raise DecorrError(f"{path} is not a decorr checkpoint (no config.json in it or in {path / CHECKPOINT_DIR})")
+
+
+def load_checkpoint(path: str | os.PathLike, *, load_weights: bool = True) -> Checkpoint:
+    """Read a checkpoint's config and (optionally) its weights; never unpickles anything."""
+    directory = resolve_checkpoint(path)
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise DecorrError(f"{directory / 'config.json'} is not valid JSON ({err}); the checkpoint is damaged") from None
+    if config.get("format") != FORMAT or "models" not in config:
+        raise DecorrError(f"{directory} is not a {FORMAT} checkpoint (format {config.get('format')!r})")
+    checkpoint = Checkpoint(directory, config)
+    if load_weights:
+        for name in config["models"]:
+            file = directory / f"{name}.safetensors"
+            try:
+                checkpoint.state_dicts[name] = load_file(str(file))
+            except (FileNotFoundError, SafetensorError, OSError) as err:
+                raise DecorrError(f"cannot read weights {file} ({err}); the checkpoint is incomplete") from None
+    return checkpoint
+
+
+def build_model(entry: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None,
+                *, source: str = "checkpoint") -> nn.Module:
+    """Create a registry model from a config entry and load weights that must fit it exactly."""
+    model = create_model(entry["arch"], **entry.get("kwargs", {}))
+    if state_dict is not None:
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()
+            detail = first[1].strip() if len(first) > 1 else first[0]
+            raise DecorrError(
+                f"weights in {source} do not match architecture {entry['arch']!r} ({detail}); "
+                f"check that the checkpoint was made for this model"
+            ) from None
+    return model
+
+
+def load_models(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, nn.Module]:
+    """All models of a checkpoint, rebuilt from the registry, in eval mode on ``device``."""
+    checkpoint = load_checkpoint(path)
+    models = {}
+    for name, entry in checkpoint.config["models"].items():
+        model = build_model(entry, checkpoint.state_dicts[name], source=str(checkpoint.path / f"{name}.safetensors"))
+        models[name] = model.to(device).eval()
+    return models

@@ -1,0 +1,72 @@
+"""Collectives that keep gradients, so losses that couple samples see the global batch.
+
+``torch.distributed.all_gather`` cuts the autograd graph. The correlation loss (and the
+sqrt-of-squares objectives) need every process to compute the loss of the *global* batch and send the
+gradient of each sample back to the process that owns it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate every process's tensor along dim 0 (shards may differ in length).
+
+    Backward: every process computed the same loss of the global batch, so the gradient of one
+    process's shard is the sum over processes of their gradients for that shard (all-reduce), exactly
+    what ``torch.distributed.nn.all_gather`` does. Data-parallel training then averages parameter
+    gradients over processes, which turns that sum back into the gradient of the global loss.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        n_world = dist.get_world_size()
+        local_len = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+        lengths = [torch.zeros_like(local_len) for _ in range(n_world)]
+        dist.all_gather(lengths, local_len)
+        sizes = [int(n.item()) for n in lengths]
+        longest = max(sizes)
+        padded = x.new_zeros((longest, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        pieces = [torch.empty_like(padded) for _ in range(n_world)]
+        dist.all_gather(pieces, padded.contiguous())
+        ctx.sizes = sizes
+        ctx.rank = dist.get_rank()
+        return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)], dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """The global batch (all processes' ``x`` concatenated in rank order); identity in one process."""
+    if not is_distributed():
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over processes, without gradient (for metrics and counts)."""
+    if not is_distributed():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x

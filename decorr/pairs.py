@@ -1,0 +1,230 @@
+"""Training pairs of classifiers: independent ("cor"), decorrelated ("dec") or parameter-distance ("param").
+
+SPEC section 2 (P1, Fig. 1-3): two models trained at once on the same batches with one Adam optimiser::
+
+    cor / dec:  L = sqrt(CE1^2 + CE2^2) + lambda * L_corr(f1, f2)      (lambda = 0 for "cor")
+    param:      L = CE1 + CE2 + w * (||theta1 - theta2||^2 - D)^2
+
+All batch statistics (the CE means and the correlation loss) are those of the global batch, gathered
+with gradient across processes, so N processes train exactly like one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from decorr.checkpoint import model_entry
+from decorr.data import ImageSplit, iterate_batches, load_dataset, num_batches
+from decorr.distributed import all_gather_with_grad, all_reduce_sum
+from decorr.errors import DecorrError
+from decorr.features import record_features
+from decorr.loss import correlation_loss, pca_pearson, parameter_distance, r_squared
+from decorr.models import create_model, model_spec
+from decorr.training import TrainingRun, unwrap
+
+MODES = ("cor", "dec", "param")
+MODEL_NAMES = ("model0", "model1")
+
+__all__ = ["PairConfig", "train_pair", "pair_objective", "evaluate_models", "feature_width", "MODES"]
+
+
+@dataclass
+class PairConfig:
+    """Hyperparameters of a pair run; the defaults are the paper's MNIST setting."""
+
+    arch: str = "mnist_cnn"
+    mode: str = "dec"
+    dataset: str = "mnist"
+    epochs: int = 20
+    batch_size: int = 1000
+    lr: float = 5e-3
+    lambda_corr: float = 0.05
+    target_distance: float = 1000.0
+    distance_weight: float = 1e-5
+    feature_layer: str | None = None
+    seed: int = 0
+    train_subset: int | None = None
+    test_subset: int | None = None
+    eval_batch_size: int = 1000
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise DecorrError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise DecorrError("epochs, batch size and learning rate must be positive")
+        if self.feature_layer is None:
+            self.feature_layer = model_spec(self.arch).feature_layer
+        if self.feature_layer is None:
+            raise DecorrError(f"model {self.arch!r} has no default feature layer; pass --feature-layer MODULE_NAME")
+
+    @property
+    def lambda_effective(self) -> float:
+        return self.lambda_corr if self.mode == "dec" else 0.0
+
+
+def feature_width(model: nn.Module, layer: str, input_shape: tuple[int, ...]) -> int:
+    """Number of features (after flattening) that ``layer`` produces for one input."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), record_features(model, layer) as feats:
+        model(torch.zeros(1, *input_shape))
+    model.train(was_training)
+    return int(feats[layer][0].numel())
+
+
+def _global_mean(per_sample: torch.Tensor) -> torch.Tensor:
+    return all_gather_with_grad(per_sample).mean()
+
+
+def pair_objective(
+    logits: tuple[torch.Tensor, torch.Tensor],
+    features: tuple[torch.Tensor, torch.Tensor],
+    y: torch.Tensor,
+    config: PairConfig,
+    models: tuple[nn.Module, nn.Module],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The pair loss of SPEC section 2 on the global batch, and its terms for logging."""
+    ce = [_global_mean(F.cross_entropy(out, y, reduction="none")) for out in logits]
+    terms: dict[str, torch.Tensor] = {"ce0": ce[0].detach(), "ce1": ce[1].detach()}
+    if config.mode == "param":
+        distance = parameter_distance(unwrap(models[0]), unwrap(models[1]))
+        terms["distance"] = distance.detach()
+        loss = ce[0] + ce[1] + config.distance_weight * (distance - config.target_distance) ** 2
+    else:
+        loss = torch.sqrt(ce[0] ** 2 + ce[1] ** 2)
+        if config.lambda_effective > 0:
+            corr = correlation_loss(features[0], features[1])
+            terms["corr"] = corr.detach()
+            loss = loss + config.lambda_effective * corr
+    terms["loss"] = loss.detach()
+    return loss, terms
+
+
+@torch.no_grad()
+def evaluate_models(
+    models: dict[str, nn.Module],
+    split: ImageSplit,
+    layers: dict[str, str],
+    *,
+    batch_size: int = 1000,
+    device: torch.device | str = "cpu",
+    shard: tuple[int, int] = (0, 1),
+) -> dict[str, Any]:
+    """Test accuracy of every model and, for each pair of models, the feature R^2 and 1-D PCA Pearson.
+
+    Each process evaluates its shard; features and counts are gathered so every process gets the
+    numbers of the whole split.
+    """
+    names = list(models)
+    plain = {name: unwrap(models[name]) for name in names}
+    training = {name: m.training for name, m in plain.items()}
+    for m in plain.values():
+        m.eval()
+    correct = {name: torch.zeros((), device=device) for name in names}
+    features: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    count = torch.zeros((), device=device)
+    for x, y in iterate_batches(split, batch_size, shuffle=False, shard=shard, device=device):
+        for name in names:
+            with record_features(plain[name], layers[name]) as feats:
+                logits = plain[name](x)
+            correct[name] += (logits.argmax(1) == y).sum()
+            features[name].append(feats[layers[name]].flatten(1).float().cpu())
+        count += len(y)
+    total = all_reduce_sum(count)
+    result: dict[str, Any] = {f"acc_{n}": float(all_reduce_sum(correct[n]) / total) for n in names}
+    gathered = {n: all_gather_with_grad(torch.cat(features[n]).to(device)).cpu() for n in names}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            za, zb = gathered[a], gathered[b]
+            if za.shape[0] > za.shape[1] + 1:
+                result[f"r2_{a}_{b}"] = r_squared(za, zb, gather=False)
+            else:
+                result[f"r2_{a}_{b}"] = math.nan
+            result[f"pca_pearson_{a}_{b}"] = pca_pearson(za, zb)
+    for name, m in plain.items():
+        m.train(training[name])
+    return result
+
+
+def _average(values: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    keys = values[0].keys() if values else []
+    return {k: float(torch.stack([v[k] for v in values]).mean()) for k in keys}
+
+
+def train_pair(
+    config: PairConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    data_root: str | None = None,
+    mixed_precision: str = "no",
+    cpu: bool = False,
+    log: bool = True,
+) -> dict[str, Any]:
+    """Train a pair as configured, checkpointing after every epoch; return the last epoch's metrics."""
+    dataset = load_dataset(config.dataset, data_root)
+    if config.train_subset or config.test_subset:
+        dataset = dataset.subset(train=config.train_subset, test=config.test_subset)
+    layer = config.feature_layer
+    assert layer is not None
+    kwargs = dict(config.model_kwargs)
+    run_config = {
+        "kind": "pair",
+        "models": {n: model_entry(config.arch, kwargs, layer) for n in MODEL_NAMES},
+        "dataset": config.dataset,
+        "hyperparameters": asdict(config),
+    }
+    run = TrainingRun(Path(run_dir), run_config, seed=config.seed, resume=resume,
+                      mixed_precision=mixed_precision, cpu=cpu, log=log)
+    models = {n: create_model(config.arch, **kwargs) for n in MODEL_NAMES}
+    width = feature_width(models["model0"], layer, dataset.input_shape)
+    if config.lambda_effective > 0 and config.batch_size <= width + 1:
+        raise DecorrError(
+            f"batch size {config.batch_size} is too small for the correlation loss on {width} features "
+            f"({config.arch} layer {layer!r}); use --batch-size {width + 2} or more"
+        )
+    optimizer = torch.optim.Adam([p for m in models.values() for p in m.parameters()], lr=config.lr)
+    start_epoch = run.restore(models, optimizer)
+    model0, model1, optimizer = run.prepare(models["model0"], models["model1"], optimizer)
+    prepared = {"model0": model0, "model1": model1}
+    layers = {n: layer for n in MODEL_NAMES}
+    steps = num_batches(len(dataset.train), config.batch_size)
+    metrics: dict[str, Any] = run.history[-1] if run.history else {}
+    for epoch in range(start_epoch, config.epochs):
+        for m in prepared.values():
+            m.train()
+        step_terms: list[dict[str, torch.Tensor]] = []
+        batches: Iterator = iterate_batches(dataset.train, config.batch_size, shuffle=True, seed=config.seed,
+                                            epoch=epoch, shard=run.shard, device=run.device)
+        for x, y in run.progress(batches, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}"):
+            with run.accelerator.autocast():
+                with record_features(unwrap(model0), layer) as f0, record_features(unwrap(model1), layer) as f1:
+                    logits = (model0(x), model1(x))
+                loss, terms = pair_objective(logits, (f0[layer], f1[layer]), y, config, (model0, model1))
+            optimizer.zero_grad(set_to_none=True)
+            run.accelerator.backward(loss)
+            optimizer.step()
+            step_terms.append(terms)
+        evaluation = evaluate_models(prepared, dataset.test, layers, batch_size=config.eval_batch_size,
+                                     device=run.device, shard=run.shard)
+        metrics = {**{f"train/{k}": v for k, v in _average(step_terms).items()}, **{f"test/{k}": v for k, v in evaluation.items()}}
+        if config.mode == "param" or epoch + 1 == config.epochs:
+            with torch.no_grad():
+                metrics["parameter_distance"] = float(parameter_distance(unwrap(model0), unwrap(model1)))
+        run.log_scalars(metrics, step=epoch + 1)
+        run.print(
+            f"epoch {epoch + 1:3d}/{config.epochs}  loss {metrics['train/loss']:.4f}  "
+            f"acc {evaluation['acc_model0']:.4f} / {evaluation['acc_model1']:.4f}  "
+            f"feature R^2 {evaluation['r2_model0_model1']:.3f}"
+        )
+        run.save(epoch + 1, prepared, optimizer, metrics)
+    run.finish()
+    return metrics

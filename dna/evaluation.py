@@ -1,0 +1,336 @@
+"""Robustness of the (dual-neck) autoencoder defence to white-box attacks (SPEC section 6).
+
+The defended model is ``classifier(autoencoder(x))``. For each attack (FGSM, PGD), objective and
+epsilon we craft adversarial examples against the whole pipeline and report, for the DNA, the
+accuracy when *either* path's reconstruction is classified correctly (the defence's accuracy), each
+path's accuracy and their mean, and for a baseline (the plain autoencoder) its accuracy under the
+same attack against itself.
+
+Objectives (the attack maximises them; see :mod:`dna.objectives`):
+
+- ``paper``: P1's ``CE(C(r1), y)^2 + CE(C(r2), y)^2`` (one path: ``CE(C(r), y)``).
+- ``adaptive-min``: the mean over samples of the smaller per-path CE; only rises when the path that
+  is still correct is pushed.
+- ``adaptive-margin``: per sample, the sum over paths of the CW margin capped at ``kappa``; the
+  maximum is reached only when every path is fooled.
+
+For one path ``adaptive-min`` is the paper's objective (the CE), so a single-path model is attacked
+once for both. PGD takes ``steps`` steps of ``step_size`` (default ``2.5 * eps / steps``, Madry et al.:
+enough to cross the ball 2.5 times) from a uniform random start, drawn from a generator seeded by
+``(seed, batch index)`` so that a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from decorr.attacks import fgsm, pgd
+from decorr.checkpoint import load_checkpoint, load_models
+from decorr.data import ImageSplit, epoch_generator, iterate_batches
+from decorr.errors import DecorrError
+from dna.objectives import adaptive_objective, dna_accuracy, paper_objective, path_predictions
+
+__all__ = [
+    "ATTACKS",
+    "OBJECTIVES",
+    "DefendedModel",
+    "craft",
+    "evaluate_robustness",
+    "format_table",
+    "load_defended_model",
+    "plot_accuracy",
+    "pgd_step_size",
+    "plot_reconstructions",
+]
+
+ATTACKS = ("fgsm", "pgd")
+OBJECTIVES = ("paper", "adaptive-min", "adaptive-margin")
+
+
+class DefendedModel:
+    """An autoencoder and its classifier, in eval mode, with a name for tables and plots."""
+
+    def __init__(self, autoencoder: nn.Module, classifier: nn.Module, name: str = "model",
+                 source: str = "", info: Mapping[str, Any] | None = None) -> None:
+        self.autoencoder = autoencoder.eval()
+        self.classifier = classifier.eval()
+        self.name = name
+        self.source = source
+        self.info = dict(info or {})
+
+    @property
+    def paths(self) -> int:
+        return len(self.autoencoder.bottlenecks) if hasattr(self.autoencoder, "bottlenecks") else 1
+
+    def to(self, device: torch.device | str) -> DefendedModel:
+        self.autoencoder.to(device)
+        self.classifier.to(device)
+        return self
+
+
+def load_defended_model(path: str | Path, device: torch.device | str = "cpu", name: str | None = None) -> DefendedModel:
+    """The autoencoder and classifier of a stage-2 checkpoint (a run directory or checkpoint folder)."""
+    from dna.training import resolve_dna_checkpoint
+
+    directory = resolve_dna_checkpoint(path)
+    models = load_models(directory, device)
+    config = load_checkpoint(directory, load_weights=False).config
+    entry = config["models"]["autoencoder"]
+    info = {"arch": entry["arch"], "kwargs": entry.get("kwargs", {}), "dataset": config.get("dataset"),
+            "epoch": config.get("epoch"), "metrics": config.get("metrics", {})}
+    for param in [*models["autoencoder"].parameters(), *models["classifier"].parameters()]:
+        param.requires_grad_(False)  # attacks need input gradients only
+    return DefendedModel(models["autoencoder"], models["classifier"], name or entry["arch"], str(directory), info)
+
+
+def _objective(model: DefendedModel, objective: str, kappa: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if objective == "paper":
+        return paper_objective(model.autoencoder, model.classifier)
+    if objective == "adaptive-min":
+        return adaptive_objective(model.autoencoder, model.classifier, kind="min")
+    if objective == "adaptive-margin":
+        return adaptive_objective(model.autoencoder, model.classifier, kind="margin", kappa=kappa)
+    raise DecorrError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+
+
+def _canonical_objective(objective: str, paths: int) -> str:
+    # For one path the minimum over paths is that path's CE: the paper's objective exactly.
+    return "paper" if paths == 1 and objective == "adaptive-min" else objective
+
+
+def pgd_step_size(eps: float, steps: int, step_size: float | None) -> float:
+    """The PGD step: ``step_size`` if given, else ``2.5 * eps / steps``."""
+    return step_size if step_size is not None else 2.5 * eps / max(steps, 1)
+
+
+def craft(
+    model: DefendedModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    attack: str,
+    objective: str,
+    eps: float,
+    steps: int = 40,
+    step_size: float | None = None,
+    kappa: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Adversarial examples for ``x`` against ``model`` with one attack and objective."""
+    loss_fn = _objective(model, objective, kappa)
+    if attack == "fgsm":
+        return fgsm(loss_fn, x, y, eps=eps)
+    if attack == "pgd":
+        return pgd(loss_fn, x, y, eps=eps, steps=steps, step_size=pgd_step_size(eps, steps, step_size),
+                   generator=generator)
+    raise DecorrError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
+
+
+def _device_of(model: DefendedModel) -> torch.device:
+    return next(iter(model.classifier.parameters())).device
+
+
+def evaluate_robustness(
+    dna: DefendedModel,
+    split: ImageSplit,
+    *,
+    baseline: DefendedModel | None = None,
+    attacks: Sequence[str] = ATTACKS,
+    objectives: Sequence[str] = ("paper", "adaptive-min"),
+    eps: Sequence[float] = (0.05, 0.10, 0.15),
+    steps: int = 40,
+    step_size: float | None = None,
+    kappa: float = 0.0,
+    batch_size: int = 500,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Accuracy of ``dna`` (and ``baseline``) on ``split``, clean and under every attack/objective/eps.
+
+    Returns a plain dict (JSON-able): ``settings``, ``models`` and ``results``, a list of rows
+    ``{"attack", "objective", "eps", "<model key>": accuracies}`` with a first row for clean data
+    (attack "none", eps 0). The accuracies of a model are :func:`dna.objectives.dna_accuracy`'s
+    fractions ("either", "path<n>", "mean"). Model keys are "dna" and "baseline".
+    """
+    for name in attacks:
+        if name not in ATTACKS:
+            raise DecorrError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+    for name in objectives:
+        if name not in OBJECTIVES:
+            raise DecorrError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")
+    if any(not 0 < e <= 1 for e in eps):
+        raise DecorrError(f"epsilons are in pixel units (0, 1], got {list(eps)}")
+    models = {"dna": dna, **({"baseline": baseline} if baseline is not None else {})}
+    settings = [("none", "none", 0.0)] + [(a, o, float(e)) for a in attacks for o in objectives for e in eps]
+    # Predictions per model and setting, [P, N] per batch; identical attacks are crafted once.
+    preds: dict[str, dict[tuple[str, str, float], list[torch.Tensor]]] = {k: {s: [] for s in settings} for k in models}
+    labels: list[torch.Tensor] = []
+    started = time.perf_counter()
+    device = _device_of(dna)
+    for index, (x, y) in enumerate(iterate_batches(split, batch_size, shuffle=False, device=device)):
+        labels.append(y.cpu())
+        for key, model in models.items():
+            done: dict[tuple[str, str, float], torch.Tensor] = {}
+            for setting in settings:
+                attack, objective, e = setting
+                canonical = (attack, _canonical_objective(objective, model.paths), e)
+                if canonical not in done:
+                    if attack == "none":
+                        x_eval = x
+                    else:
+                        generator = epoch_generator(seed, index) if attack == "pgd" else None
+                        x_eval = craft(model, x, y, attack=attack, objective=objective, eps=e, steps=steps,
+                                       step_size=step_size, kappa=kappa, generator=generator)
+                    done[canonical] = path_predictions(model.autoencoder, model.classifier, x_eval).cpu()
+                preds[key][setting].append(done[canonical])
+        if progress is not None:
+            seen = sum(len(t) for t in labels)
+            progress(f"{seen}/{len(split)} images, {time.perf_counter() - started:.0f} s")
+    y_all = torch.cat(labels)
+    results = []
+    for setting in settings:
+        attack, objective, e = setting
+        row: dict[str, Any] = {"attack": attack, "objective": objective, "eps": e}
+        for key in models:
+            row[key] = dna_accuracy(torch.cat(preds[key][setting], dim=1), y_all)
+        results.append(row)
+    return {
+        "settings": {
+            "n": len(y_all), "attacks": list(attacks), "objectives": list(objectives), "eps": [float(e) for e in eps],
+            "pgd_steps": steps,
+            "pgd_step_size": "2.5 * eps / steps" if step_size is None else step_size,
+            "pgd_random_start": True, "margin_kappa": kappa, "batch_size": batch_size, "seed": seed,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+        "models": {k: {"name": m.name, "source": m.source, "paths": m.paths, **m.info} for k, m in models.items()},
+        "results": results,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """The results as an aligned text table (accuracy in %)."""
+    models = report["models"]
+    dna_paths = models["dna"]["paths"]
+    header = ["attack", "objective", "eps", "either"] + [f"path{n}" for n in range(dna_paths)] + ["mean"]
+    if "baseline" in models:
+        header.append(f"baseline ({models['baseline']['name']})")
+    rows = [header]
+    for row in report["results"]:
+        acc = row["dna"]
+        cells = [row["attack"], row["objective"], f"{row['eps']:.4g}", f"{100 * acc['either']:.1f}"]
+        cells += [f"{100 * acc[f'path{n}']:.1f}" for n in range(dna_paths)] + [f"{100 * acc['mean']:.1f}"]
+        if "baseline" in row:
+            cells.append(f"{100 * row['baseline']['either']:.1f}")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    title = f"accuracy (%) of {models['dna']['name']} on {report['settings']['n']} test images"
+    return title + "\n" + "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Accuracy against epsilon, one panel per attack (like P1's Fig. 6/8).
+
+    Solid lines: the paper's objective; dashed/dotted: the adaptive ones. The DNA's "either path"
+    and mean-of-paths accuracies and the baseline's accuracy; epsilon 0 is the clean accuracy.
+    """
+    plt = _plt()
+    settings = report["settings"]
+    attacks, objectives = settings["attacks"], settings["objectives"]
+    clean = report["results"][0]
+    models = report["models"]
+    styles = {"paper": "-", "adaptive-min": "--", "adaptive-margin": ":"}
+    fig, axes = plt.subplots(1, len(attacks), figsize=(5.2 * len(attacks), 4.2), squeeze=False)
+    for ax, attack in zip(axes[0], attacks):
+        for objective in objectives:
+            rows = [clean] + [r for r in report["results"] if r["attack"] == attack and r["objective"] == objective]
+            eps = [r["eps"] for r in rows]
+            style = styles.get(objective, "-")
+            ax.plot(eps, [100 * r["dna"]["either"] for r in rows], style, color="C0", marker="o",
+                    label=f"{models['dna']['name']} either path ({objective})")
+            ax.plot(eps, [100 * r["dna"]["mean"] for r in rows], style, color="C2", marker="s", markersize=4,
+                    label=f"{models['dna']['name']} mean of paths ({objective})")
+            if "baseline" in models:
+                ax.plot(eps, [100 * r["baseline"]["either"] for r in rows], style, color="C3", marker="^",
+                        label=f"{models['baseline']['name']} ({objective})")
+        ax.set_title(f"{attack.upper()}" + (f", {settings['pgd_steps']} steps" if attack == "pgd" else ""))
+        ax.set_xlabel("epsilon (pixel units, L-inf)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def _reconstruct(model: DefendedModel, x: torch.Tensor) -> list[torch.Tensor]:
+    return [r.detach().cpu() for r in model.autoencoder(x)]
+
+
+def plot_reconstructions(
+    model: DefendedModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    adversarial: Mapping[str, torch.Tensor],
+    path: str | Path,
+) -> Path:
+    """Natural images, their reconstructions, and for each entry of ``adversarial`` (title -> x_adv)
+    the perturbed images and their reconstructions (like P1's Fig. 7/9).
+
+    One column per sample; the label above a reconstruction is the classifier's prediction (red when
+    wrong).
+    """
+    plt = _plt()
+    groups = [("natural", x.detach())] + [(title, adv.detach()) for title, adv in adversarial.items()]
+    rows: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+    for title, images in groups:
+        rows.append((title, images.cpu(), None))
+        recons = _reconstruct(model, images)
+        preds = path_predictions(model.autoencoder, model.classifier, images).cpu()
+        for n, recon in enumerate(recons):
+            rows.append((f"path {n} reconstruction" if len(recons) > 1 else "reconstruction", recon, preds[n]))
+    n = x.shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n, 1.25 * len(rows)), squeeze=False)
+    for r, (title, images, pred) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            image = images[c].clamp(0, 1).permute(1, 2, 0).numpy()
+            ax.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray" if image.shape[2] == 1 else None,
+                      vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if pred is not None:
+                ok = int(pred[c]) == int(y[c])
+                ax.set_title(str(int(pred[c])), fontsize=7, color="black" if ok else "red", pad=1)
+        axes[r][0].set_ylabel(title, fontsize=6, rotation=0, ha="right", va="center")
+    fig.tight_layout(pad=0.2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+

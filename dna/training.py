@@ -1,0 +1,670 @@
+"""Training the (dual-neck) autoencoder and its classifier: SPEC section 6, in two stages.
+
+Stage 1 trains the autoencoder alone::
+
+    DNA:  L = sqrt(MSE(x, r1)^2 + MSE(x, r2)^2) + lambda * L_corr(b1, b2)      (lambda = 0.05)
+    AE:   L = MSE(x, r)
+
+Stage 2 freezes it (eval mode, no gradient) and trains the classifier with cross-entropy on every
+path's reconstruction of each batch (the reconstructions concatenated, the labels repeated).
+
+A run directory holds one autoencoder and its classifier, one :class:`~decorr.training.TrainingRun`
+per stage::
+
+    RUN_DIR/stage1/checkpoint/   autoencoder              (config kind "dna", "stage": 1)
+    RUN_DIR/stage2/checkpoint/   autoencoder + classifier (config kind "dna", "stage": 2)
+    RUN_DIR/stage{1,2}/tensorboard/
+
+As in :mod:`decorr.pairs`, every batch statistic is that of the global batch, gathered with gradient
+across processes (the per-sample errors, the latents for the correlation loss, the classifier's
+per-sample cross-entropy, and with ``sync_bn`` the batch norm statistics), so N processes train like
+one process with the whole batch. With gradient accumulation each optimiser step sums ``k``
+micro-batches of ``batch_size / k`` samples; the global batch that the correlation loss (and batch norm)
+sees is then one micro-batch across all processes, and it must still exceed the latent width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from decorr.batchnorm import convert_sync_batchnorm
+from decorr.checkpoint import build_model, load_checkpoint, model_entry, resolve_checkpoint
+from decorr.data import Augment, ImageDataset, ImageSplit, dataset_augment, iterate_batches, load_dataset
+from decorr.distributed import all_gather_with_grad
+from decorr.errors import DecorrError
+from decorr.loss import correlation_loss, r_squared
+from decorr.models import create_model, model_spec
+from decorr.training import TrainingRun, unwrap
+from dna.models import forward_with_latents
+from dna.objectives import autoencoder_loss_from_errors, dna_accuracy, reconstruction_errors
+
+__all__ = [
+    "DnaConfig",
+    "FAMILIES",
+    "MODEL_KINDS",
+    "PAPER_DEFAULTS",
+    "STAGE_DIRS",
+    "autoencoder_objective",
+    "accumulated_step",
+    "classifier_objective",
+    "evaluate_autoencoder",
+    "latent_width",
+    "main",
+    "parse_args",
+    "reconstruction_grid",
+    "resolve_dna_checkpoint",
+    "train_autoencoder",
+    "train_classifier",
+    "train_dna",
+]
+
+FAMILIES = ("mnist", "cifar")
+MODEL_KINDS = ("dna", "ae")
+STAGE_DIRS = {1: "stage1", 2: "stage2"}
+
+#: The paper's hyperparameters (SPEC section 6) for stage 1, and our choice for stage 2 (the paper
+#: does not give one): Adam 1e-3 on the same batches, 10 epochs (MNIST) / 30 epochs (CIFAR-10).
+PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mnist": dict(dataset="mnist", epochs=40, batch_size=500, lr=5e-4,
+                  classifier_epochs=10, classifier_batch_size=500, classifier_lr=1e-3),
+    "cifar": dict(dataset="cifar10", epochs=30, batch_size=1250, lr=5e-4,
+                  classifier_epochs=30, classifier_batch_size=1250, classifier_lr=1e-3),
+}
+
+
+@dataclass
+class DnaConfig:
+    """Hyperparameters of a DNA / AE run. Use :meth:`paper` for the paper's setting of a family."""
+
+    family: str = "mnist"
+    model: str = "dna"
+    dataset: str = "mnist"
+    unshared: int = 2
+    # stage 1: the autoencoder
+    epochs: int = 40
+    batch_size: int = 500
+    lr: float = 5e-4
+    lambda_corr: float = 0.05
+    # stage 2: the classifier on the reconstructions
+    classifier_epochs: int = 10
+    classifier_batch_size: int = 500
+    classifier_lr: float = 1e-3
+    # both stages
+    augment: bool = True
+    sync_bn: bool = False
+    gradient_accumulation_steps: int = 1
+    seed: int = 0
+    train_subset: int | None = None
+    test_subset: int | None = None
+    eval_batch_size: int = 1000
+    image_samples: int = 16
+
+    @classmethod
+    def paper(cls, family: str, **overrides: Any) -> DnaConfig:
+        """The paper's setting for ``family`` ("mnist" or "cifar"), with ``overrides`` applied."""
+        if family not in PAPER_DEFAULTS:
+            raise DecorrError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise TypeError(f"unknown DnaConfig fields: {sorted(unknown)}")
+        return cls(**{"family": family, **PAPER_DEFAULTS[family], **overrides})
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise DecorrError(f"unknown family {self.family!r}; choose one of {', '.join(FAMILIES)}")
+        if self.model not in MODEL_KINDS:
+            raise DecorrError(f"unknown model {self.model!r}; use --model dna (dual neck) or --model ae (plain)")
+        if self.model == "ae" and self.unshared != 2:
+            raise DecorrError("--unshared applies to the DNA only; drop it for --model ae")
+        if self.unshared not in (2, 4, 6):
+            raise DecorrError(f"--unshared {self.unshared} is not supported; use 2 (the DNA), 4, or 6")
+        for name in ("epochs", "batch_size", "classifier_epochs", "classifier_batch_size",
+                     "gradient_accumulation_steps", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise DecorrError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.classifier_lr <= 0 or self.lambda_corr < 0:
+            raise DecorrError("learning rates must be positive and --lambda-corr non-negative")
+        k = self.gradient_accumulation_steps
+        for name in ("batch_size", "classifier_batch_size"):
+            if getattr(self, name) % k:
+                raise DecorrError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)} is not divisible by "
+                    f"--gradient-accumulation-steps {k}; the batch is split into {k} equal micro-batches"
+                )
+
+    # -- what gets built ---------------------------------------------------------------------------
+    @property
+    def autoencoder_arch(self) -> str:
+        return f"{self.model}_{self.family}"
+
+    @property
+    def autoencoder_kwargs(self) -> dict[str, Any]:
+        return {"unshared": self.unshared} if self.model == "dna" else {}
+
+    @property
+    def classifier_arch(self) -> str:
+        return f"dna_classifier_{self.family}"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        shape = model_spec(self.autoencoder_arch).input_shape
+        assert shape is not None
+        return shape
+
+    def micro_batch_size(self, stage: int) -> int:
+        batch = self.batch_size if stage == 1 else self.classifier_batch_size
+        return batch // self.gradient_accumulation_steps
+
+
+# ------------------------------------------------------------------------------------------------
+# Objectives (one micro-batch; the global batch is gathered inside)
+
+
+def autoencoder_objective(
+    autoencoder: nn.Module, x: torch.Tensor, lambda_corr: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stage-1 loss of the global batch (``x`` is this process's shard) and its terms for logging.
+
+    The per-sample reconstruction errors are gathered with gradient, so the MSE of each path is the
+    global batch's; the correlation loss gathers the latents itself. Reconstruction errors and the
+    correlation loss are computed in float32 under autocast.
+    """
+    recons, latents = forward_with_latents(autoencoder, x)
+    errors = reconstruction_errors([r.float() for r in recons], x.float())  # [P, n_local]
+    errors = all_gather_with_grad(errors.T.contiguous()).T  # [P, N]: the global batch
+    corr_values: list[torch.Tensor] = []
+
+    def corr_fn(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        value = correlation_loss(z1, z2)
+        corr_values.append(value.detach())
+        return value
+
+    loss = autoencoder_loss_from_errors(errors, latents, lambda_corr, corr_fn=corr_fn)
+    mse = errors.detach().mean(dim=1)
+    terms = {f"mse{n}": mse[n] for n in range(len(mse))}
+    if corr_values:
+        terms["corr"] = torch.stack(corr_values).sum()
+    terms["loss"] = loss.detach()
+    return loss, terms
+
+
+def classifier_objective(
+    autoencoder: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stage-2 loss: mean cross-entropy over every path's reconstruction of the global batch.
+
+    The autoencoder is frozen (no gradient); the classifier sees all reconstructions of the shard at
+    once, so its batch norm (CIFAR-10) normalises over both paths' reconstructions together.
+    """
+    with torch.no_grad():
+        recons = autoencoder(x)
+    inputs = torch.cat([r.detach() for r in recons])
+    labels = y.repeat(len(recons))
+    per_sample = F.cross_entropy(classifier(inputs).float(), labels, reduction="none")
+    loss = all_gather_with_grad(per_sample).mean()
+    return loss, {"ce": loss.detach()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation during training
+
+
+@torch.no_grad()
+def latent_width(autoencoder: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Number of features of one path's latent (64 for MNIST, 448 for CIFAR-10)."""
+    model = unwrap(autoencoder)
+    was_training = model.training
+    model.eval()
+    _, latents = forward_with_latents(model, torch.zeros(1, *input_shape, device=_device_of(model)))
+    model.train(was_training)
+    return int(latents[0][0].numel())
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(iter(model.parameters()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate_autoencoder(
+    autoencoder: nn.Module,
+    split: ImageSplit,
+    *,
+    classifier: nn.Module | None = None,
+    batch_size: int = 1000,
+    device: torch.device | str = "cpu",
+    shard: tuple[int, int] = (0, 1),
+) -> dict[str, float]:
+    """Test metrics in eval mode: each path's MSE, the bottleneck R^2 (latent 1 regressed on latent 0)
+    and, with a classifier, the accuracy of each path / either path / their mean and on natural images.
+
+    Each process evaluates its shard; the per-sample values are gathered, so every process returns
+    the numbers of the whole split.
+    """
+    models = [unwrap(autoencoder)] + ([unwrap(classifier)] if classifier is not None else [])
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    ae = models[0]
+    errors, labels, preds, natural = [], [], [], []
+    latents: list[list[torch.Tensor]] = []
+    for x, y in iterate_batches(split, batch_size, shuffle=False, shard=shard, device=device):
+        recons, lat = forward_with_latents(ae, x)
+        errors.append(reconstruction_errors([r.float() for r in recons], x))
+        latents.append([z.flatten(1).float() for z in lat])
+        labels.append(y)
+        if classifier is not None:
+            clf = models[1]
+            preds.append(torch.stack([clf(r).argmax(dim=1) for r in recons]))
+            natural.append(clf(x).argmax(dim=1))
+    paths = len(latents[0]) if latents else 0
+    result: dict[str, float] = {}
+    all_errors = all_gather_with_grad(torch.cat(errors, dim=1).T.contiguous()).T
+    for n, value in enumerate(all_errors.mean(dim=1)):
+        result[f"mse{n}"] = float(value)
+    result["mse"] = float(all_errors.mean())
+    if paths >= 2:
+        z0, z1 = (all_gather_with_grad(torch.cat([b[n] for b in latents])) for n in (0, 1))
+        result["bottleneck_r2"] = r_squared(z0, z1, gather=False) if z0.shape[0] > z0.shape[1] + 1 else math.nan
+    if classifier is not None:
+        y_all = all_gather_with_grad(torch.cat(labels))
+        p_all = all_gather_with_grad(torch.cat(preds, dim=1).T.contiguous()).T
+        result.update({f"acc_{k}": v for k, v in dna_accuracy(p_all, y_all).items()})
+        result["acc_natural"] = float((all_gather_with_grad(torch.cat(natural)) == y_all).float().mean())
+    for m, mode in zip(models, modes):
+        m.train(mode)
+    return result
+
+
+@torch.no_grad()
+def reconstruction_grid(autoencoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Images for TensorBoard: the inputs, then each path's reconstructions (one row each)."""
+    model = unwrap(autoencoder)
+    was_training = model.training
+    model.eval()
+    recons = model(x)
+    model.train(was_training)
+    return torch.cat([x, *recons]).float()
+
+
+# ------------------------------------------------------------------------------------------------
+# Training loop pieces
+
+
+def _optimizer_steps(
+    split: ImageSplit, config: DnaConfig, stage: int, epoch: int, augment: Augment | None,
+    run: TrainingRun,
+) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The micro-batches of each optimiser step of one epoch (``gradient_accumulation_steps`` each).
+
+    Micro-batches are whole global batches, sharded over processes, so the samples of every loss are
+    the same for any number of processes. Incomplete batches at the end of an epoch are dropped: the
+    correlation loss needs full batches.
+    """
+    k = config.gradient_accumulation_steps
+    batches = iterate_batches(split, config.micro_batch_size(stage), shuffle=True, seed=config.seed, epoch=epoch,
+                              drop_last=True, augment=augment, shard=run.shard, device=run.device)
+    group: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == k:
+            yield group
+            group = []
+
+
+def _steps_per_epoch(n: int, config: DnaConfig, stage: int) -> int:
+    return (n // config.micro_batch_size(stage)) // config.gradient_accumulation_steps
+
+
+def accumulated_step(
+    run: TrainingRun,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    objective: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+) -> dict[str, torch.Tensor]:
+    """One optimiser step over ``micro_batches``; returns the loss terms averaged over them.
+
+    ``run.accelerator.backward`` divides each micro-batch's loss by the number of accumulation steps,
+    and the data-parallel gradient all-reduce runs once, on the last micro-batch.
+    """
+    totals: dict[str, torch.Tensor] = {}
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else run.accelerator.no_sync(model):
+            with run.accelerator.autocast():
+                loss, terms = objective(x, y)
+            run.accelerator.backward(loss)
+        for key, value in terms.items():
+            totals[key] = totals.get(key, 0) + value.float()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {k: v / len(micro_batches) for k, v in totals.items()}
+
+
+def _average(values: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    keys = values[0].keys() if values else []
+    return {k: float(torch.stack([v[k] for v in values]).mean()) for k in keys}
+
+
+def _load_data(config: DnaConfig, data_root: str | None) -> ImageDataset:
+    dataset = load_dataset(config.dataset, data_root)
+    if config.train_subset or config.test_subset:
+        dataset = dataset.subset(train=config.train_subset, test=config.test_subset)
+    if dataset.input_shape != config.input_shape:
+        raise DecorrError(
+            f"dataset {config.dataset!r} has images {dataset.input_shape} but the {config.family} models take "
+            f"{config.input_shape}; use train/dna_{'cifar' if dataset.input_shape[0] == 3 else 'mnist'}.py"
+        )
+    return dataset
+
+
+def _check_batch(config: DnaConfig, width: int, stage: int) -> None:
+    micro = config.micro_batch_size(stage)
+    if stage == 1 and config.model == "dna" and config.lambda_corr > 0 and micro <= width + 1:
+        k = config.gradient_accumulation_steps
+        raise DecorrError(
+            f"the correlation loss on the {width}-wide latent needs a global (micro-)batch of at least {width + 2} "
+            f"samples, but --batch-size {config.batch_size} with --gradient-accumulation-steps {k} gives {micro}; "
+            f"use --batch-size {(width + 2) * k} or more, or fewer accumulation steps"
+        )
+
+
+def _maybe_sync_bn(model: nn.Module, config: DnaConfig) -> nn.Module:
+    return convert_sync_batchnorm(model) if config.sync_bn else model
+
+
+def _run_config(config: DnaConfig, stage: int, models: Mapping[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"kind": "dna", "stage": stage, "models": dict(models), "dataset": config.dataset,
+            "hyperparameters": asdict(config), **extra}
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 1
+
+
+def train_autoencoder(
+    config: DnaConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    data_root: str | None = None,
+    dataset: ImageDataset | None = None,
+    mixed_precision: str = "no",
+    cpu: bool = False,
+    log: bool = True,
+) -> dict[str, Any]:
+    """Stage 1 in ``run_dir`` (a stage directory, e.g. ``RUN_DIR/stage1``); returns the last metrics."""
+    dataset = dataset if dataset is not None else _load_data(config, data_root)
+    entry = model_entry(config.autoencoder_arch, config.autoencoder_kwargs)
+    run = TrainingRun(Path(run_dir), _run_config(config, 1, {"autoencoder": entry}), seed=config.seed,
+                      resume=resume, mixed_precision=mixed_precision,
+                      gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=cpu, log=log)
+    autoencoder = create_model(config.autoencoder_arch, **config.autoencoder_kwargs)
+    _check_batch(config, latent_width(autoencoder, config.input_shape), stage=1)
+    autoencoder = _maybe_sync_bn(autoencoder, config)
+    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=config.lr)
+    start_epoch = run.restore({"autoencoder": autoencoder}, optimizer)
+    model, optimizer = run.prepare(autoencoder, optimizer)
+    augment = dataset_augment(dataset) if config.augment else None
+    steps = _steps_per_epoch(len(dataset.train), config, 1)
+    if steps == 0:
+        raise DecorrError(f"--batch-size {config.batch_size} exceeds the {len(dataset.train)} training images")
+    grid_images = _grid_images(dataset, config, run)
+    metrics: dict[str, Any] = run.history[-1] if run.history else {}
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        step_terms = []
+        batches = _optimizer_steps(dataset.train, config, 1, epoch, augment, run)
+        for group in run.progress(batches, total=steps, desc=f"autoencoder {epoch + 1}/{config.epochs}"):
+            step_terms.append(accumulated_step(
+                run, model, optimizer, group, lambda x, y: autoencoder_objective(model, x, config.lambda_corr)))
+        evaluation = evaluate_autoencoder(model, dataset.test, batch_size=config.eval_batch_size,
+                                          device=run.device, shard=run.shard)
+        metrics = {**{f"train/{k}": v for k, v in _average(step_terms).items()},
+                   **{f"test/{k}": v for k, v in evaluation.items()}}
+        run.log_scalars(metrics, step=epoch + 1)
+        if grid_images is not None:
+            run.log_images("reconstructions/input_then_paths", reconstruction_grid(model, grid_images), epoch + 1)
+        r2 = f"  bottleneck R^2 {evaluation['bottleneck_r2']:.3f}" if "bottleneck_r2" in evaluation else ""
+        corr = f"  corr {metrics['train/corr']:.3f}" if "train/corr" in metrics else ""
+        run.print(f"autoencoder epoch {epoch + 1:3d}/{config.epochs}  loss {metrics['train/loss']:.5f}{corr}  "
+                  f"test MSE {evaluation['mse']:.5f}{r2}")
+        run.save(epoch + 1, {"autoencoder": model}, optimizer, metrics)
+    run.finish()
+    return metrics
+
+
+def _grid_images(dataset: ImageDataset, config: DnaConfig, run: TrainingRun) -> torch.Tensor | None:
+    if not run.is_main or config.image_samples < 1:
+        return None
+    x, _ = next(iterate_batches(dataset.test.subset(min(config.image_samples, len(dataset.test))),
+                                config.image_samples, shuffle=False, device=run.device))
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 2
+
+
+def _load_autoencoder(source: str | Path, config: DnaConfig) -> tuple[nn.Module, dict[str, Any]]:
+    checkpoint = load_checkpoint(source)
+    saved = checkpoint.config
+    if saved.get("kind") != "dna" or "autoencoder" not in checkpoint.state_dicts:
+        raise DecorrError(f"{checkpoint.path} is not a DNA/AE checkpoint with an autoencoder; pass a stage-1 run "
+                          "(RUN_DIR/stage1) to --from")
+    entry = saved["models"]["autoencoder"]
+    expected = model_entry(config.autoencoder_arch, config.autoencoder_kwargs)
+    if (entry["arch"], entry.get("kwargs", {})) != (expected["arch"], expected["kwargs"]):
+        raise DecorrError(
+            f"{checkpoint.path} holds {entry['arch']} {entry.get('kwargs', {})} but this run asks for "
+            f"{expected['arch']} {expected['kwargs']}; pass the matching --model/--unshared"
+        )
+    if saved.get("dataset") != config.dataset:
+        raise DecorrError(f"{checkpoint.path} was trained on {saved.get('dataset')!r}, not {config.dataset!r}; "
+                          f"pass --dataset {saved.get('dataset')}")
+    autoencoder = build_model(entry, checkpoint.state_dicts["autoencoder"], source=str(checkpoint.path))
+    return autoencoder, {"path": str(checkpoint.path.resolve()), "epoch": saved.get("epoch")}
+
+
+def train_classifier(
+    config: DnaConfig,
+    run_dir: str | Path,
+    autoencoder_checkpoint: str | Path,
+    *,
+    resume: bool = False,
+    data_root: str | None = None,
+    dataset: ImageDataset | None = None,
+    mixed_precision: str = "no",
+    cpu: bool = False,
+    log: bool = True,
+) -> dict[str, Any]:
+    """Stage 2 in ``run_dir`` (e.g. ``RUN_DIR/stage2``) on the frozen autoencoder of a stage-1 checkpoint."""
+    dataset = dataset if dataset is not None else _load_data(config, data_root)
+    autoencoder, source = _load_autoencoder(autoencoder_checkpoint, config)
+    entries = {"autoencoder": model_entry(config.autoencoder_arch, config.autoencoder_kwargs),
+               "classifier": model_entry(config.classifier_arch)}
+    run = TrainingRun(Path(run_dir), _run_config(config, 2, entries, autoencoder_from=source), seed=config.seed,
+                      resume=resume, mixed_precision=mixed_precision,
+                      gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=cpu, log=log)
+    classifier = _maybe_sync_bn(create_model(config.classifier_arch), config)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=config.classifier_lr)
+    start_epoch = run.restore({"autoencoder": autoencoder, "classifier": classifier}, optimizer)
+    autoencoder = autoencoder.to(run.device).eval().requires_grad_(False)
+    model, optimizer = run.prepare(classifier, optimizer)
+    augment = dataset_augment(dataset) if config.augment else None
+    steps = _steps_per_epoch(len(dataset.train), config, 2)
+    if steps == 0:
+        raise DecorrError(f"--classifier-batch-size {config.classifier_batch_size} exceeds the "
+                          f"{len(dataset.train)} training images")
+    metrics: dict[str, Any] = run.history[-1] if run.history else {}
+    for epoch in range(start_epoch, config.classifier_epochs):
+        model.train()
+        step_terms = []
+        batches = _optimizer_steps(dataset.train, config, 2, epoch, augment, run)
+        for group in run.progress(batches, total=steps, desc=f"classifier {epoch + 1}/{config.classifier_epochs}"):
+            step_terms.append(accumulated_step(
+                run, model, optimizer, group, lambda x, y: classifier_objective(autoencoder, model, x, y)))
+        evaluation = evaluate_autoencoder(autoencoder, dataset.test, classifier=model,
+                                          batch_size=config.eval_batch_size, device=run.device, shard=run.shard)
+        metrics = {**{f"train/{k}": v for k, v in _average(step_terms).items()},
+                   **{f"test/{k}": v for k, v in evaluation.items()}}
+        run.log_scalars(metrics, step=epoch + 1)
+        paths = "  ".join(f"{k[4:]} {v:.4f}" for k, v in evaluation.items() if k.startswith("acc_path"))
+        run.print(f"classifier epoch {epoch + 1:3d}/{config.classifier_epochs}  ce {metrics['train/ce']:.4f}  "
+                  f"acc either {evaluation['acc_either']:.4f}  {paths}  natural {evaluation['acc_natural']:.4f}")
+        run.save(epoch + 1, {"autoencoder": autoencoder, "classifier": model}, optimizer, metrics)
+    run.finish()
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# Both stages
+
+
+def _has_checkpoint(stage_dir: Path) -> bool:
+    try:
+        resolve_checkpoint(stage_dir)
+    except DecorrError:
+        return False
+    return True
+
+
+def train_dna(
+    config: DnaConfig,
+    run_dir: str | Path,
+    *,
+    stage: str = "both",
+    init_from: str | Path | None = None,
+    resume: bool = False,
+    data_root: str | None = None,
+    mixed_precision: str = "no",
+    cpu: bool = False,
+    log: bool = True,
+) -> dict[str, Any]:
+    """Run stage "1", "2" or "both" in ``run_dir``; return ``{"stage1": metrics, "stage2": metrics}``.
+
+    Stage 2 starts from the autoencoder in ``init_from`` (a stage-1 checkpoint or run directory),
+    by default ``run_dir/stage1``. With ``resume`` each requested stage continues from its own
+    checkpoint when it has one (a finished stage is left as it is) and starts fresh otherwise; at
+    least one of them must have a checkpoint.
+    """
+    if stage not in ("1", "2", "both"):
+        raise DecorrError(f"unknown stage {stage!r}; use --stage 1, 2 or both")
+    if init_from is not None and stage != "2":
+        raise DecorrError("--from gives stage 2 its autoencoder; use it with --stage 2")
+    run_dir = Path(run_dir)
+    stage_dirs = {n: run_dir / d for n, d in STAGE_DIRS.items()}
+    wanted = [1, 2] if stage == "both" else [int(stage)]
+    if resume and not any(_has_checkpoint(stage_dirs[n]) for n in wanted):
+        raise DecorrError(f"--resume given but {run_dir} has no checkpoint of stage {' or '.join(map(str, wanted))}; "
+                          "drop --resume to start a new run")
+    dataset = _load_data(config, data_root)
+    common = dict(data_root=data_root, dataset=dataset, mixed_precision=mixed_precision, cpu=cpu, log=log)
+    results: dict[str, Any] = {}
+    if 1 in wanted:
+        results["stage1"] = train_autoencoder(
+            config, stage_dirs[1], resume=resume and _has_checkpoint(stage_dirs[1]), **common)
+    if 2 in wanted:
+        source = Path(init_from) if init_from is not None else stage_dirs[1]
+        if init_from is None and not _has_checkpoint(source):
+            raise DecorrError(f"stage 2 needs a trained autoencoder but {source} has none; run --stage 1 first "
+                              "or pass --from STAGE1_CHECKPOINT")
+        results["stage2"] = train_classifier(
+            config, stage_dirs[2], source, resume=resume and _has_checkpoint(stage_dirs[2]), **common)
+    return results
+
+
+def resolve_dna_checkpoint(path: str | Path) -> Path:
+    """The stage-2 checkpoint (autoencoder + classifier) of a run directory, of its ``stage2`` folder,
+    or a checkpoint directory itself."""
+    path = Path(path)
+    if not _has_checkpoint(path):
+        if _has_checkpoint(path / STAGE_DIRS[2]):
+            path = path / STAGE_DIRS[2]
+        elif _has_checkpoint(path / STAGE_DIRS[1]):
+            raise DecorrError(f"{path} holds only the stage-1 autoencoder; train its classifier with --stage 2 first")
+    directory = resolve_checkpoint(path)  # the usual "not a checkpoint" error when there is none
+    config = load_checkpoint(directory, load_weights=False).config
+    if config.get("kind") != "dna":
+        raise DecorrError(f"{directory} is a {config.get('kind')!r} checkpoint, not a DNA/AE one")
+    if "classifier" not in config["models"]:
+        raise DecorrError(f"{directory} holds only the stage-1 autoencoder; train its classifier with --stage 2 "
+                          "and pass that run directory")
+    return directory
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line (train/dna_mnist.py and train/dna_cifar.py)
+
+
+def parse_args(family: str, argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    """The training scripts' options; defaults are the paper's setting of ``family``."""
+    defaults = asdict(DnaConfig.paper(family))
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True, help="where both stages' checkpoints and TensorBoard logs go")
+    p.add_argument("--model", choices=MODEL_KINDS, default="dna", help="dual-neck (dna) or plain autoencoder (ae)")
+    p.add_argument("--stage", choices=("1", "2", "both"), default="both",
+                   help="1: autoencoder, 2: classifier on the frozen autoencoder, both: one after the other")
+    p.add_argument("--from", dest="init_from", default=None,
+                   help="stage-1 checkpoint whose autoencoder stage 2 uses (default: RUN_DIR/stage1)")
+    p.add_argument("--resume", action="store_true", help="continue the stages in --run-dir from their checkpoints")
+    p.add_argument("--dataset", default=defaults["dataset"], help="dataset name or path to an .npz")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset files (else $DECORR_DATA_ROOT, ./data)")
+    p.add_argument("--unshared", type=int, choices=(2, 4, 6), default=2,
+                   help="layers per path that are not shared (DNA only): 2 = the DNA, 6 = two autoencoders")
+    p.add_argument("--epochs", type=int, default=defaults["epochs"], help="stage-1 epochs")
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                   help="stage-1 global batch per optimiser step (all processes and accumulation steps)")
+    p.add_argument("--lr", type=float, default=defaults["lr"], help="stage-1 Adam learning rate")
+    p.add_argument("--lambda-corr", type=float, default=defaults["lambda_corr"], help="weight of the correlation loss")
+    p.add_argument("--classifier-epochs", type=int, default=defaults["classifier_epochs"])
+    p.add_argument("--classifier-batch-size", type=int, default=defaults["classifier_batch_size"])
+    p.add_argument("--classifier-lr", type=float, default=defaults["classifier_lr"])
+    p.add_argument("--no-augment", action="store_true",
+                   help="no training augmentation (default: the dataset's, CIFAR-10: random crop pad 4 + flip)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="batch norm statistics over the global batch of all processes (any device)")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                   help="split each batch into this many micro-batches (the correlation loss sees one micro-batch)")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="autocast the models; the correlation loss is always computed in float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--test-subset", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--eval-batch-size", type=int, default=defaults["eval_batch_size"])
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    p.add_argument("--no-tensorboard", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(family: str, argv: list[str] | None = None, description: str | None = None) -> dict[str, Any]:
+    """Parse the command line, train, print the final metrics as JSON and return them."""
+    args = parse_args(family, argv, description)
+    config = DnaConfig.paper(
+        family, model=args.model, dataset=args.dataset, unshared=args.unshared, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, lambda_corr=args.lambda_corr,
+        classifier_epochs=args.classifier_epochs, classifier_batch_size=args.classifier_batch_size,
+        classifier_lr=args.classifier_lr, augment=not args.no_augment, sync_bn=args.sync_bn,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, seed=args.seed,
+        train_subset=args.train_subset, test_subset=args.test_subset, eval_batch_size=args.eval_batch_size,
+    )
+    results = train_dna(config, args.run_dir, stage=args.stage, init_from=args.init_from, resume=args.resume,
+                        data_root=args.data_root, mixed_precision=args.mixed_precision, cpu=args.cpu,
+                        log=not args.no_tensorboard)
+    from decorr.distributed import rank
+
+    if rank() == 0:
+        print(json.dumps(results, indent=2))
+    return results
