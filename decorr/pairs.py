@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -32,7 +33,7 @@ from decorr.training import TrainingRun, unwrap
 MODES = ("cor", "dec", "param")
 MODEL_NAMES = ("model0", "model1")
 
-__all__ = ["PairConfig", "train_pair", "pair_objective", "evaluate_models", "feature_width", "MODES"]
+__all__ = ["PairConfig", "train_pair", "train_epoch", "pair_objective", "evaluate_models", "feature_width", "MODES"]
 
 
 @dataclass
@@ -159,6 +160,34 @@ def _average(values: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     return {k: float(torch.stack([v[k] for v in values]).mean()) for k in keys}
 
 
+def train_epoch(
+    model0: nn.Module,
+    model1: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    config: PairConfig,
+    *,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> dict[str, float]:
+    """One pass over ``batches`` with the pair objective; returns the mean of each loss term."""
+    layer = config.feature_layer
+    assert layer is not None
+    model0.train()
+    model1.train()
+    step_terms: list[dict[str, torch.Tensor]] = []
+    for x, y in batches:
+        with autocast():
+            with record_features(unwrap(model0), layer) as f0, record_features(unwrap(model1), layer) as f1:
+                logits = (model0(x), model1(x))
+            loss, terms = pair_objective(logits, (f0[layer], f1[layer]), y, config, (model0, model1))
+        optimizer.zero_grad(set_to_none=True)
+        backward(loss)
+        optimizer.step()
+        step_terms.append(terms)
+    return _average(step_terms)
+
+
 def train_pair(
     config: PairConfig,
     run_dir: str | Path,
@@ -199,23 +228,14 @@ def train_pair(
     steps = num_batches(len(dataset.train), config.batch_size)
     metrics: dict[str, Any] = run.history[-1] if run.history else {}
     for epoch in range(start_epoch, config.epochs):
-        for m in prepared.values():
-            m.train()
-        step_terms: list[dict[str, torch.Tensor]] = []
-        batches: Iterator = iterate_batches(dataset.train, config.batch_size, shuffle=True, seed=config.seed,
-                                            epoch=epoch, shard=run.shard, device=run.device)
-        for x, y in run.progress(batches, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}"):
-            with run.accelerator.autocast():
-                with record_features(unwrap(model0), layer) as f0, record_features(unwrap(model1), layer) as f1:
-                    logits = (model0(x), model1(x))
-                loss, terms = pair_objective(logits, (f0[layer], f1[layer]), y, config, (model0, model1))
-            optimizer.zero_grad(set_to_none=True)
-            run.accelerator.backward(loss)
-            optimizer.step()
-            step_terms.append(terms)
+        batches = iterate_batches(dataset.train, config.batch_size, shuffle=True, seed=config.seed,
+                                  epoch=epoch, shard=run.shard, device=run.device)
+        batches = run.progress(batches, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}")
+        train_terms = train_epoch(model0, model1, optimizer, batches, config,
+                                  backward=run.accelerator.backward, autocast=run.accelerator.autocast)
         evaluation = evaluate_models(prepared, dataset.test, layers, batch_size=config.eval_batch_size,
                                      device=run.device, shard=run.shard)
-        metrics = {**{f"train/{k}": v for k, v in _average(step_terms).items()}, **{f"test/{k}": v for k, v in evaluation.items()}}
+        metrics = {**{f"train/{k}": v for k, v in train_terms.items()}, **{f"test/{k}": v for k, v in evaluation.items()}}
         if config.mode == "param" or epoch + 1 == config.epochs:
             with torch.no_grad():
                 metrics["parameter_distance"] = float(parameter_distance(unwrap(model0), unwrap(model1)))

@@ -326,8 +326,9 @@ def plot_reconstructions(
             if pred is not None:
                 ok = int(pred[c]) == int(y[c])
                 ax.set_title(str(int(pred[c])), fontsize=7, color="black" if ok else "red", pad=1)
-        axes[r][0].set_ylabel(title, fontsize=6, rotation=0, ha="right", va="center")
+        axes[r][0].set_ylabel(title.replace(" eps", "\neps"), fontsize=6, rotation=0, ha="right", va="center")
     fig.tight_layout(pad=0.2)
+    fig.subplots_adjust(left=0.14)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

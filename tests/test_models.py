@@ -18,6 +18,7 @@ import torchvision
 from torchvision.models.densenet import DenseNet, _DenseLayer
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from decorr.attacks import residual_branches, skip_gradient
 from decorr.errors import DecorrError
 from decorr.models import (
     Normalize,
@@ -282,7 +283,26 @@ def test_vgg_small_has_no_skip_connections():
 
 @pytest.mark.parametrize(("name", "units"), [("resnet20", 9), ("resnet18_small", 8), ("densenet_small", 12)])
 def test_surrogates_are_made_of_residual_units(name, units):
-    assert _count(create_model(name), RESIDUAL_UNITS) == units
+    model = create_model(name).train()
+    assert _count(model, RESIDUAL_UNITS) == units
+    assert len(residual_branches(model)) == units  # SGM finds every unit without registration
+    x = torch.rand(2, 3, 32, 32)
+    grads = []
+    for gamma in (1.0, 0.5):
+        torch.manual_seed(0)
+        x_adv = x.clone().requires_grad_(True)
+        with skip_gradient(model, gamma):
+            model(x_adv).logsumexp(1).sum().backward()
+        grads.append(x_adv.grad)
+    assert torch.isfinite(grads[1]).all() and not torch.allclose(grads[0], grads[1])
+
+
+def test_sgm_finds_no_residual_unit_in_vgg_small():
+    model = create_model("vgg_small")
+    assert residual_branches(model) == []
+    with pytest.raises(DecorrError):
+        with skip_gradient(model, 0.5):
+            pass
 
 
 @pytest.mark.parametrize(("name", "width"), [("resnet20", 64), ("resnet18_small", 512),
@@ -321,10 +341,11 @@ def test_inputs_are_normalised_before_the_first_convolution(name):
 
     grey = create_model(name, in_channels=1)
     normalize = next(m for m in grey.modules() if isinstance(m, Normalize))
-    assert normalize.mean.flatten().tolist() == [0.5] and normalize.std.flatten().tolist() == [0.5]
-    custom = create_model(name, in_channels=1, mean=(0.1307,), std=(0.3081,))
-    normalize = next(m for m in custom.modules() if isinstance(m, Normalize))
+    torch.testing.assert_close(normalize.mean.flatten(), torch.tensor([0.1307]))
     torch.testing.assert_close(normalize.std.flatten(), torch.tensor([0.3081]))
+    custom = create_model(name, in_channels=1, mean=(0.5,), std=(0.25,))
+    normalize = next(m for m in custom.modules() if isinstance(m, Normalize))
+    assert normalize.mean.flatten().tolist() == [0.5] and normalize.std.flatten().tolist() == [0.25]
 
 
 def test_cifar10_statistics_match_the_data():

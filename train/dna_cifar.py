@@ -4,7 +4,8 @@
     accelerate launch --num_processes 4 train/dna_cifar.py --sync-bn --mixed-precision bf16 --run-dir ...
     python train/dna_cifar.py --dataset ../shared/data/cifar10-subset/cifar10_subset.npz --run-dir ...
 Defaults are the paper's CIFAR-10 hyperparameters (SPEC section 6): batch 1250, Adam 5e-4, 30 epochs,
-lambda 0.05, random crop (pad 4) and horizontal flip; the classifier: Adam 1e-3, 30 epochs.
+lambda 0.05, random crop (pad 4) and horizontal flip; the classifier (our choice): Adam 1e-3, batch 250,
+30 epochs.
 """
 
 from __future__ import annotations

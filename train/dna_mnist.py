@@ -5,7 +5,7 @@
     python train/dna_mnist.py --stage 2 --from runs/dna_mnist/stage1 --run-dir runs/dna_mnist_clf
     accelerate launch train/dna_mnist.py ...                                     # N processes
 Defaults are the paper's MNIST hyperparameters (SPEC section 6): batch 500, Adam 5e-4, 40 epochs,
-lambda 0.05; the classifier: Adam 1e-3, 10 epochs on both reconstructions.
+lambda 0.05; the classifier (our choice): Adam 1e-3, batch 100, 10 epochs on both reconstructions.
 """
 
 from __future__ import annotations

@@ -11,15 +11,16 @@ average pooling before the linear layer), 3 channels (CIFAR-10) or 1 (MNIST, Fas
 The residual ones are made of torchvision's own ``BasicBlock`` and ``_DenseLayer`` modules, the
 units that SGM (``decorr.attacks.skip_gradient``) knows, so no extra registration is needed.
 
-Each model's first module is :class:`~decorr.models.Normalize` (``mean``/``std`` keyword
-arguments). Defaults: CIFAR-10's channel statistics for 3 channels; 0.5/0.5 (x -> 2x - 1) for any
-other channel count, a neutral choice that suits MNIST and Fashion-MNIST alike (every model here has
-batch norm right after its first convolution, so the exact values matter little).
+Each model applies :class:`~decorr.models.Normalize` first (``mean``/``std`` keyword arguments).
+Defaults: CIFAR-10's channel statistics for 3 channels, MNIST's (as ``mnist_cnn`` uses) for 1 channel
+(Fashion-MNIST's, 0.286/0.353, are close enough: every model here has batch norm right after its first
+convolution, so the exact values matter little), 0.5/0.5 for any other channel count.
 
 The registered feature layer of every model is its global average pool: the penultimate
-representation, 64 to 512 values per image. The last stage's spatial output would have 4096 or more
-values for a 32x32 input, more than the test set has images, and the feature R^2 of a regression
-with more regressors than samples is 1 whatever the models are.
+representation, 64 to 512 values per image. The last stage's spatial output has 1024 (vgg_small)
+to 8192 (resnet18_small) values for a 32x32 input, as many as the CIFAR-10 test subset has images:
+a regression with that many regressors fits any target exactly (R^2 = 1 whatever the models are),
+and ``decorr.loss`` refuses batches that small.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from decorr.errors import DecorrError
 from decorr.models.blocks import Normalize
+from decorr.models.mnist import MNIST_MEAN, MNIST_STD
 from decorr.models.registry import register_model
 
 __all__ = [
@@ -60,9 +62,9 @@ def input_normalization(
     if in_channels < 1:
         raise DecorrError(f"in_channels must be at least 1, got {in_channels}")
     if mean is None:
-        mean = CIFAR10_MEAN if in_channels == 3 else (0.5,) * in_channels
+        mean = {3: CIFAR10_MEAN, 1: MNIST_MEAN}.get(in_channels, (0.5,) * in_channels)
     if std is None:
-        std = CIFAR10_STD if in_channels == 3 else (0.5,) * in_channels
+        std = {3: CIFAR10_STD, 1: MNIST_STD}.get(in_channels, (0.5,) * in_channels)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if len(mean) != in_channels or len(std) != in_channels:
         raise DecorrError(

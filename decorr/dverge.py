@@ -1,0 +1,570 @@
+"""DVERGE (Yang et al., NeurIPS 2020) fine-tuning of N >= 2 classifiers (SPEC section 5, P1 Fig. 4).
+
+Feature distillation: for a source batch ``xs`` and an unrelated target batch ``xt``, find ``x_d`` in
+the Linf eps-ball of ``xs`` whose features at ``layer`` match those of ``xt``, by signed gradient
+descent on ``||f^l(x_d) - f^l(xt)||^2``. That is PGD on the negated distance, so the distillation *is*
+:func:`decorr.attacks.pgd` with a feature-matching loss closure (random start and MI momentum come
+with it). Signed steps do not depend on the loss's positive scale, and the models are distilled in
+eval mode where samples do not interact, so the sum over the batch used here gives exactly the steps
+a per-sample mean would (checked in the tests).
+
+One DVERGE step, for models ``f_1 .. f_N`` on ``(xs, ys)`` with targets ``xt``::
+
+    x_d^i = distill(f_i, xs, xt)                                   for every i (eval mode)
+    L_j   = mean_{i != j} CE(f_j(x_d^i), ys)  [+ w * CE(f_j(PGD_j(xs)), ys)  "plus adversarial"]
+    L     = sum_j L_j                                              one Adam over all models
+
+Each ``L_j`` depends only on model j's parameters (the distilled examples are constants), so one Adam
+over all parameters takes exactly the steps of DVERGE's one Adam per model. DVERGE sums over ``i != j``
+where we average: the same for a pair, and a constant factor N - 1 (which Adam nearly cancels) beyond.
+
+Choices made here (DVERGE's code does not pin them down for our setting):
+
+- Target batches come from a second, independently shuffled pass over the training set (DVERGE zips
+  a second shuffled loader): ``iterate_batches`` with seed ``seed + TARGET_SEED_OFFSET``, so it is
+  deterministic per ``(seed, epoch)`` and resumes exactly.
+- Distillation and the plus-adversarial PGD run in eval mode (no batch-norm statistics are updated
+  by the attack's forward passes); the training forward runs in train mode.
+- The forward pass of the distillation stops at ``layer`` (:func:`layer_output`): the layers above
+  it cost nothing.
+- Random starts and the layer drawn for an epoch come from CPU generators seeded by
+  ``(seed, epoch, stream)``. Momentum normalises each sample's gradient by its own L1 norm (MI-FGSM,
+  as in ``pgd``), where DVERGE's code divides by the L1 norm of the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from itertools import islice
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from decorr.attacks import ce_loss, pgd
+from decorr.attacks.losses import LossFn
+from decorr.checkpoint import build_model, load_checkpoint, resolve_checkpoint
+from decorr.data import ImageSplit, iterate_batches, load_dataset, num_batches, to_float
+from decorr.distributed import all_gather_with_grad
+from decorr.errors import DecorrError
+from decorr.features import find_module
+from decorr.training import TrainingRun, unwrap, write_json
+
+__all__ = [
+    "DvergeConfig",
+    "TARGET_SEED_OFFSET",
+    "choose_layer",
+    "dverge_objective",
+    "dverge_step",
+    "evaluate_epoch",
+    "feature_distillation",
+    "feature_matching_loss",
+    "layer_output",
+    "load_init_models",
+    "stream_generator",
+    "train_dverge",
+    "train_epoch",
+]
+
+#: Added to the run's seed for the target batches' shuffle: ``SeedSequence([seed + 2**32, epoch])``
+#: can never equal the source stream ``SeedSequence([seed, epoch])``.
+TARGET_SEED_OFFSET = 2**32
+#: Streams of :func:`stream_generator` (per epoch).
+STREAM_LAYER = 1
+STREAM_DISTILL = 2
+#: The transfer evaluation's epsilons, steps and step (SPEC sections 4 and 5).
+DEFAULT_EVAL_EPS = (0.05, 0.10, 0.15)
+
+
+# ------------------------------------------------------------------------------------------------
+# Feature distillation
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook once the wanted layer has run: the rest of the forward is skipped."""
+
+
+def layer_output(model: nn.Module, x: Tensor, layer: str) -> Tensor:
+    """The output of module ``layer`` for input ``x``, computing nothing after it.
+
+    A forward hook records the output and raises, so the layers above ``layer`` never run (about
+    half the cost of ``mnist_cnn`` at ``features.pool2``). The output keeps its autograd graph.
+    """
+    recorded: list[Tensor] = []
+
+    def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+        recorded.append(output)
+        raise _StopForward
+
+    handle = find_module(model, layer).register_forward_hook(hook)
+    try:
+        model(x)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not recorded:
+        raise DecorrError(f"module {layer!r} was not called in the forward pass; choose another --layer")
+    return recorded[0]
+
+
+def feature_matching_loss(model: nn.Module, layer: str, target_features: Tensor) -> LossFn:
+    """``-sum ||f^layer(x) - target||^2`` over the batch: what PGD maximises to distil features."""
+    target = target_features.detach()
+
+    def loss_fn(x: Tensor, _y: Tensor) -> Tensor:
+        return -(layer_output(model, x, layer).float() - target.float()).pow(2).sum()
+
+    return loss_fn
+
+
+def feature_distillation(
+    model: nn.Module,
+    xs: Tensor,
+    xt: Tensor,
+    *,
+    layer: str,
+    eps: float,
+    steps: int,
+    step_size: float,
+    random_start: bool = False,
+    momentum: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``x_d`` in the Linf ``eps``-ball of ``xs`` (and in [0, 1]) whose ``layer`` features approach ``xt``'s.
+
+    ``steps`` signed steps of ``step_size`` descending ``||f^layer(x_d) - f^layer(xt)||^2`` (PGD on its
+    negation), each followed by projection to the ball and clipping to [0, 1]. ``xs`` and ``xt`` are
+    batches of the same size. The model's train/eval mode is the caller's (use eval mode).
+    """
+    if xs.shape != xt.shape:
+        raise DecorrError(f"source and target batches must have the same shape, got {tuple(xs.shape)} "
+                          f"and {tuple(xt.shape)}")
+    with torch.no_grad():
+        target = layer_output(model, xt, layer)
+    labels = torch.zeros(xs.shape[0], dtype=torch.long, device=xs.device)  # unused by the loss
+    return pgd(feature_matching_loss(model, layer, target), xs, labels, eps=eps, steps=steps,
+               step_size=step_size, norm="linf", random_start=random_start, momentum=momentum,
+               generator=generator)
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class DvergeConfig:
+    """Hyperparameters of a DVERGE run; the defaults are P1's MNIST setting (SPEC section 5).
+
+    ``layers``: empty for each model's own feature layer (from its checkpoint), one name for a fixed
+    layer, several to draw one at random at the start of every epoch (DVERGE's random layer).
+    ``adv_*`` (plus adversarial) default to the distillation's eps and step size with 10 steps.
+    ``batches_per_epoch`` stops each epoch after that many batches of its shuffle (each epoch then
+    sees a different part of the training set); ``train_subset`` uses the first N images only.
+    ``eval_subset`` evaluates the transfer rates on the first N test images (None: all of them),
+    ``accuracy_subset`` the natural accuracy (None: all); ``eval_features`` adds the pairs' feature R^2.
+    """
+
+    epochs: int = 10
+    batch_size: int = 1000
+    lr: float = 5e-3
+    layers: tuple[str, ...] = ()
+    eps: float = 0.15
+    steps: int = 20
+    step_size: float = 3 / 255
+    random_start: bool = False
+    momentum: float = 0.0
+    plus_adv: bool = False
+    adv_weight: float = 1.0
+    adv_eps: float | None = None
+    adv_steps: int = 10
+    adv_step_size: float | None = None
+    seed: int = 0
+    dataset: str | None = None
+    train_subset: int | None = None
+    batches_per_epoch: int | None = None
+    eval_subset: int | None = None
+    eval_eps: tuple[float, ...] = DEFAULT_EVAL_EPS
+    eval_steps: int = 40
+    eval_step_size: float = 3 / 255
+    eval_batch_size: int = 1000
+    eval_seed: int = 0
+    eval_features: bool = True
+    accuracy_subset: int | None = None
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(self.layers)
+        self.eval_eps = tuple(float(e) for e in self.eval_eps)
+        if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
+            raise DecorrError("epochs must be >= 0 and batch size and learning rate positive")
+        if self.batches_per_epoch is not None and self.batches_per_epoch < 1:
+            raise DecorrError(f"batches per epoch must be >= 1, got {self.batches_per_epoch}")
+        if not (self.eps >= 0 and self.step_size >= 0 and self.steps >= 0):
+            raise DecorrError(f"distillation eps, steps and step size must be >= 0, got {self.eps}, "
+                              f"{self.steps}, {self.step_size}")
+        if not self.momentum >= 0:
+            raise DecorrError(f"momentum must be >= 0, got {self.momentum}")
+        if self.plus_adv and not self.adv_weight >= 0:
+            raise DecorrError(f"the adversarial weight must be >= 0, got {self.adv_weight}")
+        if len(set(self.layers)) != len(self.layers):
+            raise DecorrError("a layer is listed twice in --layer; list each once")
+        if not self.eval_eps:
+            raise DecorrError("no evaluation epsilon; pass e.g. --eval-eps 0.05 0.1 0.15")
+        if self.adv_eps is None:
+            self.adv_eps = self.eps
+        if self.adv_step_size is None:
+            self.adv_step_size = self.step_size
+
+
+def stream_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """A CPU generator for one purpose (``stream``) in one epoch; unrelated across the three numbers."""
+    state = np.random.SeedSequence([int(seed), int(epoch), int(stream)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def choose_layer(layers: Sequence[str], seed: int, epoch: int) -> str | None:
+    """The distillation layer of ``epoch``: None (each model's own) for no layers, the one given,
+    or one drawn uniformly from several, reproducibly from ``(seed, epoch)``."""
+    if not layers:
+        return None
+    if len(layers) == 1:
+        return layers[0]
+    index = int(torch.randint(len(layers), (1,), generator=stream_generator(seed, epoch, STREAM_LAYER)))
+    return layers[index]
+
+
+# ------------------------------------------------------------------------------------------------
+# The training step
+
+
+def _global_mean(per_sample: Tensor) -> Tensor:
+    return all_gather_with_grad(per_sample).mean()
+
+
+def dverge_objective(
+    models: Sequence[nn.Module],
+    distilled: Sequence[Tensor],
+    ys: Tensor,
+    *,
+    adversarial: Sequence[Tensor] | None = None,
+    adv_weight: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``sum_j L_j`` with ``L_j = mean_{i != j} CE(f_j(x_d^i), ys) [+ adv_weight * CE(f_j(adv_j), ys)]``.
+
+    ``distilled[i]`` was distilled with model i; ``adversarial[j]`` (plus adversarial) are PGD examples
+    of model j itself. Each model sees its inputs in one forward pass (a concatenated batch), which is
+    also what data-parallel wrappers need. CE means are over the global batch.
+    """
+    n = len(models)
+    if n < 2 or len(distilled) != n:
+        raise DecorrError(f"DVERGE needs at least 2 models and one distilled batch per model, got "
+                          f"{n} models and {len(distilled)} batches")
+    batch = ys.shape[0]
+    total = ys.new_zeros((), dtype=torch.float32)
+    terms: dict[str, Tensor] = {}
+    for j, model in enumerate(models):
+        inputs = [distilled[i] for i in range(n) if i != j]
+        if adversarial is not None:
+            inputs.append(adversarial[j])
+        logits = model(torch.cat(inputs))
+        ce = [_global_mean(F.cross_entropy(chunk.float(), ys, reduction="none"))
+              for chunk in logits.split(batch)]
+        distill_ce = torch.stack(ce[: n - 1]).mean()
+        loss = distill_ce
+        terms[f"ce_distilled_model{j}"] = distill_ce.detach()
+        if adversarial is not None:
+            loss = loss + adv_weight * ce[-1]
+            terms[f"ce_adv_model{j}"] = ce[-1].detach()
+        total = total + loss
+    terms["loss"] = total.detach()
+    return total, terms
+
+
+def dverge_step(
+    models: Sequence[nn.Module],
+    optimizer: torch.optim.Optimizer,
+    xs: Tensor,
+    ys: Tensor,
+    xt: Tensor,
+    config: DvergeConfig,
+    layers: Sequence[str],
+    *,
+    generator: torch.Generator | None = None,
+    backward: Callable[[Tensor], None] = Tensor.backward,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> dict[str, Tensor]:
+    """Distil ``xs`` toward ``xt`` with every model (model i at ``layers[i]``), then one optimiser step
+    on :func:`dverge_objective`. Returns its loss terms (detached)."""
+    plain = [unwrap(m) for m in models]
+    for m in plain:
+        m.eval()
+    distilled: list[Tensor] = []
+    adversarial: list[Tensor] | None = [] if config.plus_adv else None
+    with autocast():
+        for i, m in enumerate(plain):
+            x_d = feature_distillation(m, xs, xt, layer=layers[i], eps=config.eps, steps=config.steps,
+                                       step_size=config.step_size, random_start=config.random_start,
+                                       momentum=config.momentum, generator=generator)
+            distilled.append(x_d)
+            if adversarial is not None:
+                adversarial.append(pgd(ce_loss(m), xs, ys, eps=config.adv_eps, steps=config.adv_steps,
+                                       step_size=config.adv_step_size, random_start=True, generator=generator))
+    for m in models:
+        m.train()
+    with autocast():
+        loss, step_terms = dverge_objective(models, distilled, ys, adversarial=adversarial,
+                                            adv_weight=config.adv_weight)
+    optimizer.zero_grad(set_to_none=True)
+    backward(loss)
+    optimizer.step()
+    return step_terms
+
+
+def train_epoch(
+    models: Sequence[nn.Module],
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]],
+    config: DvergeConfig,
+    layers: Sequence[str],
+    *,
+    generator: torch.Generator | None = None,
+    backward: Callable[[Tensor], None] = Tensor.backward,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> dict[str, float]:
+    """One pass of :func:`dverge_step` over ``((xs, ys), (xt, yt))`` batches; mean of each term."""
+    collected: list[dict[str, Tensor]] = []
+    for (xs, ys), (xt, _yt) in batches:
+        collected.append(dverge_step(models, optimizer, xs, ys, xt, config, layers, generator=generator,
+                                     backward=backward, autocast=autocast))
+    keys = collected[0].keys() if collected else []
+    return {k: float(torch.stack([c[k] for c in collected]).mean()) for k in keys}
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate_epoch(
+    models: Mapping[str, nn.Module],
+    split: ImageSplit,
+    config: DvergeConfig,
+    *,
+    feature_layers: Mapping[str, str],
+    archs: Mapping[str, str],
+    accuracy_split: ImageSplit | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """PGD transfer rates of every pair (``decorr.transfer.evaluate_transfer`` on ``split``) and the
+    natural accuracy of every model on ``accuracy_split`` (None: on ``split``, from the same pass).
+
+    Returns flat scalars for logging (``transfer/eps0.1/model0-model1``, ``transfer/eps0.1/mean``,
+    ``acc/model0``, ...) and the full transfer result. Models are left in eval mode.
+    """
+    from decorr.metrics import accuracy, predict
+    from decorr.transfer import evaluate_transfer
+
+    plain = {name: unwrap(m) for name, m in models.items()}
+    result = evaluate_transfer(
+        plain, split, feature_layers=feature_layers, archs=archs, attack="pgd", eps_list=config.eval_eps,
+        steps=config.eval_steps, step_size=config.eval_step_size, random_start=True, seed=config.eval_seed,
+        batch_size=config.eval_batch_size, features=config.eval_features, device=device,
+    )
+    scalars: dict[str, float] = {}
+    for row in result["by_eps"]:
+        tag = f"eps{row['eps']:g}"
+        means = []
+        for pair in row["pairs"]:
+            value = pair["mean"]
+            scalars[f"transfer/{tag}/{pair['a']}-{pair['b']}"] = math.nan if value is None else value
+            if value is not None:
+                means.append(value)
+        scalars[f"transfer/{tag}/mean"] = float(np.mean(means)) if means else math.nan
+        for name, acc in row["white_box_accuracy"].items():
+            scalars[f"white_box_acc/{tag}/{name}"] = math.nan if acc is None else acc
+    for pair in result["pairs"]:
+        stats = pair.get("natural_features") or {}
+        if stats.get("r2") is not None:
+            scalars[f"feature_r2/{pair['a']}-{pair['b']}"] = stats["r2"]
+    if accuracy_split is None:
+        for name in plain:
+            scalars[f"acc/{name}"] = result["models"][name]["natural_accuracy"]
+    else:
+        x, y = to_float(accuracy_split.images).to(device), accuracy_split.labels.to(device)
+        with torch.no_grad():
+            for name, m in plain.items():
+                m.eval()
+                scalars[f"acc/{name}"] = accuracy(predict(m, x, batch_size=config.eval_batch_size), y)
+    return scalars, result
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading the starting models
+
+
+def _split_selector(path: str) -> tuple[str, str | None]:
+    from decorr.transfer import split_model_selector
+
+    return split_model_selector(path)
+
+
+def load_init_models(paths: Sequence[str]) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]], list[dict[str, Any]], str | None]:
+    """The starting models: every model of each checkpoint in order (``PATH:MODEL`` picks one),
+    renamed ``model0 .. model{N-1}``.
+
+    Returns the models, their checkpoint entries (arch, kwargs, feature_layer), where each came from
+    (``{"name", "checkpoint", "model", "epoch"}``) and the checkpoints' common dataset.
+    """
+    models: dict[str, nn.Module] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    origins: list[dict[str, Any]] = []
+    datasets: set[str] = set()
+    seen: set[tuple[str, str]] = set()
+    for raw in paths:
+        base, only = _split_selector(str(raw))
+        checkpoint = load_checkpoint(base)
+        names = checkpoint.model_names
+        if only is not None and only not in names:
+            raise DecorrError(f"checkpoint {base} has no model {only!r}; it holds {', '.join(names)}")
+        if checkpoint.config.get("dataset"):
+            datasets.add(checkpoint.config["dataset"])
+        for source_name in names if only is None else [only]:
+            key = (str(checkpoint.path.resolve()), source_name)
+            if key in seen:
+                raise DecorrError(f"model {source_name} of {base} is given twice; list each starting model once")
+            seen.add(key)
+            entry = checkpoint.config["models"][source_name]
+            name = f"model{len(models)}"
+            models[name] = build_model(entry, checkpoint.state_dicts[source_name],
+                                       source=str(checkpoint.path / f"{source_name}.safetensors"))
+            entries[name] = {"arch": entry["arch"], "kwargs": dict(entry.get("kwargs", {})),
+                             "feature_layer": entry.get("feature_layer")}
+            origins.append({"name": name, "checkpoint": str(resolve_checkpoint(base)), "model": source_name,
+                            "epoch": checkpoint.config.get("epoch")})
+    if len(models) < 2:
+        raise DecorrError(f"DVERGE trains at least 2 models but {', '.join(map(str, paths))} hold "
+                          f"{len(models)}; pass a pair run (--init-from) or several checkpoints (--init A B)")
+    if len(datasets) > 1:
+        raise DecorrError(f"the starting checkpoints were trained on different datasets ({', '.join(sorted(datasets))}); "
+                          "start from models of one dataset")
+    return models, entries, origins, (datasets.pop() if datasets else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# A whole run
+
+
+def train_dverge(
+    config: DvergeConfig,
+    init: Sequence[str],
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    data_root: str | None = None,
+    mixed_precision: str = "no",
+    cpu: bool = False,
+    log: bool = True,
+    json_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the models of ``init`` with DVERGE, measuring the transfer rates before the first
+    epoch and after every epoch; checkpoint after each (epoch 0 holds the starting point).
+
+    Writes ``RUN_DIR/checkpoint`` (kind ``dverge``), TensorBoard scalars, and the JSON record
+    ``json_path`` (default ``RUN_DIR/dverge.json``) after every evaluation. Returns that record.
+    """
+    run_dir = Path(run_dir)
+    json_path = Path(json_path) if json_path is not None else run_dir / "dverge.json"
+    models, entries, origins, init_dataset = load_init_models(init)
+    dataset_name = config.dataset or init_dataset
+    if dataset_name is None:
+        raise DecorrError("the starting checkpoints do not say their dataset; pass --dataset")
+    config.dataset = dataset_name
+    names = list(models)
+    default_layers = [entries[n]["feature_layer"] for n in names]
+    if not config.layers and any(layer is None for layer in default_layers):
+        raise DecorrError("a starting model has no feature layer in its checkpoint; pass --layer MODULE_NAME")
+    for layer in config.layers:
+        for n in names:
+            find_module(models[n], layer)  # a DecorrError naming the layer if a model lacks it
+
+    dataset = load_dataset(dataset_name, data_root)
+    train_split = dataset.train if config.train_subset is None else dataset.train.subset(config.train_subset)
+    eval_split = dataset.test if config.eval_subset is None else dataset.test.subset(config.eval_subset)
+    accuracy_split = dataset.test if config.accuracy_subset is None else dataset.test.subset(config.accuracy_subset)
+    if len(accuracy_split) == len(eval_split):  # both are the first N test images
+        accuracy_split = None
+    run_config = {"kind": "dverge", "models": entries, "dataset": dataset_name,
+                  "hyperparameters": {**asdict(config), "init": [o["checkpoint"] + ":" + o["model"] for o in origins]}}
+    run = TrainingRun(run_dir, run_config, seed=config.seed, resume=resume, mixed_precision=mixed_precision,
+                      cpu=cpu, log=log)
+    optimizer = torch.optim.Adam([p for n in names for p in models[n].parameters()], lr=config.lr)
+    start_epoch = run.restore(models, optimizer) if resume else 0
+    prepared_list = run.prepare(*[models[n] for n in names], optimizer)
+    *wrapped, optimizer = prepared_list
+    prepared = dict(zip(names, wrapped))
+    archs = {n: entries[n]["arch"] for n in names}
+    feature_layers = {n: entries[n]["feature_layer"] for n in names}
+
+    record: dict[str, Any] = {"format": "decorr-dverge/1", "run_dir": str(run_dir), "init": origins,
+                              "dataset": dataset_name, "config": asdict(config),
+                              "eval_samples": len(eval_split), "train_samples": len(train_split),
+                              "accuracy_samples": len(eval_split if accuracy_split is None else accuracy_split),
+                              "epochs": []}
+    if resume and json_path.exists():
+        import json
+
+        previous = json.loads(json_path.read_text())
+        record["epochs"] = [e for e in previous.get("epochs", []) if e["epoch"] <= start_epoch]
+
+    def evaluate(epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
+        tick = time.perf_counter()
+        scalars, result = evaluate_epoch(prepared, eval_split, config, feature_layers=feature_layers,
+                                         archs=archs, accuracy_split=accuracy_split, device=run.device)
+        scalars["time/eval_s"] = time.perf_counter() - tick
+        metrics = {**extra, **scalars}
+        run.log_scalars(metrics, step=epoch)
+        record["epochs"].append({"epoch": epoch, "metrics": metrics,
+                                 "transfer": {"by_eps": result["by_eps"], "pairs": result["pairs"],
+                                              "models": result["models"], "settings": result["settings"]}})
+        if run.is_main:
+            write_json(json_path, record)
+        rates = "  ".join(f"eps {e:g}: {metrics[f'transfer/eps{e:g}/mean']:.3f}" for e in config.eval_eps)
+        accs = " / ".join(f"{metrics[f'acc/{n}']:.4f}" for n in names)
+        run.print(f"epoch {epoch:3d}/{config.epochs}  transfer {rates}  acc {accs}")
+        return metrics
+
+    if not run.history:  # a fresh run: measure the starting point and save it as epoch 0
+        metrics = evaluate(0, {})
+        run.save(0, prepared, optimizer, metrics)
+    steps_per_epoch = num_batches(len(train_split), config.batch_size)
+    if config.batches_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, config.batches_per_epoch)
+    for epoch in range(start_epoch, config.epochs):
+        layer = choose_layer(config.layers, config.seed, epoch)
+        layers = [layer or default_layers[i] for i in range(len(names))]
+        sources = iterate_batches(train_split, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
+                                  shard=run.shard, device=run.device)
+        targets = iterate_batches(train_split, config.batch_size, shuffle=True,
+                                  seed=config.seed + TARGET_SEED_OFFSET, epoch=epoch, shard=run.shard,
+                                  device=run.device)
+        batches = run.progress(islice(zip(sources, targets), steps_per_epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}")
+        tick = time.perf_counter()
+        terms = train_epoch(wrapped, optimizer, batches, config, layers,
+                            generator=stream_generator(config.seed, epoch, STREAM_DISTILL),
+                            backward=run.accelerator.backward, autocast=run.accelerator.autocast)
+        train_s = time.perf_counter() - tick
+        extra = {**{f"train/{k}": v for k, v in terms.items()}, "time/train_s": train_s}
+        metrics = evaluate(epoch + 1, extra)
+        metrics["layer"] = layer if layer is not None else ",".join(sorted(set(default_layers)))
+        record["epochs"][-1]["layer"] = metrics["layer"]
+        if run.is_main:
+            write_json(json_path, record)
+        run.save(epoch + 1, prepared, optimizer, metrics)
+    run.finish()
+    return record

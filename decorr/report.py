@@ -1,0 +1,419 @@
+"""Reporting: text tables, JSON and CSV files, PNG plots (matplotlib, Agg), TensorBoard scalars.
+
+The first part is generic (any evaluation can use it: ``format_table``, ``write_csv``,
+``write_results_json``, ``prepare_output_dir``, ``plot_lines``, ``plot_heatmap``); the second renders
+the result of :func:`decorr.transfer.evaluate_transfer` with it (``format_transfer``,
+``save_transfer_report``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from decorr.errors import DecorrError
+from decorr.training import write_json
+
+__all__ = [
+    "RESULTS_FILE",
+    "default_output_dir",
+    "format_table",
+    "format_transfer",
+    "jsonable",
+    "log_transfer_tensorboard",
+    "plot_heatmap",
+    "plot_lines",
+    "plot_transfer",
+    "prepare_output_dir",
+    "save_transfer_report",
+    "tensorboard_writer",
+    "transfer_rows",
+    "pair_rows",
+    "write_csv",
+    "write_results_json",
+]
+
+RESULTS_FILE = "results.json"
+
+# ------------------------------------------------------------------------------------------------
+# Generic helpers
+
+
+def default_output_dir(root: str | os.PathLike = "runs/eval") -> Path:
+    """``root/<YYYYmmdd-HHMMSS>``: a fresh folder name per run."""
+    return Path(root) / time.strftime("%Y%m%d-%H%M%S")
+
+
+def prepare_output_dir(out: str | os.PathLike, *, overwrite: bool = False, marker: str = RESULTS_FILE) -> Path:
+    """Create ``out``; refuse (DecorrError) when it already holds ``marker`` and ``overwrite`` is off.
+
+    Call it before any long computation, so that a refusal costs nothing and damages nothing.
+    """
+    out = Path(out)
+    if (out / marker).exists() and not overwrite:
+        raise DecorrError(f"{out / marker} already exists; choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise DecorrError(f"--out {out} is a file, not a folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with NaN/inf floats as None and tuples as lists, recursively (strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def write_results_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write strict JSON (no NaN) atomically."""
+    path = Path(path)
+    write_json(path, jsonable(data))
+    return path
+
+
+def _cell(value: Any, float_format: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return float_format.format(value)
+    return str(value)
+
+
+def format_table(
+    header: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    title: str | None = None,
+    float_format: str = "{:.3f}",
+    left_columns: int = 1,
+) -> str:
+    """An aligned text table: the first ``left_columns`` columns left-aligned, the rest right-aligned.
+
+    Floats use ``float_format``; None and NaN print as ``-``.
+    """
+    cells = [list(map(str, header))] + [[_cell(v, float_format) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if i < left_columns else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        for r in cells
+    ]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    return "\n".join(([title] if title else []) + lines)
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """Write a CSV atomically; None and NaN become empty cells, floats keep full precision."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in row])
+    os.replace(tmp, path)
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_lines(
+    path: str | os.PathLike,
+    x: Sequence[float],
+    series: Mapping[str, Sequence[float | None]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    ylim: tuple[float, float] | None = None,
+    dashed: Mapping[str, Sequence[float | None]] | None = None,
+) -> Path:
+    """One line per entry of ``series`` against ``x`` (None values are gaps); ``dashed`` lines too
+    (e.g. published reference figures)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    nan = float("nan")
+    for label, values in series.items():
+        ax.plot(x, [nan if v is None else v for v in values], marker="o", label=label)
+    for label, values in (dashed or {}).items():
+        ax.plot(x, [nan if v is None else v for v in values], "--", marker="x", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    if series or dashed:
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_heatmap(
+    path: str | os.PathLike,
+    matrix: Sequence[Sequence[float | None]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    *,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    colorbar_label: str = "",
+) -> Path:
+    """A matrix as a heatmap with the value written in each cell; None/NaN cells are grey, marked ``-``."""
+    plt = _pyplot()
+    import numpy as np
+
+    values = np.array([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
+    rows, cols = values.shape if values.size else (len(row_labels), len(col_labels))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * max(cols, 1), 1.4 + 0.8 * max(rows, 1)))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax)
+    for i in range(rows):
+        for j in range(cols):
+            v = values[i, j]
+            text = "-" if np.isnan(v) else f"{v:.3f}"
+            colour = "black" if np.isnan(v) or v > vmin + 0.6 * (vmax - vmin) else "white"
+            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=8)
+    ax.set_xticks(range(cols), [str(c) for c in col_labels], rotation=30, ha="right", fontsize=7)
+    ax.set_yticks(range(rows), [str(r) for r in row_labels], fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label=colorbar_label, fraction=0.046, pad=0.04)
+    return _save(fig, path)
+
+
+def tensorboard_writer(log_dir: str | os.PathLike) -> Any:
+    """A TensorBoard ``SummaryWriter``; a clear DecorrError when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DecorrError("TensorBoard logging needs the tensorboard package; pip install tensorboard, "
+                          "or leave out --tensorboard") from None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+# ------------------------------------------------------------------------------------------------
+# The transfer evaluation (decorr.transfer.evaluate_transfer results)
+
+
+def _attack_label(settings: Mapping[str, Any]) -> str:
+    label = f"{settings['attack'].upper()} {settings['norm']}"
+    if settings["attack"] != "fgsm":
+        label += f", {settings['steps']} steps of {settings['step_size']:.4g}"
+        extras = []
+        if settings["attack"] == "sgm":
+            extras.append(f"gamma {settings['gamma']:g}")
+        if settings.get("momentum"):
+            extras.append(f"MI {settings['momentum']:g}")
+        if settings.get("diversity"):
+            extras.append(f"DI {settings['diversity']:g}")
+        if settings.get("ti_kernel"):
+            extras.append(f"TI {settings['ti_kernel']}")
+        if extras:
+            label += " (" + ", ".join(extras) + ")"
+    return label
+
+
+def _eps_label(row: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
+    label = f"eps {row['eps']:g}"
+    if settings["norm"] == "l2":
+        label += f" (L2 radius {row['attack_eps']:.4g})"
+    return label
+
+
+def format_transfer(result: Mapping[str, Any]) -> str:
+    """The evaluation as text: models, one transfer matrix per epsilon, and the pairs."""
+    settings = result["settings"]
+    blocks = []
+    model_rows = [[name, m["role"], m.get("arch") or "-", m["natural_accuracy"]] for name, m in result["models"].items()]
+    blocks.append(format_table(["model", "role", "arch", "natural acc"], model_rows,
+                               title=f"{settings['num_samples']} samples; {_attack_label(settings)}", left_columns=3))
+    targets = result["targets"]
+    for row in result["by_eps"]:
+        rows = [[src] + [row["transfer"][src][tgt] for tgt in targets] + [row["white_box_accuracy"][src]]
+                for src in result["sources"]]
+        blocks.append(format_table(
+            ["T(source -> target)"] + targets + ["white-box acc"], rows,
+            title=f"{_eps_label(row, settings)}: transfer rate (rows: sources, columns: targets)",
+        ))
+    if result["pairs"]:
+        natural_rows = []
+        for pair in result["pairs"]:
+            features = pair["natural_features"] or {}
+            natural_rows.append([pair["a"], pair["b"], "yes" if pair["same_arch"] else "no",
+                                 features.get("r2"), features.get("r2_reverse"), features.get("pca_pearson"),
+                                 pair["parameter_distance"]])
+        blocks.append(format_table(
+            ["a", "b", "same arch", "R^2 b~a", "R^2 a~b", "PCA r", "param dist"], natural_rows,
+            title="pairs on natural inputs (feature layer)", left_columns=3,
+        ))
+        rows = []
+        for row in result["by_eps"]:
+            for pair in row["pairs"]:
+                on_a = pair["on_adv_of_a"] or {}
+                on_b = pair["on_adv_of_b"] or {}
+                rows.append([pair["a"], pair["b"], f"{row['eps']:g}", pair["a_to_b"], pair["b_to_a"], pair["mean"],
+                             on_a.get("r2"), on_a.get("pca_pearson"), on_b.get("r2"), on_b.get("pca_pearson")])
+        blocks.append(format_table(
+            ["a", "b", "eps", "T(a->b)", "T(b->a)", "pair T", "R^2 adv(a)", "PCA r adv(a)", "R^2 adv(b)",
+             "PCA r adv(b)"], rows,
+            title="pairs on adversarial inputs (adv(a): crafted on a; R^2 of the other's features on the source's)",
+            left_columns=2,
+        ))
+    for note in result.get("notes", []):
+        blocks.append(f"note: {note}")
+    return "\n\n".join(blocks)
+
+
+TRANSFER_CSV_HEADER = ["attack", "norm", "eps", "attack_eps", "source", "target", "transfer_rate", "source_fooled",
+                       "transferred", "target_adv_accuracy", "target_natural_accuracy", "source_white_box_accuracy"]
+PAIRS_CSV_HEADER = ["attack", "norm", "eps", "attack_eps", "a", "b", "same_arch", "transfer_a_to_b",
+                    "transfer_b_to_a", "transfer_mean", "r2_natural", "r2_natural_reverse", "pca_pearson_natural",
+                    "r2_adv_of_a", "pca_pearson_adv_of_a", "r2_adv_of_b", "pca_pearson_adv_of_b",
+                    "parameter_distance"]
+
+
+def transfer_rows(result: Mapping[str, Any]) -> list[list[Any]]:
+    """One CSV row per epsilon, source and target (``TRANSFER_CSV_HEADER``)."""
+    settings, models = result["settings"], result["models"]
+    rows = []
+    for row in result["by_eps"]:
+        for src in result["sources"]:
+            for tgt in result["targets"]:
+                rows.append([settings["attack"], settings["norm"], row["eps"], row["attack_eps"], src, tgt,
+                             row["transfer"][src][tgt], row["source_fooled"][src], row["transferred"][src][tgt],
+                             row["accuracy"][src][tgt], models[tgt]["natural_accuracy"],
+                             row["white_box_accuracy"][src]])
+    return rows
+
+
+def pair_rows(result: Mapping[str, Any]) -> list[list[Any]]:
+    """One CSV row per epsilon and pair of targets (``PAIRS_CSV_HEADER``)."""
+    settings = result["settings"]
+    natural = {(p["a"], p["b"]): p for p in result["pairs"]}
+    rows = []
+    for row in result["by_eps"]:
+        for pair in row["pairs"]:
+            base = natural[(pair["a"], pair["b"])]
+            features = base["natural_features"] or {}
+            on_a, on_b = pair["on_adv_of_a"] or {}, pair["on_adv_of_b"] or {}
+            rows.append([settings["attack"], settings["norm"], row["eps"], row["attack_eps"], pair["a"], pair["b"],
+                         base["same_arch"], pair["a_to_b"], pair["b_to_a"], pair["mean"], features.get("r2"),
+                         features.get("r2_reverse"), features.get("pca_pearson"), on_a.get("r2"),
+                         on_a.get("pca_pearson"), on_b.get("r2"), on_b.get("pca_pearson"),
+                         base["parameter_distance"]])
+    return rows
+
+
+def _slug(value: float) -> str:
+    return f"{value:g}".replace("/", "_")
+
+
+def plot_transfer(result: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
+    """``heatmap_<attack>_<norm>_eps<eps>.png`` per epsilon and ``transfer_vs_eps_<attack>_<norm>.png``."""
+    out = Path(out)
+    settings = result["settings"]
+    attack, norm = settings["attack"], settings["norm"]
+    paths = []
+    for row in result["by_eps"]:
+        matrix = [[row["transfer"][src][tgt] for tgt in result["targets"]] for src in result["sources"]]
+        paths.append(plot_heatmap(
+            out / f"heatmap_{attack}_{norm}_eps{_slug(row['eps'])}.png", matrix, result["sources"], result["targets"],
+            title=f"T(source -> target), {_attack_label(settings)}, {_eps_label(row, settings)}",
+            xlabel="target", ylabel="source", colorbar_label="transfer rate",
+        ))
+    eps = [row["eps"] for row in result["by_eps"]]
+    series: dict[str, list[float | None]] = {}
+    for row in result["by_eps"]:
+        for pair in row["pairs"]:
+            if pair["a_to_b"] is not None or pair["b_to_a"] is not None:
+                series.setdefault(f"{pair['a']} | {pair['b']}", []).append(pair["mean"])
+    if not any(v is not None for values in series.values() for v in values):
+        # No pair was attacked both ways (surrogate sources): one line per source -> target.
+        series = {f"{src} -> {tgt}": [row["transfer"][src][tgt] for row in result["by_eps"]]
+                  for src in result["sources"] for tgt in result["targets"] if src != tgt}
+        ylabel = "transfer rate T(source -> target)"
+    else:
+        ylabel = "pair transfer rate (mean of both directions)"
+    xlabel = "epsilon (pixel units" + (", Linf-equivalent)" if norm == "l2" else ", Linf)")
+    paths.append(plot_lines(out / f"transfer_vs_eps_{attack}_{norm}.png", eps, series, xlabel=xlabel, ylabel=ylabel,
+                            title=_attack_label(settings), ylim=(0, 1)))
+    return paths
+
+
+def log_transfer_tensorboard(result: Mapping[str, Any], log_dir: str | os.PathLike) -> Path:
+    """Scalars per epsilon (step = round(1000 * eps)): pair transfer rates, matrix entries, accuracies."""
+    writer = tensorboard_writer(log_dir)
+    attack = f"{result['settings']['attack']}_{result['settings']['norm']}"
+    try:
+        for name, model in result["models"].items():
+            if model["natural_accuracy"] is not None:
+                writer.add_scalar(f"natural_accuracy/{name}", model["natural_accuracy"], 0)
+        for row in result["by_eps"]:
+            step = int(round(1000 * row["eps"]))
+            for pair in row["pairs"]:
+                if pair["mean"] is not None:
+                    writer.add_scalar(f"{attack}/pair_transfer/{pair['a']}|{pair['b']}", pair["mean"], step)
+            for src in result["sources"]:
+                writer.add_scalar(f"{attack}/white_box_accuracy/{src}", row["white_box_accuracy"][src], step)
+                for tgt in result["targets"]:
+                    value = row["transfer"][src][tgt]
+                    if value is not None:
+                        writer.add_scalar(f"{attack}/transfer/{src}->{tgt}", value, step)
+        writer.add_text("transfer/table", "```\n" + format_transfer(result) + "\n```", 0)
+    finally:
+        writer.close()
+    return Path(log_dir)
+
+
+def save_transfer_report(
+    result: Mapping[str, Any], out: str | os.PathLike, *, plots: bool = True, tensorboard: bool = False
+) -> list[Path]:
+    """Write results.json, transfer.csv, pairs.csv, table.txt, the plots and (optionally) TensorBoard."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [
+        write_csv(out / "transfer.csv", TRANSFER_CSV_HEADER, transfer_rows(result)),
+        write_csv(out / "pairs.csv", PAIRS_CSV_HEADER, pair_rows(result)),
+    ]
+    table = out / "table.txt"
+    table.write_text(format_transfer(result) + "\n")
+    paths.append(table)
+    if plots:
+        paths += plot_transfer(result, out)
+    if tensorboard:
+        paths.append(log_transfer_tensorboard(result, out / "tensorboard"))
+    # results.json last: its presence marks a complete output folder.
+    paths.append(write_results_json(out / RESULTS_FILE, result))
+    return paths

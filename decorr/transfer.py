@@ -1,0 +1,691 @@
+"""Transferability evaluation (SPEC section 3): craft once per source and epsilon, evaluate every target.
+
+For every source model and epsilon the adversarial examples are generated once, batch by batch, and
+every target is evaluated on each batch right away, so K models cost K attacks per epsilon rather
+than one attack per ordered pair. Reported (``evaluate_transfer`` returns a plain, JSON-able dict):
+
+- natural accuracy of every model; each source's white-box accuracy on its own adversarial examples,
+  and every target's accuracy on every source's examples;
+- the transfer matrix ``T(i -> j) = P(f_j(x') != y | f_i(x') != y)`` over all evaluated samples
+  (originally correct or not), with the counts behind it; ``T(i -> i)`` is not a transfer (null);
+- for every pair of targets, the pair's figure, the mean of both directions (when both are sources);
+- for pairs of the same architecture: the feature R^2 and the 1-D PCA Pearson correlation at the
+  feature layer on natural inputs and on the adversarial examples of either member, and the
+  parameter distance ``sum ||theta_a - theta_b||^2``.
+
+Feature statistics, exactly: on natural inputs ``r2`` is the R^2 of b's features regressed on a's
+(``decorr.loss.r_squared(z_a, z_b)``, a listed before b) and ``r2_reverse`` the other way round. On
+the adversarial examples crafted on a member (``on_adv_of_a`` / ``on_adv_of_b``), ``r2`` regresses the
+other member's features on the source's. ``pca_pearson`` is |Pearson| between the two models' first
+principal-component scores (``decorr.loss.pca_pearson``). R^2 needs more samples than features plus
+one (784 features for ``mnist_cnn``: over 785 samples); with fewer it is null and a note says why.
+
+Randomness (PGD's random start, DI) comes from a CPU generator seeded by ``(seed, source name,
+epsilon, batch index)`` (:func:`attack_generator`): a source's adversarial examples depend on its name,
+the data, the batch size and the settings only, not on which other models are evaluated with it. That
+is what makes the one-pass evaluation and a pair-by-pair one give identical numbers.
+
+L2 attacks take epsilons (and the PGD step) in Linf-equivalent units, scaled by ``l2_scale``:
+``sqrt-side`` (SPEC: ``eps * sqrt(d)``, d the image side, 28 for MNIST), ``sqrt-dim`` (d = C*H*W) or
+``none``. The radius actually used is recorded as ``attack_eps``.
+
+Result schema (``format`` ``decorr-transfer/1``)::
+
+    {"format", "settings": {attack, norm, eps[], attack_eps[], l2_scale, steps, step_size,
+                            attack_step_size, random_start, gamma, momentum, diversity, ti_kernel,
+                            seed, batch_size, num_samples, input_shape},
+     "models": {name: {role, arch, feature_layer, natural_accuracy, ...model_info[name]}},
+     "sources": [name], "targets": [name],
+     "pairs": [{a, b, same_arch, parameter_distance, natural_features}],
+     "by_eps": [{eps, attack_eps, white_box_accuracy: {src: acc}, accuracy: {src: {tgt: acc}},
+                 transfer: {src: {tgt: T}}, source_fooled: {src: n}, transferred: {src: {tgt: n}},
+                 pairs: [{a, b, a_to_b, b_to_a, mean, on_adv_of_a, on_adv_of_b}]}],
+     "notes": [str], "timing": {natural_s, attack_s, evaluate_s, features_s, total_s}}
+
+``natural_features`` is ``{r2, r2_reverse, pca_pearson, num_features, num_samples}``, ``on_adv_of_*``
+``{r2, pca_pearson}``; both are null for pairs of different architectures. Numbers that do not exist
+(a transfer rate whose source is never fooled, R^2 with too few samples) are null, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from decorr.attacks import ce_loss, fgsm, pgd, residual_branches, skip_gradient
+from decorr.checkpoint import build_model, load_checkpoint, resolve_checkpoint
+from decorr.data import ImageSplit, to_float
+from decorr.errors import DecorrError
+from decorr.features import record_features
+from decorr.loss import BatchTooSmallError, parameter_distance, pearson, r_squared
+from decorr.metrics import accuracy, transfer_rate
+from decorr.models import model_spec
+
+__all__ = [
+    "ATTACKS",
+    "FORMAT",
+    "L2_SCALES",
+    "TransferSettings",
+    "attack_generator",
+    "evaluate_checkpoints",
+    "evaluate_transfer",
+    "first_pc_scores",
+    "load_named_models",
+    "pair_transfer",
+    "split_model_selector",
+]
+
+FORMAT = "decorr-transfer/1"
+ATTACKS = ("fgsm", "pgd", "sgm")
+L2_SCALES = ("sqrt-side", "sqrt-dim", "none")
+#: SPEC section 3/5: the MNIST epsilons of P1's transfer experiments.
+DEFAULT_EPS = (0.05, 0.10, 0.15)
+#: SGM's decay when none is given: the paper's value for ResNets.
+DEFAULT_SGM_GAMMA = 0.2
+
+Data = ImageSplit | tuple[Tensor, Tensor]
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    """What attack to run; validated on creation (a bad value is a one-line DecorrError)."""
+
+    attack: str = "pgd"
+    eps: tuple[float, ...] = DEFAULT_EPS
+    norm: str = "linf"
+    steps: int = 40
+    step_size: float = 3 / 255
+    random_start: bool = True
+    gamma: float | None = None
+    momentum: float = 0.0
+    diversity: float = 0.0
+    ti_kernel: int | None = None
+    l2_scale: str = "sqrt-side"
+    seed: int = 0
+    batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.attack not in ATTACKS:
+            raise DecorrError(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACKS)}")
+        if self.norm not in ("linf", "l2"):
+            raise DecorrError(f"unknown norm {self.norm!r}; use linf or l2")
+        if self.l2_scale not in L2_SCALES:
+            raise DecorrError(f"unknown L2 scale {self.l2_scale!r}; choose one of {', '.join(L2_SCALES)}")
+        eps = tuple(float(e) for e in self.eps)
+        object.__setattr__(self, "eps", eps)
+        if not eps:
+            raise DecorrError("no epsilon given; pass at least one, e.g. --eps 0.05 0.1 0.15")
+        bad = [e for e in eps if not (e >= 0 and math.isfinite(e))]
+        if bad:
+            raise DecorrError(f"epsilon must be >= 0 (pixel units), got {bad[0]}; e.g. --eps 0.05 0.1 0.15")
+        if len(set(eps)) != len(eps):
+            raise DecorrError(f"epsilon {sorted(e for e in eps if eps.count(e) > 1)[0]} is given twice; list each once")
+        if self.batch_size < 1:
+            raise DecorrError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.attack == "fgsm":
+            if self.momentum or self.diversity or self.ti_kernel or self.gamma not in (None, 1.0):
+                raise DecorrError("FGSM is a single plain step; MI/DI/TI and SGM's gamma need --attack pgd or sgm")
+        else:
+            if self.steps < 1:
+                raise DecorrError(f"PGD needs at least one step, got --steps {self.steps}")
+            if not self.step_size > 0:
+                raise DecorrError(f"PGD step size must be > 0 (pixel units), got {self.step_size}")
+            if not self.momentum >= 0:
+                raise DecorrError(f"momentum must be >= 0 (MI uses 1.0), got {self.momentum}")
+            if not 0 <= self.diversity <= 1:
+                raise DecorrError(f"input diversity is a probability in [0, 1] (DI uses 0.5), got {self.diversity}")
+            if self.ti_kernel is not None and (self.ti_kernel < 1 or self.ti_kernel % 2 == 0):
+                raise DecorrError(f"the TI kernel size must be odd and positive, got {self.ti_kernel}")
+        if self.attack == "pgd" and self.gamma not in (None, 1.0):
+            raise DecorrError(f"gamma {self.gamma} < 1 is the skip gradient method; use --attack sgm")
+        if self.attack == "sgm":
+            if self.gamma is None:
+                object.__setattr__(self, "gamma", DEFAULT_SGM_GAMMA)
+            if not 0 < self.gamma <= 1:
+                raise DecorrError(f"SGM gamma must be in (0, 1] (the paper uses 0.2 for ResNets), got {self.gamma}")
+        elif self.gamma is None:
+            object.__setattr__(self, "gamma", 1.0)
+
+    def scale(self, input_shape: Sequence[int]) -> float:
+        """Factor from Linf-equivalent units to the attack's norm (1 for Linf)."""
+        if self.norm == "linf" or self.l2_scale == "none":
+            return 1.0
+        dim = math.prod(input_shape)
+        if self.l2_scale == "sqrt-dim":
+            return math.sqrt(dim)
+        # The image side (the geometric mean of height and width): eps * sqrt(28) on MNIST.
+        spatial = input_shape[-2] * input_shape[-1] if len(input_shape) >= 2 else dim
+        return math.sqrt(math.sqrt(spatial))
+
+    def to_dict(self, input_shape: Sequence[int]) -> dict[str, Any]:
+        scale = self.scale(input_shape)
+        record = asdict(self)
+        record["eps"] = list(self.eps)
+        record["attack_eps"] = [e * scale for e in self.eps]
+        record["attack_step_size"] = None if self.attack == "fgsm" else self.step_size * scale
+        if self.attack == "fgsm":
+            record["steps"], record["step_size"], record["random_start"] = 1, None, False
+        if self.norm == "linf":
+            record["l2_scale"] = None
+        return record
+
+
+def attack_generator(seed: int, source: str, eps: float, batch_index: int) -> torch.Generator:
+    """The CPU generator for one batch of one source's attack at one epsilon.
+
+    Seeded from ``(seed, crc32(source name), round(eps * 1e9), batch index)``, so the adversarial
+    examples of a source do not depend on which other models are evaluated in the same run.
+    """
+    words = [int(seed), zlib.crc32(source.encode()), int(round(float(eps) * 1e9)), int(batch_index)]
+    state = np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def craft(source: nn.Module, x: Tensor, y: Tensor, settings: TransferSettings, eps: float,
+          generator: torch.Generator | None) -> Tensor:
+    """Adversarial examples of one batch against ``source`` (``eps`` in Linf-equivalent units)."""
+    scale = settings.scale(tuple(x.shape[1:]))
+    loss = ce_loss(source)
+    if settings.attack == "fgsm":
+        return fgsm(loss, x, y, eps=eps * scale, norm=settings.norm)  # type: ignore[arg-type]
+    kwargs = dict(
+        eps=eps * scale, steps=settings.steps, step_size=settings.step_size * scale, norm=settings.norm,
+        random_start=settings.random_start, momentum=settings.momentum, input_diversity=settings.diversity,
+        translation_kernel=settings.ti_kernel, generator=generator,
+    )
+    context = skip_gradient(source, settings.gamma) if settings.attack == "sgm" else nullcontext()
+    with context:
+        return pgd(loss, x, y, **kwargs)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def split_model_selector(path: str) -> tuple[str, str | None]:
+    """``PATH:MODEL`` picks one model of a checkpoint (only when PATH itself is not a file or folder)."""
+    if os.path.exists(path) or ":" not in path:
+        return path, None
+    base, _, name = path.rpartition(":")
+    if not name or "/" in name or os.sep in name:
+        return path, None
+    return base, name
+
+
+def _run_name(directory: Path) -> Path:
+    # RUN_DIR/checkpoint -> RUN_DIR; a bare checkpoint directory stands for itself.
+    return directory.parent if directory.name in ("checkpoint", "checkpoint.old") else directory
+
+
+def _unique_labels(paths: list[Path]) -> list[str]:
+    """Shortest trailing path parts that tell the runs apart (usually just the run directory's name)."""
+    resolved = [p.resolve() for p in paths]
+    distinct = list(dict.fromkeys(resolved))
+    depth = 1
+    while True:
+        labels = {p: "/".join(p.parts[-depth:]) for p in distinct}
+        if len(set(labels.values())) == len(distinct) or depth >= max(len(p.parts) for p in distinct):
+            return [labels[p] for p in resolved]
+        depth += 1
+
+
+def load_named_models(
+    paths: Sequence[str | os.PathLike], device: torch.device | str = "cpu"
+) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
+    """Load every model of every checkpoint, named ``<run name>/<model name>`` (``mnist_cnn_cor/model0``).
+
+    A path is a run directory or its ``checkpoint/`` folder; ``PATH:MODEL`` loads only that model.
+    Weights are read with safetensors (nothing is unpickled) into a model rebuilt from the registry,
+    strictly: weights that do not fit the declared architecture are a DecorrError. Returns the models
+    (eval mode, on ``device``) and, per model, ``{arch, kwargs, feature_layer, checkpoint, dataset,
+    epoch}`` from the checkpoint's config.
+    """
+    selected: list[tuple[Path, str | None]] = []
+    for raw in paths:
+        base, name = split_model_selector(str(raw))
+        selected.append((resolve_checkpoint(base), name))
+    directories = [d for d, _ in selected]
+    if len({(d.resolve(), n) for d, n in selected}) != len(selected):
+        raise DecorrError("the same checkpoint is given twice; list each checkpoint once")
+    labels = _unique_labels([_run_name(d) for d in directories])
+    models: dict[str, nn.Module] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    for (directory, only), label in zip(selected, labels):
+        checkpoint = load_checkpoint(directory, load_weights=False)
+        names = checkpoint.model_names
+        if only is not None and only not in names:
+            raise DecorrError(f"checkpoint {directory} has no model {only!r}; it holds {', '.join(names)}")
+        checkpoint = load_checkpoint(directory)
+        for name in names if only is None else [only]:
+            entry = checkpoint.config["models"][name]
+            full_name = f"{label}/{name}"
+            if full_name in models:
+                raise DecorrError(f"two models are both named {full_name!r}; give distinct run directories")
+            model = build_model(entry, checkpoint.state_dicts[name], source=str(directory / f"{name}.safetensors"))
+            models[full_name] = model.to(device).eval()
+            entries[full_name] = {
+                "arch": entry["arch"],
+                "kwargs": dict(entry.get("kwargs", {})),
+                "feature_layer": entry.get("feature_layer"),
+                "checkpoint": str(directory),
+                "dataset": checkpoint.config.get("dataset"),
+                "epoch": checkpoint.config.get("epoch"),
+            }
+    return models, entries
+
+
+# ------------------------------------------------------------------------------------------------
+# Feature statistics
+
+
+def first_pc_scores(z: Tensor) -> Tensor:
+    """Scores of the samples on their first principal axis (float64), as in ``decorr.loss.pca_pearson``.
+
+    The axis is the top eigenvector of the centred Gram matrix ``z^T z`` (the top right singular
+    vector, found without a full SVD), so ``|pearson(first_pc_scores(a), first_pc_scores(b))|`` is
+    ``pca_pearson(a, b)``; computed once per model and input set, it is shared by every pair.
+    """
+    z = z.reshape(z.shape[0], -1).double()
+    z = z - z.mean(dim=0, keepdim=True)
+    _, vectors = torch.linalg.eigh(z.T @ z)
+    return z @ vectors[:, -1]
+
+
+class _FeatureSet:
+    """One model's features on one input set, with its PCA scores computed at most once."""
+
+    def __init__(self, features: Tensor) -> None:
+        self.features = features
+        self._scores: Tensor | None = None
+
+    @property
+    def scores(self) -> Tensor:
+        if self._scores is None:
+            self._scores = first_pc_scores(self.features)
+        return self._scores
+
+
+def _r2_or_none(z1: Tensor, z2: Tensor, notes: set[str]) -> float | None:
+    try:
+        value = r_squared(z1, z2, gather=False)
+    except BatchTooSmallError:
+        notes.add(
+            f"feature R^2 needs more than {z1[0].numel() + 1} samples for {z1[0].numel()} features; "
+            f"got {z1.shape[0]}, so it is null (use more samples)"
+        )
+        return None
+    return _number(value)
+
+
+def _pca_pearson(a: _FeatureSet, b: _FeatureSet) -> float | None:
+    value = pearson(a.scores, b.scores)
+    return None if math.isnan(value) else abs(value)
+
+
+def _number(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _batches(data: Data, batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    if isinstance(data, ImageSplit):
+        images, labels = data.images, data.labels
+        for start in range(0, len(labels), batch_size):
+            yield to_float(images[start : start + batch_size]).to(device), labels[start : start + batch_size].to(device)
+    else:
+        x, y = data
+        for start in range(0, len(y), batch_size):
+            yield x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
+
+
+def _check_data(data: Data) -> tuple[int, tuple[int, ...], Tensor]:
+    if isinstance(data, ImageSplit):
+        return len(data), tuple(data.images.shape[1:]), data.labels
+    x, y = data
+    if not (torch.is_tensor(x) and torch.is_tensor(y)) or x.dim() < 2 or y.shape != x.shape[:1]:
+        raise DecorrError("data must be an ImageSplit or a pair (x (N, C, H, W) in [0, 1], y (N,))")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise DecorrError("inputs must be pixels in [0, 1]; put any normalisation inside the model")
+    return len(y), tuple(x.shape[1:]), y
+
+
+def _same_architecture(a: nn.Module, b: nn.Module, arch_a: str | None, arch_b: str | None) -> bool:
+    if arch_a is not None and arch_b is not None and arch_a != arch_b:
+        return False
+    if type(a) is not type(b):
+        return False
+    shapes_a = [p.shape for p in a.parameters()]
+    shapes_b = [p.shape for p in b.parameters()]
+    return shapes_a == shapes_b
+
+
+class _Evaluator:
+    """Runs models on batches, keeping each model's predictions and (when asked) features."""
+
+    def __init__(self, models: Mapping[str, nn.Module], layers: Mapping[str, str], num_classes_check: Tensor):
+        self.models = models
+        self.layers = layers
+        self.label_max = int(num_classes_check.max()) if num_classes_check.numel() else 0
+
+    @torch.no_grad()
+    def run(self, name: str, x: Tensor, want_features: bool) -> tuple[Tensor, Tensor | None]:
+        model = self.models[name]
+        layer = self.layers.get(name) if want_features else None
+        with record_features(model, layer) if layer else nullcontext({}) as recorded:
+            logits = model(x)
+        if not torch.is_tensor(logits) or logits.dim() != 2:
+            shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+            raise DecorrError(f"model {name} outputs {shape}, not logits (N, classes); the transfer "
+                              "evaluation needs classifiers")
+        if logits.shape[1] <= self.label_max:
+            raise DecorrError(f"model {name} has {logits.shape[1]} outputs but the labels go up to "
+                              f"{self.label_max}; evaluate it on the dataset it was trained for")
+        features = None
+        if layer:
+            if layer not in recorded:
+                raise DecorrError(f"feature layer {layer!r} of model {name} is not called in its forward "
+                                  "pass; choose another feature layer")
+            features = recorded[layer].flatten(1).float().cpu()
+        return logits.argmax(dim=1).cpu(), features
+
+
+def evaluate_transfer(
+    models: Mapping[str, nn.Module],
+    data: Data,
+    *,
+    feature_layers: Mapping[str, str | None] | None = None,
+    archs: Mapping[str, str] | None = None,
+    surrogates: Mapping[str, nn.Module] | None = None,
+    attack_targets: bool | None = None,
+    attack: str = "pgd",
+    eps_list: Sequence[float] = DEFAULT_EPS,
+    norm: str = "linf",
+    steps: int = 40,
+    step_size: float = 3 / 255,
+    random_start: bool = True,
+    gamma: float | None = None,
+    momentum: float = 0.0,
+    diversity: float = 0.0,
+    ti_kernel: int | None = None,
+    l2_scale: str = "sqrt-side",
+    seed: int = 0,
+    batch_size: int = 1000,
+    features: bool = True,
+    device: torch.device | str | None = None,
+    model_info: Mapping[str, Mapping[str, Any]] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Transfer matrix, accuracies and feature statistics of ``models`` (see the module docstring).
+
+    ``models`` are the targets; they are also the sources unless ``surrogates`` (source-only models,
+    e.g. a ResNet for SGM) are given, in which case the targets are attacked too only with
+    ``attack_targets=True``. ``data`` is an ``ImageSplit`` or ``(x, y)`` with pixels in [0, 1], taken
+    in order in batches of ``batch_size``. ``feature_layers`` names each model's feature layer (module
+    name) and ``archs`` its architecture; pairs of the same architecture (and parameter shapes) get
+    feature statistics (``features=False`` skips them). Attack settings as in :class:`TransferSettings`;
+    ``eps_list`` in pixel units (Linf-equivalent for L2). Models are moved to ``device`` (default:
+    where the first model is) and put in eval mode. ``log`` receives progress lines.
+    """
+    started = time.perf_counter()
+    settings = TransferSettings(
+        attack=attack, eps=tuple(eps_list), norm=norm, steps=steps, step_size=step_size,
+        random_start=random_start, gamma=gamma, momentum=momentum, diversity=diversity, ti_kernel=ti_kernel,
+        l2_scale=l2_scale, seed=seed, batch_size=batch_size,
+    )
+    targets = dict(models)
+    surrogates = dict(surrogates or {})
+    if not targets:
+        raise DecorrError("no target models to evaluate; pass at least one checkpoint")
+    clash = sorted(set(targets) & set(surrogates))
+    if clash:
+        raise DecorrError(f"model {clash[0]} is both a target and a surrogate; pass it once")
+    if attack_targets is None:
+        attack_targets = not surrogates
+    sources = list(surrogates) + (list(targets) if attack_targets else [])
+    if not sources:
+        raise DecorrError("no source models to attack; pass --surrogate models or attack the targets")
+    all_models = {**targets, **surrogates}
+    if settings.attack == "sgm":
+        for name in sources:
+            if not residual_branches(all_models[name]):
+                raise DecorrError(
+                    f"SGM source {name} ({type(all_models[name]).__name__}) has no residual units; attack it "
+                    "with --attack pgd, or use a residual surrogate (--surrogate) for SGM"
+                )
+    n, input_shape, labels = _check_data(data)
+    if n == 0:
+        raise DecorrError("no samples to evaluate; check --num-samples")
+    if device is None:
+        first = next(iter(all_models.values()))
+        param = next(iter(first.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    for model in all_models.values():
+        model.to(device).eval()
+    say = log or (lambda _message: None)
+    feature_layers = dict(feature_layers or {})
+    archs = dict(archs or {})
+    notes: set[str] = set()
+    y = labels.cpu()
+
+    # Pairs of targets; those of one architecture with a feature layer get feature statistics.
+    target_names = list(targets)
+    pairs = [(a, b) for i, a in enumerate(target_names) for b in target_names[i + 1 :]]
+    same_arch = {
+        (a, b): _same_architecture(targets[a], targets[b], archs.get(a), archs.get(b)) for a, b in pairs
+    }
+    feature_pairs = [
+        (a, b) for a, b in pairs
+        if features and same_arch[(a, b)] and feature_layers.get(a) and feature_layers.get(a) == feature_layers.get(b)
+    ]
+    featured = {m for pair in feature_pairs for m in pair}
+    evaluator = _Evaluator(all_models, {k: v for k, v in feature_layers.items() if v}, y)
+    timing = {"natural_s": 0.0, "attack_s": 0.0, "evaluate_s": 0.0, "features_s": 0.0}
+
+    # Natural inputs: every model's predictions, features for the feature pairs.
+    tick = time.perf_counter()
+    natural_preds: dict[str, list[Tensor]] = {name: [] for name in all_models}
+    natural_feats: dict[str, list[Tensor]] = {name: [] for name in featured}
+    for x, _ in _batches(data, settings.batch_size, device):
+        for name in all_models:
+            pred, feats = evaluator.run(name, x, name in featured)
+            natural_preds[name].append(pred)
+            if feats is not None:
+                natural_feats[name].append(feats)
+    natural = {name: torch.cat(p) for name, p in natural_preds.items()}
+    timing["natural_s"] += time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    natural_sets = {name: _FeatureSet(torch.cat(f)) for name, f in natural_feats.items()}
+    pair_records = []
+    for a, b in pairs:
+        record: dict[str, Any] = {"a": a, "b": b, "same_arch": same_arch[(a, b)], "parameter_distance": None,
+                                  "natural_features": None}
+        if same_arch[(a, b)]:
+            with torch.no_grad():
+                record["parameter_distance"] = _number(float(parameter_distance(targets[a], targets[b])))
+        if (a, b) in feature_pairs:
+            za, zb = natural_sets[a], natural_sets[b]
+            record["natural_features"] = {
+                "r2": _r2_or_none(za.features, zb.features, notes),
+                "r2_reverse": _r2_or_none(zb.features, za.features, notes),
+                "pca_pearson": _pca_pearson(za, zb),
+                "num_features": int(za.features.shape[1]),
+                "num_samples": int(za.features.shape[0]),
+            }
+        pair_records.append(record)
+    timing["features_s"] += time.perf_counter() - tick
+
+    # Adversarial inputs: each source attacked once per epsilon; every target evaluated on each batch.
+    evaluated_on = {src: ([src] if src not in targets else []) + target_names for src in sources}
+    by_eps = []
+    for eps in settings.eps:
+        preds: dict[str, dict[str, Tensor]] = {}
+        adv_sets: dict[str, dict[str, _FeatureSet]] = {}
+        for k, src in enumerate(sources):
+            say(f"{settings.attack} {settings.norm} eps {eps:g}: attacking {src} ({k + 1}/{len(sources)})")
+            partners = {b if a == src else a for a, b in feature_pairs if src in (a, b)}
+            want = {src} | partners if partners else set()
+            collected: dict[str, list[Tensor]] = {name: [] for name in evaluated_on[src]}
+            collected_feats: dict[str, list[Tensor]] = {name: [] for name in want}
+            for index, (x, yb) in enumerate(_batches(data, settings.batch_size, device)):
+                tick = time.perf_counter()
+                generator = attack_generator(settings.seed, src, eps, index)
+                x_adv = craft(all_models[src], x, yb, settings, eps, generator)
+                timing["attack_s"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                for name in evaluated_on[src]:
+                    pred, feats = evaluator.run(name, x_adv, name in want)
+                    collected[name].append(pred)
+                    if feats is not None:
+                        collected_feats[name].append(feats)
+                timing["evaluate_s"] += time.perf_counter() - tick
+            preds[src] = {name: torch.cat(p) for name, p in collected.items()}
+            adv_sets[src] = {name: _FeatureSet(torch.cat(f)) for name, f in collected_feats.items()}
+        by_eps.append(_eps_record(eps, settings, input_shape, sources, target_names, preds, y, pair_records,
+                                  feature_pairs, adv_sets, notes, timing))
+
+    roles = {name: "target+source" if name in sources else "target" for name in targets}
+    roles.update({name: "source" for name in surrogates})
+    model_records = {}
+    for name in all_models:
+        record = {"role": roles[name], "arch": archs.get(name), "feature_layer": feature_layers.get(name),
+                  "natural_accuracy": _number(accuracy(natural[name], y))}
+        record.update(dict((model_info or {}).get(name, {})))
+        model_records[name] = record
+    timing["total_s"] = time.perf_counter() - started
+    settings_record = settings.to_dict(input_shape)
+    settings_record.update({"num_samples": n, "input_shape": list(input_shape), "features": features})
+    return {
+        "format": FORMAT,
+        "settings": settings_record,
+        "models": model_records,
+        "sources": sources,
+        "targets": target_names,
+        "pairs": pair_records,
+        "by_eps": by_eps,
+        "notes": sorted(notes),
+        "timing": timing,
+    }
+
+
+def _eps_record(
+    eps: float,
+    settings: TransferSettings,
+    input_shape: tuple[int, ...],
+    sources: list[str],
+    targets: list[str],
+    preds: dict[str, dict[str, Tensor]],
+    y: Tensor,
+    pair_records: list[dict[str, Any]],
+    feature_pairs: list[tuple[str, str]],
+    adv_sets: dict[str, dict[str, _FeatureSet]],
+    notes: set[str],
+    timing: dict[str, float],
+) -> dict[str, Any]:
+    """Metrics of one epsilon from every source's and target's labels on the sources' examples."""
+    white_box = {src: _number(accuracy(preds[src][src], y)) for src in sources}
+    acc = {src: {tgt: _number(accuracy(preds[src][tgt], y)) for tgt in targets} for src in sources}
+    matrix: dict[str, dict[str, float | None]] = {}
+    transferred: dict[str, dict[str, int | None]] = {}
+    fooled: dict[str, int] = {}
+    for src in sources:
+        matrix[src], transferred[src] = {}, {}
+        for tgt in targets:
+            result = transfer_rate(preds[src][src], preds[src][tgt], y)
+            fooled[src] = result.source_fooled
+            if tgt == src:
+                matrix[src][tgt], transferred[src][tgt] = None, None
+            else:
+                matrix[src][tgt], transferred[src][tgt] = _number(result.rate), result.transferred
+    tick = time.perf_counter()
+    pairs = []
+    for record in pair_records:
+        a, b = record["a"], record["b"]
+        a_to_b = matrix[a][b] if a in matrix else None
+        b_to_a = matrix[b][a] if b in matrix else None
+        entry: dict[str, Any] = {
+            "a": a, "b": b, "a_to_b": a_to_b, "b_to_a": b_to_a,
+            "mean": 0.5 * (a_to_b + b_to_a) if a_to_b is not None and b_to_a is not None else None,
+            "on_adv_of_a": None, "on_adv_of_b": None,
+        }
+        if (a, b) in feature_pairs:
+            for key, src, other in (("on_adv_of_a", a, b), ("on_adv_of_b", b, a)):
+                if src in adv_sets:
+                    zs, zo = adv_sets[src][src], adv_sets[src][other]
+                    entry[key] = {"r2": _r2_or_none(zs.features, zo.features, notes),
+                                  "pca_pearson": _pca_pearson(zs, zo)}
+        pairs.append(entry)
+    timing["features_s"] += time.perf_counter() - tick
+    return {
+        "eps": eps,
+        "attack_eps": eps * settings.scale(input_shape),
+        "white_box_accuracy": white_box,
+        "accuracy": acc,
+        "transfer": matrix,
+        "source_fooled": fooled,
+        "transferred": transferred,
+        "pairs": pairs,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Conveniences
+
+
+def evaluate_checkpoints(
+    paths: Sequence[str | os.PathLike],
+    data: Data,
+    *,
+    surrogates: Sequence[str | os.PathLike] = (),
+    device: torch.device | str = "cpu",
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`evaluate_transfer` on the models of checkpoints (targets) and surrogate checkpoints.
+
+    Checks that every model takes the data's input shape; ``kwargs`` go to ``evaluate_transfer``.
+    """
+    models, entries = load_named_models(paths, device)
+    surrogate_models, surrogate_entries = load_named_models(surrogates, device) if surrogates else ({}, {})
+    entries = {**entries, **surrogate_entries}
+    shape = tuple(data.images.shape[1:]) if isinstance(data, ImageSplit) else tuple(data[0].shape[1:])
+    for name, entry in entries.items():
+        expected = model_spec(entry["arch"]).input_shape
+        if expected is not None and tuple(expected) != shape and not entry["kwargs"]:
+            raise DecorrError(f"model {name} ({entry['arch']}) takes inputs {tuple(expected)} but the data has "
+                              f"{shape}; evaluate it on the dataset it was trained for (--dataset)")
+    return evaluate_transfer(
+        models, data, surrogates=surrogate_models,
+        feature_layers={k: e["feature_layer"] for k, e in entries.items()},
+        archs={k: e["arch"] for k, e in entries.items()}, device=device,
+        model_info={k: {"checkpoint": e["checkpoint"], "kwargs": e["kwargs"], "dataset": e["dataset"],
+                        "epoch": e["epoch"]} for k, e in entries.items()},
+        **kwargs,
+    )
+
+
+def pair_transfer(result: Mapping[str, Any]) -> dict[tuple[str, str], dict[float, float | None]]:
+    """``{(a, b): {eps: mean of T(a -> b) and T(b -> a)}}`` from an ``evaluate_transfer`` result."""
+    table: dict[tuple[str, str], dict[float, float | None]] = {}
+    for row in result["by_eps"]:
+        for pair in row["pairs"]:
+            table.setdefault((pair["a"], pair["b"]), {})[row["eps"]] = pair["mean"]
+    return table

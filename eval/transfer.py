@@ -1,0 +1,113 @@
+"""Transferability of adversarial examples between classifiers (SPEC section 3).
+
+    python eval/transfer.py runs/mnist_cnn_cor runs/mnist_cnn_dec --attack pgd --eps 0.05 0.1 0.15
+    python eval/transfer.py runs/a runs/b --attack sgm --gamma 0.2 --surrogate runs/resnet --eps 0.03
+Every model of every checkpoint (``PATH:MODEL`` for one of them) is a target; each source (the
+targets, or the --surrogate models) is attacked once per epsilon and every target is evaluated on
+its adversarial examples. Prints the tables and writes results.json, transfer.csv, pairs.csv,
+table.txt, heatmap_<attack>_<norm>_eps<eps>.png, transfer_vs_eps_<attack>_<norm>.png (and with
+--tensorboard a tensorboard/ folder) to --out (default runs/eval/<timestamp>).
+Epsilons and the PGD step are in pixel units ([0, 1]); for --norm l2 in Linf-equivalent units,
+scaled by --l2-scale (SPEC: eps * sqrt(image side)). The schema is in decorr/transfer.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from fractions import Fraction
+
+import torch
+
+from decorr.checkpoint import load_checkpoint
+from decorr.data import load_dataset
+from decorr.errors import DecorrError, cli_entry
+from decorr.report import default_output_dir, format_transfer, prepare_output_dir, save_transfer_report
+from decorr.transfer import ATTACKS, DEFAULT_EPS, L2_SCALES, split_model_selector, evaluate_checkpoints
+
+
+def pixel_value(text: str) -> float:
+    """A float or a fraction such as ``3/255``."""
+    try:
+        return float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 0.05 or 8/255)") from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="run or checkpoint directories (targets)")
+    p.add_argument("--surrogate", nargs="+", default=[], metavar="CKPT",
+                   help="source-only models whose adversarial examples are evaluated on every target")
+    p.add_argument("--attack-targets", action="store_true",
+                   help="with --surrogate: attack the targets too (without --surrogate they always are)")
+    p.add_argument("--dataset", default=None, help="dataset name or .npz (default: the checkpoints' dataset)")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset files (else $DECORR_DATA_ROOT)")
+    p.add_argument("--num-samples", type=int, default=None, help="first N test images (default: all)")
+    p.add_argument("--attack", choices=ATTACKS, default="pgd", help="sgm: PGD with --gamma on residual sources")
+    p.add_argument("--norm", choices=("linf", "l2"), default="linf")
+    p.add_argument("--eps", nargs="+", type=pixel_value, default=list(DEFAULT_EPS), help="radii in pixel units")
+    p.add_argument("--l2-scale", choices=L2_SCALES, default="sqrt-side",
+                   help="L2 radius = eps * sqrt(image side) (SPEC), * sqrt(C*H*W), or eps itself")
+    p.add_argument("--steps", type=int, default=40, help="PGD/SGM steps")
+    p.add_argument("--step-size", type=pixel_value, default=3 / 255, help="PGD/SGM step (pixel units)")
+    p.add_argument("--no-random-start", action="store_true", help="start PGD at the natural image")
+    p.add_argument("--gamma", type=float, default=None, help="SGM gradient decay on residual branches (default 0.2)")
+    p.add_argument("--momentum", type=float, default=0.0, help="MI momentum (MI-FGSM uses 1.0)")
+    p.add_argument("--diversity", type=float, default=0.0, help="DI probability (0.5 in the DI paper)")
+    p.add_argument("--ti-kernel", type=int, default=None, help="TI Gaussian kernel size (odd)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random starts (per source, eps and batch)")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--no-features", action="store_true", help="skip feature R^2 / PCA Pearson of same-arch pairs")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (e.g. 1 on a shared machine)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/eval/<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to OUT/tensorboard")
+    return p.parse_args(argv)
+
+
+def checkpoint_dataset(paths: list[str]) -> str:
+    """The dataset the checkpoints were trained on; they must agree."""
+    names = {}
+    for path in paths:
+        base, _ = split_model_selector(path)
+        names[path] = load_checkpoint(base, load_weights=False).config.get("dataset")
+    found = {name for name in names.values() if name}
+    if len(found) != 1:
+        listed = ", ".join(f"{path}: {name}" for path, name in names.items())
+        raise DecorrError(f"cannot tell which dataset to evaluate on ({listed}); pass --dataset")
+    return found.pop()
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.num_samples is not None and args.num_samples < 1:
+        raise DecorrError(f"--num-samples must be >= 1, got {args.num_samples}")
+    out = prepare_output_dir(args.out or default_output_dir(), overwrite=args.overwrite)
+    dataset = load_dataset(args.dataset or checkpoint_dataset(args.checkpoints + args.surrogate), args.data_root)
+    split = dataset.test
+    if args.num_samples is not None and args.num_samples < len(split):
+        split = split.subset(args.num_samples)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    result = evaluate_checkpoints(
+        args.checkpoints, split, surrogates=args.surrogate, device=device,
+        attack_targets=True if args.attack_targets else None, attack=args.attack, eps_list=args.eps,
+        norm=args.norm, steps=args.steps, step_size=args.step_size, random_start=not args.no_random_start,
+        gamma=args.gamma, momentum=args.momentum, diversity=args.diversity, ti_kernel=args.ti_kernel,
+        l2_scale=args.l2_scale, seed=args.seed, batch_size=args.batch_size, features=not args.no_features,
+        log=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    result["settings"].update({"dataset": dataset.name, "device": str(device), "command": sys.argv[1:] if argv is None else list(argv)})
+    save_transfer_report(result, out, plots=not args.no_plots, tensorboard=args.tensorboard)
+    print(format_transfer(result))
+    print(f"\nwrote {out}/results.json, transfer.csv, pairs.csv, table.txt" + ("" if args.no_plots else " and plots"))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Transfer evaluation: matrix against a direct per-source computation, one pass against pair by pair,
+feature statistics against decorr.loss, the script's files, overwrite refusal and error messages."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from decorr.attacks import ce_loss, fgsm, pgd, skip_gradient
+from decorr.checkpoint import model_entry, save_checkpoint
+from decorr.data import iterate_batches, to_float
+from decorr.errors import DecorrError
+from decorr.features import get_features
+from decorr.loss import parameter_distance, pca_pearson, pearson, r_squared
+from decorr.models import create_model
+from decorr.report import PAIRS_CSV_HEADER, TRANSFER_CSV_HEADER
+from decorr.transfer import (
+    TransferSettings,
+    attack_generator,
+    craft,
+    evaluate_checkpoints,
+    evaluate_transfer,
+    first_pc_scores,
+    load_named_models,
+    pair_transfer,
+)
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("eval_transfer_script", REPO / "eval" / "transfer.py")
+script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(script)  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(mnist, tmp_path_factory):
+    """A briefly trained mnist_fc pair (feature layer 200 wide) and an untrained mnist_cnn."""
+    root = tmp_path_factory.mktemp("transfer_ckpts")
+    torch.manual_seed(0)
+    models = {"model0": create_model("mnist_fc"), "model1": create_model("mnist_fc")}
+    optimizer = torch.optim.Adam([p for m in models.values() for p in m.parameters()], lr=5e-3)
+    for x, y in iterate_batches(mnist.train.subset(1000), 100, seed=0):
+        loss = sum(F.cross_entropy(m(x), y) for m in models.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_checkpoint(root / "fc_pair" / "checkpoint", models,
+                    {"kind": "pair", "models": {n: model_entry("mnist_fc") for n in models}, "dataset": "mnist", "epoch": 1})
+    torch.manual_seed(3)
+    save_checkpoint(root / "cnn" / "checkpoint", {"model0": create_model("mnist_cnn")},
+                    {"kind": "single", "models": {"model0": model_entry("mnist_cnn")}, "dataset": "mnist", "epoch": 0})
+    return {"pair": str(root / "fc_pair"), "cnn": str(root / "cnn"), "root": root}
+
+
+def _xy(mnist, n):
+    split = mnist.test.subset(n)
+    return to_float(split.images), split.labels
+
+
+def test_load_named_models_names_and_selection(checkpoints):
+    models, entries = load_named_models([checkpoints["pair"], checkpoints["cnn"] + "/checkpoint"])
+    assert list(models) == ["fc_pair/model0", "fc_pair/model1", "cnn/model0"]
+    assert entries["cnn/model0"]["arch"] == "mnist_cnn" and entries["fc_pair/model1"]["feature_layer"] == "blocks.3"
+    assert all(not m.training for m in models.values())
+    only, _ = load_named_models([checkpoints["pair"] + ":model1"])
+    assert list(only) == ["fc_pair/model1"]
+    assert torch.equal(only["fc_pair/model1"].fc.weight, models["fc_pair/model1"].fc.weight)
+    with pytest.raises(DecorrError, match="no model 'model7'"):
+        load_named_models([checkpoints["pair"] + ":model7"])
+    with pytest.raises(DecorrError, match="given twice"):
+        load_named_models([checkpoints["pair"], checkpoints["pair"] + "/checkpoint"])
+
+
+def test_matrix_matches_direct_per_source_computation(checkpoints, mnist):
+    """Every number against crafting each source's examples with pgd() and counting by hand (numpy)."""
+    models, entries = load_named_models([checkpoints["pair"], checkpoints["cnn"]])
+    x, y = _xy(mnist, 90)
+    eps_list, steps, step_size, batch = (0.1, 0.2), 3, 0.04, 40  # batches of 40, 40, 10
+    result = evaluate_transfer(models, (x, y), attack="pgd", eps_list=eps_list, steps=steps, step_size=step_size,
+                               seed=7, batch_size=batch, features=False)
+    names = list(models)
+    assert result["sources"] == names and result["targets"] == names
+    y_np = y.numpy()
+    for row, eps in zip(result["by_eps"], eps_list):
+        for src in names:
+            parts = []
+            for index, start in enumerate(range(0, len(y), batch)):
+                generator = attack_generator(7, src, eps, index)
+                parts.append(pgd(ce_loss(models[src]), x[start:start + batch], y[start:start + batch], eps=eps,
+                                 steps=steps, step_size=step_size, generator=generator))
+            x_adv = torch.cat(parts)
+            assert (x_adv - x).abs().max() <= eps + 1e-6
+            with torch.no_grad():
+                wrong = {name: (m(x_adv).argmax(1).numpy() != y_np) for name, m in models.items()}
+            assert row["white_box_accuracy"][src] == pytest.approx(1 - wrong[src].mean(), abs=1e-12)
+            assert row["source_fooled"][src] == wrong[src].sum()
+            for tgt in names:
+                assert row["accuracy"][src][tgt] == pytest.approx(1 - wrong[tgt].mean(), abs=1e-12)
+                if tgt == src:
+                    assert row["transfer"][src][tgt] is None
+                    continue
+                both = int((wrong[src] & wrong[tgt]).sum())
+                assert row["transferred"][src][tgt] == both
+                assert row["transfer"][src][tgt] == pytest.approx(both / wrong[src].sum(), abs=1e-12)
+        for pair in row["pairs"]:
+            a, b = pair["a"], pair["b"]
+            assert pair["mean"] == pytest.approx(0.5 * (row["transfer"][a][b] + row["transfer"][b][a]), abs=1e-12)
+    # The two epsilons differ, and the directions of a pair differ: nothing is copied across.
+    first, second = result["by_eps"]
+    assert first["source_fooled"] != second["source_fooled"]
+    assert any(row["transfer"][a][b] != row["transfer"][b][a] for row in result["by_eps"]
+               for a in names for b in names if a != b)
+    assert set(pair_transfer(result)) == {(p["a"], p["b"]) for p in result["pairs"]}
+
+
+def test_one_pass_equals_pair_by_pair(checkpoints, mnist):
+    split = mnist.test.subset(60)
+    kwargs = dict(attack="pgd", eps_list=[0.15], steps=2, step_size=0.05, seed=1, batch_size=25, features=False)
+    paths = [checkpoints["pair"] + ":model0", checkpoints["pair"] + ":model1", checkpoints["cnn"]]
+    full = evaluate_checkpoints(paths, split, **kwargs)
+    for i in range(3):
+        for j in range(i + 1, 3):
+            pair = evaluate_checkpoints([paths[i], paths[j]], split, **kwargs)
+            a, b = pair["targets"]
+            for ours, theirs in zip(full["by_eps"], pair["by_eps"]):
+                for src, tgt in ((a, b), (b, a)):
+                    assert ours["transfer"][src][tgt] == theirs["transfer"][src][tgt]
+                    assert ours["transferred"][src][tgt] == theirs["transferred"][src][tgt]
+                    assert ours["white_box_accuracy"][src] == theirs["white_box_accuracy"][src]
+
+
+def test_feature_statistics_match_decorr_loss(checkpoints, mnist):
+    models, entries = load_named_models([checkpoints["pair"], checkpoints["cnn"]])
+    x, y = _xy(mnist, 260)  # more samples than the 200 features of mnist_fc, fewer than the 784 of mnist_cnn
+    layers = {k: e["feature_layer"] for k, e in entries.items()}
+    archs = {k: e["arch"] for k, e in entries.items()}
+    result = evaluate_transfer(models, (x, y), feature_layers=layers, archs=archs, attack="fgsm", eps_list=[0.1],
+                               batch_size=100)
+    a, b, c = "fc_pair/model0", "fc_pair/model1", "cnn/model0"
+    pairs = {(p["a"], p["b"]): p for p in result["pairs"]}
+    assert not pairs[(a, c)]["same_arch"] and pairs[(a, c)]["natural_features"] is None
+    assert pairs[(a, c)]["parameter_distance"] is None
+    record = pairs[(a, b)]
+    with torch.no_grad():
+        za, zb = get_features(models[a], x, layers[a]), get_features(models[b], x, layers[b])
+        distance = float(parameter_distance(models[a], models[b]))
+    natural = record["natural_features"]
+    assert natural["r2"] == pytest.approx(r_squared(za, zb), rel=1e-5)
+    assert natural["r2_reverse"] == pytest.approx(r_squared(zb, za), rel=1e-5)
+    assert natural["pca_pearson"] == pytest.approx(pca_pearson(za, zb), rel=1e-6)
+    assert natural["num_features"] == 200 and natural["num_samples"] == 260
+    assert record["parameter_distance"] == pytest.approx(distance, rel=1e-6)
+    x_adv = fgsm(ce_loss(models[a]), x, y, eps=0.1)
+    with torch.no_grad():
+        za_adv, zb_adv = get_features(models[a], x_adv, layers[a]), get_features(models[b], x_adv, layers[b])
+    (eps_row,) = result["by_eps"]
+    on_a = next(p for p in eps_row["pairs"] if (p["a"], p["b"]) == (a, b))["on_adv_of_a"]
+    assert on_a["r2"] == pytest.approx(r_squared(za_adv, zb_adv), rel=1e-5)
+    assert on_a["pca_pearson"] == pytest.approx(pca_pearson(za_adv, zb_adv), rel=1e-6)
+    assert on_a["r2"] != pytest.approx(natural["r2"], abs=1e-6)
+
+
+def test_r2_is_null_with_too_few_samples(checkpoints, mnist):
+    models, entries = load_named_models([checkpoints["pair"]])
+    result = evaluate_transfer(models, _xy(mnist, 150), feature_layers={k: e["feature_layer"] for k, e in entries.items()},
+                               attack="fgsm", eps_list=[0.1])
+    natural = result["pairs"][0]["natural_features"]
+    assert natural["r2"] is None and natural["pca_pearson"] is not None
+    assert any("R^2 needs more than 201 samples" in note for note in result["notes"])
+
+
+def test_first_pc_scores_give_pca_pearson():
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(300, 20, generator=g) * torch.linspace(3, 0.1, 20)
+    z2 = z1 @ torch.randn(20, 30, generator=g) + 2 * torch.randn(300, 30, generator=g)
+    assert abs(pearson(first_pc_scores(z1), first_pc_scores(z2))) == pytest.approx(pca_pearson(z1, z2), rel=1e-9)
+
+
+def test_l2_scaling_and_radius(checkpoints, mnist):
+    shape = (1, 28, 28)
+    side = TransferSettings(norm="l2", eps=(0.1,)).to_dict(shape)
+    assert side["attack_eps"] == [pytest.approx(0.1 * math.sqrt(28))]
+    assert side["attack_step_size"] == pytest.approx(3 / 255 * math.sqrt(28))
+    assert TransferSettings(norm="l2", eps=(0.1,), l2_scale="sqrt-dim").to_dict(shape)["attack_eps"] == [pytest.approx(2.8)]
+    assert TransferSettings(norm="l2", eps=(0.1,), l2_scale="none").to_dict(shape)["attack_eps"] == [0.1]
+    assert TransferSettings(norm="linf", eps=(0.1,), l2_scale="sqrt-dim").to_dict(shape)["attack_eps"] == [0.1]
+    models, _ = load_named_models([checkpoints["pair"] + ":model0"])
+    model = models["fc_pair/model0"]
+    x, y = _xy(mnist, 20)
+    settings = TransferSettings(norm="l2", eps=(0.1,), steps=5)
+    x_adv = craft(model, x, y, settings, 0.1, attack_generator(0, "m", 0.1, 0))
+    norms = (x_adv - x).flatten(1).norm(dim=1)
+    assert norms.max() <= 0.1 * math.sqrt(28) + 1e-5 and norms.max() > 0.1 * math.sqrt(28) * 0.5
+
+
+def test_sgm_with_residual_surrogate(cifar_subset):
+    torch.manual_seed(0)
+    surrogate = create_model("resnet20").eval()
+    target = create_model("vgg_small").eval()
+    split = cifar_subset.test.subset(12)
+    x, y = to_float(split.images), split.labels
+    settings = TransferSettings(attack="sgm", gamma=0.5, eps=(8 / 255,), steps=2, step_size=2 / 255)
+    ours = craft(surrogate, x, y, settings, 8 / 255, attack_generator(0, "s", 8 / 255, 0))
+    with skip_gradient(surrogate, 0.5):
+        direct = pgd(ce_loss(surrogate), x, y, eps=8 / 255, steps=2, step_size=2 / 255,
+                     generator=attack_generator(0, "s", 8 / 255, 0))
+    plain = pgd(ce_loss(surrogate), x, y, eps=8 / 255, steps=2, step_size=2 / 255,
+                generator=attack_generator(0, "s", 8 / 255, 0))
+    assert torch.equal(ours, direct) and not torch.equal(ours, plain)
+    result = evaluate_transfer({"vgg": target}, (x, y), surrogates={"resnet": surrogate}, attack="sgm", gamma=0.5,
+                               eps_list=[8 / 255], steps=2, step_size=2 / 255, batch_size=12)
+    assert result["sources"] == ["resnet"] and result["targets"] == ["vgg"]
+    assert result["models"]["resnet"]["role"] == "source" and result["models"]["vgg"]["role"] == "target"
+    (row,) = result["by_eps"]
+    assert set(row["transfer"]) == {"resnet"} and set(row["transfer"]["resnet"]) == {"vgg"}
+    assert result["settings"]["gamma"] == 0.5
+
+
+def test_script_writes_results_and_refuses_overwrite(checkpoints, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = [checkpoints["pair"], "--num-samples", "50", "--steps", "2", "--eps", "0.05", "3/30",
+            "--batch-size", "25", "--out", str(out), "--tensorboard"]
+    script.main(argv)
+    printed = capsys.readouterr().out
+    assert "transfer rate" in printed and "fc_pair/model0" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"format", "settings", "models", "sources", "targets", "pairs", "by_eps", "notes", "timing"}
+    assert results["format"] == "decorr-transfer/1"
+    assert results["settings"]["eps"] == [0.05, 0.1] and results["settings"]["dataset"] == "mnist"
+    assert set(results["by_eps"][0]) == {"eps", "attack_eps", "white_box_accuracy", "accuracy", "transfer",
+                                         "source_fooled", "transferred", "pairs"}
+    assert set(results["pairs"][0]) == {"a", "b", "same_arch", "parameter_distance", "natural_features"}
+    lines = (out / "transfer.csv").read_text().splitlines()
+    assert lines[0].split(",") == TRANSFER_CSV_HEADER and len(lines) == 1 + 2 * 2 * 2
+    lines = (out / "pairs.csv").read_text().splitlines()
+    assert lines[0].split(",") == PAIRS_CSV_HEADER and len(lines) == 1 + 2
+    for name in ("heatmap_pgd_linf_eps0.05.png", "heatmap_pgd_linf_eps0.1.png", "transfer_vs_eps_pgd_linf.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "table.txt").read_text().startswith("50 samples")
+
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "already exists" in err and "--overwrite" in err and "\n" not in err
+    assert (out / "results.json").read_bytes() == before
+    script.main(argv[:-1] + ["--overwrite", "--no-plots", "--eps", "0.2"])
+    assert json.loads((out / "results.json").read_text())["settings"]["eps"] == [0.2]
+
+
+def _script_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_errors_are_one_line(checkpoints, tmp_path, capsys):
+    common = ["--num-samples", "20", "--steps", "1", "--no-plots"]
+    assert "does not exist" in _script_error([str(tmp_path / "missing"), "--out", str(tmp_path / "o1"), *common], capsys)
+    err = _script_error([checkpoints["pair"], "--eps", "-0.1", "--out", str(tmp_path / "o2"), *common], capsys)
+    assert "epsilon must be >= 0" in err
+    err = _script_error([checkpoints["cnn"], "--attack", "sgm", "--out", str(tmp_path / "o3"), *common], capsys)
+    assert "cnn/model0" in err and "no residual units" in err
+    err = _script_error([checkpoints["pair"], "--gamma", "0.5", "--out", str(tmp_path / "o4"), *common], capsys)
+    assert "--attack sgm" in err
+    # Weights that do not fit the declared architecture: mnist_cnn weights declared as mnist_fc.
+    bad = tmp_path / "bad" / "checkpoint"
+    save_checkpoint(bad, {"model0": create_model("mnist_cnn")},
+                    {"models": {"model0": model_entry("mnist_fc")}, "dataset": "mnist"})
+    err = _script_error([str(bad.parent), "--out", str(tmp_path / "o5"), *common], capsys)
+    assert "do not match architecture 'mnist_fc'" in err
+    with pytest.raises(DecorrError, match="MI/DI/TI"):
+        TransferSettings(attack="fgsm", momentum=1.0)
