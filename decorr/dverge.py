@@ -66,6 +66,7 @@ __all__ = [
     "evaluate_epoch",
     "feature_distillation",
     "feature_matching_loss",
+    "format_history",
     "layer_output",
     "load_init_models",
     "stream_generator",
@@ -402,6 +403,29 @@ def evaluate_epoch(
                 m.eval()
                 scalars[f"acc/{name}"] = accuracy(predict(m, x, batch_size=config.eval_batch_size), y)
     return scalars, result
+
+
+def format_history(record: Mapping[str, Any]) -> str:
+    """A markdown table of a run's record: per evaluated epoch, the mean pair transfer rate at every
+    epsilon and every model's natural accuracy (epoch 0 is the starting point)."""
+    epochs = record.get("epochs", [])
+    if not epochs:
+        return "(no evaluations yet)"
+    eps_list = record["config"]["eval_eps"]
+    names = sorted({k.split("/", 1)[1] for k in epochs[0]["metrics"] if k.startswith("acc/")})
+    header = ["epoch"] + [f"T eps {e:g}" for e in eps_list] + [f"acc {n}" for n in names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for entry in epochs:
+        m = entry["metrics"]
+        cells = [str(entry["epoch"])]
+        cells += [_cell(m.get(f"transfer/eps{e:g}/mean")) for e in eps_list]
+        cells += [_cell(m.get(f"acc/{n}")) for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
 # ------------------------------------------------------------------------------------------------

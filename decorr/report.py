@@ -21,6 +21,7 @@ from decorr.training import write_json
 __all__ = [
     "RESULTS_FILE",
     "default_output_dir",
+    "eps_text",
     "format_table",
     "format_transfer",
     "jsonable",
@@ -230,7 +231,7 @@ def tensorboard_writer(log_dir: str | os.PathLike) -> Any:
 def _attack_label(settings: Mapping[str, Any]) -> str:
     label = f"{settings['attack'].upper()} {settings['norm']}"
     if settings["attack"] != "fgsm":
-        label += f", {settings['steps']} steps of {settings['step_size']:.4g}"
+        label += f", {settings['steps']} steps of {eps_text(settings['step_size'])}"
         extras = []
         if settings["attack"] == "sgm":
             extras.append(f"gamma {settings['gamma']:g}")
@@ -245,8 +246,17 @@ def _attack_label(settings: Mapping[str, Any]) -> str:
     return label
 
 
+def eps_text(eps: float) -> str:
+    """``0.05`` as ``0.05``, but ``8/255`` as ``8/255`` rather than ``0.0313725``."""
+    text = f"{eps:g}"
+    levels = eps * 255
+    if len(text) > 6 and abs(levels - round(levels)) < 1e-6:
+        return f"{round(levels)}/255"
+    return text
+
+
 def _eps_label(row: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
-    label = f"eps {row['eps']:g}"
+    label = f"eps {eps_text(row['eps'])}"
     if settings["norm"] == "l2":
         label += f" (L2 radius {row['attack_eps']:.4g})"
     return label
@@ -278,19 +288,23 @@ def format_transfer(result: Mapping[str, Any]) -> str:
             ["a", "b", "same arch", "R^2 b~a", "R^2 a~b", "PCA r", "param dist"], natural_rows,
             title="pairs on natural inputs (feature layer)", left_columns=3,
         ))
-        rows = []
+        adversarial_rows = []
         for row in result["by_eps"]:
             for pair in row["pairs"]:
                 on_a = pair["on_adv_of_a"] or {}
                 on_b = pair["on_adv_of_b"] or {}
-                rows.append([pair["a"], pair["b"], f"{row['eps']:g}", pair["a_to_b"], pair["b_to_a"], pair["mean"],
-                             on_a.get("r2"), on_a.get("pca_pearson"), on_b.get("r2"), on_b.get("pca_pearson")])
-        blocks.append(format_table(
-            ["a", "b", "eps", "T(a->b)", "T(b->a)", "pair T", "R^2 adv(a)", "PCA r adv(a)", "R^2 adv(b)",
-             "PCA r adv(b)"], rows,
-            title="pairs on adversarial inputs (adv(a): crafted on a; R^2 of the other's features on the source's)",
-            left_columns=2,
-        ))
+                values = [pair["a_to_b"], pair["b_to_a"], pair["mean"], on_a.get("r2"), on_a.get("pca_pearson"),
+                          on_b.get("r2"), on_b.get("pca_pearson")]
+                if any(v is not None for v in values):
+                    adversarial_rows.append([pair["a"], pair["b"], eps_text(row["eps"])] + values)
+        if adversarial_rows:
+            blocks.append(format_table(
+                ["a", "b", "eps", "T(a->b)", "T(b->a)", "pair T", "R^2 adv(a)", "PCA r adv(a)", "R^2 adv(b)",
+                 "PCA r adv(b)"], adversarial_rows,
+                title="pairs on adversarial inputs (adv(a): crafted on a; R^2 of the other's features on the "
+                      "source's)",
+                left_columns=2,
+            ))
     for note in result.get("notes", []):
         blocks.append(f"note: {note}")
     return "\n\n".join(blocks)
@@ -337,7 +351,7 @@ def pair_rows(result: Mapping[str, Any]) -> list[list[Any]]:
 
 
 def _slug(value: float) -> str:
-    return f"{value:g}".replace("/", "_")
+    return eps_text(value).replace("/", "_")
 
 
 def plot_transfer(result: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
@@ -368,7 +382,7 @@ def plot_transfer(result: Mapping[str, Any], out: str | os.PathLike) -> list[Pat
         ylabel = "pair transfer rate (mean of both directions)"
     xlabel = "epsilon (pixel units" + (", Linf-equivalent)" if norm == "l2" else ", Linf)")
     paths.append(plot_lines(out / f"transfer_vs_eps_{attack}_{norm}.png", eps, series, xlabel=xlabel, ylabel=ylabel,
-                            title=_attack_label(settings), ylim=(0, 1)))
+                            title=_attack_label(settings), ylim=(-0.02, 1.02)))
     return paths
 
 

@@ -89,10 +89,19 @@ class TrainingRun:
         self.accelerator = Accelerator(
             mixed_precision=self.mixed_precision,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
-            cpu=self.cpu,
+            # accelerate recognises torchrun's processes on a machine without GPU only when told to run
+            # on the CPU; otherwise every process would silently train alone on the whole data.
+            cpu=self.cpu or not _has_accelerator(),
             log_with="tensorboard" if self.log else None,
             project_config=project,
         )
+        from decorr.distributed import world_size
+
+        if world_size() != self.accelerator.num_processes:
+            raise DecorrError(
+                f"torch.distributed has {world_size()} processes but accelerate sees "
+                f"{self.accelerator.num_processes}; launch with accelerate launch or torchrun, not both"
+            )
         set_seed(self.seed)
         if self.log:
             self.accelerator.init_trackers("tensorboard", config=flat_hparams(self.config.get("hyperparameters", {})))
@@ -187,6 +196,13 @@ class TrainingRun:
         self.accelerator.wait_for_everyone()
         if self.log:
             self.accelerator.end_training()
+
+
+def _has_accelerator() -> bool:
+    probe = getattr(torch, "accelerator", None)
+    if probe is not None and hasattr(probe, "is_available"):
+        return bool(probe.is_available())
+    return torch.cuda.is_available()
 
 
 def _is_number(value: Any) -> bool:

@@ -78,6 +78,7 @@ __all__ = [
     "L2_SCALES",
     "TransferSettings",
     "attack_generator",
+    "craft",
     "evaluate_checkpoints",
     "evaluate_transfer",
     "first_pc_scores",

@@ -38,6 +38,7 @@ from dna.objectives import adaptive_objective, dna_accuracy, paper_objective, pa
 __all__ = [
     "ATTACKS",
     "OBJECTIVES",
+    "WORST",
     "DefendedModel",
     "craft",
     "evaluate_robustness",
@@ -46,10 +47,13 @@ __all__ = [
     "plot_accuracy",
     "pgd_step_size",
     "plot_reconstructions",
+    "worst_case_accuracy",
 ]
 
 ATTACKS = ("fgsm", "pgd")
 OBJECTIVES = ("paper", "adaptive-min", "adaptive-margin")
+#: The objective name of the rows that take, per sample, the worst case over all objectives run.
+WORST = "worst"
 
 
 class DefendedModel:
@@ -131,6 +135,17 @@ def craft(
     raise DecorrError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
 
 
+def worst_case_accuracy(preds: Sequence[torch.Tensor], y: torch.Tensor) -> dict[str, float]:
+    """Accuracies when a sample counts as correct only if it is correct under *every* attack in ``preds``
+    (a list of per-path predictions [P, N], one per objective): the attack ensemble's accuracy."""
+    correct = torch.stack([p == y[None, :] for p in preds])  # [objectives, P, N]
+    per_path = correct.all(dim=0).float().mean(dim=1)
+    result = {"either": correct.any(dim=1).all(dim=0).float().mean().item()}
+    result.update({f"path{n}": acc.item() for n, acc in enumerate(per_path)})
+    result["mean"] = per_path.mean().item()
+    return result
+
+
 def _device_of(model: DefendedModel) -> torch.device:
     return next(iter(model.classifier.parameters())).device
 
@@ -155,7 +170,9 @@ def evaluate_robustness(
     Returns a plain dict (JSON-able): ``settings``, ``models`` and ``results``, a list of rows
     ``{"attack", "objective", "eps", "<model key>": accuracies}`` with a first row for clean data
     (attack "none", eps 0). The accuracies of a model are :func:`dna.objectives.dna_accuracy`'s
-    fractions ("either", "path<n>", "mean"). Model keys are "dna" and "baseline".
+    fractions ("either", "path<n>", "mean"). Model keys are "dna" and "baseline". With more than one
+    objective, each attack's block ends with rows of objective ``"worst"``: a sample is correct only
+    if it is correct under every objective (:func:`worst_case_accuracy`).
     """
     for name in attacks:
         if name not in ATTACKS:
@@ -192,13 +209,17 @@ def evaluate_robustness(
             seen = sum(len(t) for t in labels)
             progress(f"{seen}/{len(split)} images, {time.perf_counter() - started:.0f} s")
     y_all = torch.cat(labels)
+    stacked = {k: {s: torch.cat(p, dim=1) for s, p in per_setting.items()} for k, per_setting in preds.items()}
     results = []
     for setting in settings:
         attack, objective, e = setting
-        row: dict[str, Any] = {"attack": attack, "objective": objective, "eps": e}
-        for key in models:
-            row[key] = dna_accuracy(torch.cat(preds[key][setting], dim=1), y_all)
-        results.append(row)
+        results.append({"attack": attack, "objective": objective, "eps": e,
+                        **{k: dna_accuracy(stacked[k][setting], y_all) for k in models}})
+        if len(objectives) > 1 and objective == objectives[-1] and e == float(eps[-1]):
+            for e_worst in eps:  # after each attack's block: the per-sample worst case over its objectives
+                runs = {k: [stacked[k][(attack, o, float(e_worst))] for o in objectives] for k in models}
+                results.append({"attack": attack, "objective": WORST, "eps": float(e_worst),
+                                **{k: worst_case_accuracy(runs[k], y_all) for k in models}})
     return {
         "settings": {
             "n": len(y_all), "attacks": list(attacks), "objectives": list(objectives), "eps": [float(e) for e in eps],
@@ -248,36 +269,39 @@ def _plt():
 
 
 def plot_accuracy(report: Mapping[str, Any], path: str | Path) -> Path:
-    """Accuracy against epsilon, one panel per attack (like P1's Fig. 6/8).
+    """Accuracy against epsilon, one panel per attack (like P1's Fig. 6/8); epsilon 0 is clean data.
 
-    Solid lines: the paper's objective; dashed/dotted: the adaptive ones. The DNA's "either path"
-    and mean-of-paths accuracies and the baseline's accuracy; epsilon 0 is the clean accuracy.
+    Blue: the DNA's "either path" accuracy, red: the baseline's, green: the DNA's mean of paths (paper
+    objective only). Line style: the objective (solid: the paper's; dash-dotted: the per-sample worst
+    case over all objectives run).
     """
     plt = _plt()
     settings = report["settings"]
-    attacks, objectives = settings["attacks"], settings["objectives"]
+    attacks = settings["attacks"]
+    objectives = list(settings["objectives"]) + ([WORST] if any(r["objective"] == WORST for r in report["results"]) else [])
     clean = report["results"][0]
     models = report["models"]
-    styles = {"paper": "-", "adaptive-min": "--", "adaptive-margin": ":"}
-    fig, axes = plt.subplots(1, len(attacks), figsize=(5.2 * len(attacks), 4.2), squeeze=False)
+    styles = {"paper": "-", "adaptive-min": "--", "adaptive-margin": ":", WORST: "-."}
+    fig, axes = plt.subplots(1, len(attacks), figsize=(5.6 * len(attacks), 4.4), squeeze=False)
     for ax, attack in zip(axes[0], attacks):
         for objective in objectives:
             rows = [clean] + [r for r in report["results"] if r["attack"] == attack and r["objective"] == objective]
             eps = [r["eps"] for r in rows]
             style = styles.get(objective, "-")
-            ax.plot(eps, [100 * r["dna"]["either"] for r in rows], style, color="C0", marker="o",
+            ax.plot(eps, [100 * r["dna"]["either"] for r in rows], style, color="C0", marker="o", markersize=4,
                     label=f"{models['dna']['name']} either path ({objective})")
-            ax.plot(eps, [100 * r["dna"]["mean"] for r in rows], style, color="C2", marker="s", markersize=4,
-                    label=f"{models['dna']['name']} mean of paths ({objective})")
+            if objective == "paper":
+                ax.plot(eps, [100 * r["dna"]["mean"] for r in rows], style, color="C2", marker="s", markersize=3,
+                        label=f"{models['dna']['name']} mean of paths ({objective})")
             if "baseline" in models:
                 ax.plot(eps, [100 * r["baseline"]["either"] for r in rows], style, color="C3", marker="^",
-                        label=f"{models['baseline']['name']} ({objective})")
+                        markersize=4, label=f"{models['baseline']['name']} ({objective})")
         ax.set_title(f"{attack.upper()}" + (f", {settings['pgd_steps']} steps" if attack == "pgd" else ""))
         ax.set_xlabel("epsilon (pixel units, L-inf)")
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    axes[0][-1].legend(fontsize=6, loc="upper right")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

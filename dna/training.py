@@ -55,12 +55,13 @@ __all__ = [
     "MODEL_KINDS",
     "PAPER_DEFAULTS",
     "STAGE_DIRS",
-    "autoencoder_objective",
     "accumulated_step",
+    "autoencoder_objective",
     "classifier_objective",
     "evaluate_autoencoder",
     "latent_width",
     "main",
+    "optimizer_steps",
     "parse_args",
     "reconstruction_grid",
     "resolve_dna_checkpoint",
@@ -309,7 +310,7 @@ def reconstruction_grid(autoencoder: nn.Module, x: torch.Tensor) -> torch.Tensor
 # Training loop pieces
 
 
-def _optimizer_steps(
+def optimizer_steps(
     split: ImageSplit, config: DnaConfig, stage: int, epoch: int, augment: Augment | None,
     run: TrainingRun,
 ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -447,7 +448,7 @@ def train_autoencoder(
     for epoch in range(start_epoch, config.epochs):
         model.train()
         step_terms = []
-        batches = _optimizer_steps(dataset.train, config, 1, epoch, augment, run)
+        batches = optimizer_steps(dataset.train, config, 1, epoch, augment, run)
         for group in run.progress(batches, total=steps, desc=f"autoencoder {epoch + 1}/{config.epochs}"):
             step_terms.append(accumulated_step(
                 run, model, optimizer, group, lambda x, y: autoencoder_objective(model, x, config.lambda_corr)))
@@ -520,7 +521,13 @@ def train_classifier(
                         mixed_precision=mixed_precision, cpu=cpu, log=log)
     classifier = _maybe_sync_bn(create_model(config.classifier_arch), config)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=config.classifier_lr)
+    frozen = {k: v.clone() for k, v in autoencoder.state_dict().items()}
     start_epoch = run.restore({"autoencoder": autoencoder, "classifier": classifier}, optimizer)
+    if any(not torch.equal(v, frozen[k]) for k, v in autoencoder.state_dict().items()):
+        raise DecorrError(
+            f"the classifier in {run_dir} was trained on another autoencoder than the one now in {source['path']} "
+            f"(stage 1 was changed since); delete {run_dir} to train the classifier again"
+        )
     autoencoder = autoencoder.to(run.device).eval().requires_grad_(False)
     model, optimizer = run.prepare(classifier, optimizer)
     augment = dataset_augment(dataset) if config.augment else None
@@ -532,7 +539,7 @@ def train_classifier(
     for epoch in range(start_epoch, config.classifier_epochs):
         model.train()
         step_terms = []
-        batches = _optimizer_steps(dataset.train, config, 2, epoch, augment, run)
+        batches = optimizer_steps(dataset.train, config, 2, epoch, augment, run)
         for group in run.progress(batches, total=steps, desc=f"classifier {epoch + 1}/{config.classifier_epochs}"):
             step_terms.append(accumulated_step(
                 run, model, optimizer, group, lambda x, y: classifier_objective(autoencoder, model, x, y)))

@@ -35,7 +35,7 @@ from decorr.data import Augment, ImageSplit
 from decorr.distributed import all_gather_with_grad
 from decorr.models import create_model
 from decorr.training import TrainingRun, unwrap
-from dna.training import DnaConfig, _optimizer_steps, accumulated_step, autoencoder_objective
+from dna.training import DnaConfig, accumulated_step, autoencoder_objective, optimizer_steps
 
 #: DNA cases: name -> (family, global batch, sync_bn, gradient accumulation steps). The batches exceed
 #: the latent width (64 / 448) by a little, to keep the step fast.
@@ -80,7 +80,7 @@ def _step(out: Path, name: str, model: nn.Module, config: DnaConfig, split: Imag
 
         optimizer.register_step_pre_hook(keep_grads)
         prepared, optimizer = run.prepare(model, optimizer)
-        group = next(_optimizer_steps(split, config, 1, 0, augment, run))
+        group = next(optimizer_steps(split, config, 1, 0, augment, run))
         terms = accumulated_step(run, prepared, optimizer, group, lambda x, y: objective(prepared, x.double(), y))
         state = {f"state.{k}": v.detach().clone() for k, v in unwrap(prepared).state_dict().items()}
         tensors = {"loss": terms["loss"].reshape(1), **grads, **state}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,3 +41,23 @@ def test_correlation_loss_on_split_batch_equals_whole_batch(tmp_path):
     assert float(got["loss"]) == pytest.approx(float(loss.detach()), rel=1e-6)
     torch.testing.assert_close(got["grad_z1"], a.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got["grad_z2"], b.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_pair_training_step_two_processes_equals_one(mnist, tmp_path):
+    """One optimisation step of a dec pair: torchrun with 2 processes against 1 process, whole batch."""
+    script = HERE.parent / "train" / "pair_classifiers.py"
+    args = ["--mode", "dec", "--epochs", "1", "--train-subset", "1000", "--test-subset", "1000",
+            "--batch-size", "1000", "--no-tensorboard"]
+    torchrun(script, *args, "--run-dir", str(tmp_path / "two"), nproc=2)
+    torchrun(script, *args, "--run-dir", str(tmp_path / "one"), nproc=1)
+    one = json.loads((tmp_path / "one" / "checkpoint" / "config.json").read_text())
+    two = json.loads((tmp_path / "two" / "checkpoint" / "config.json").read_text())
+    assert two["metrics"]["train/loss"] == pytest.approx(one["metrics"]["train/loss"], rel=1e-6)
+    for name in ("model0", "model1"):
+        a = load_file(str(tmp_path / "one" / "checkpoint" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "two" / "checkpoint" / f"{name}.safetensors"))
+        for key in a:
+            # Adam's first step is lr * g / |g|: gradients equal to float rounding give steps equal
+            # to ~1e-5 (a component near zero may round either way), not bit for bit.
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4, msg=f"{name}.{key}")

@@ -22,7 +22,14 @@ from decorr.errors import DecorrError
 from decorr.loss import correlation_loss
 from decorr.models import create_model
 from decorr.training import TrainingRun
-from dna.evaluation import DefendedModel, craft, evaluate_robustness, format_table, load_defended_model
+from dna.evaluation import (
+    DefendedModel,
+    craft,
+    evaluate_robustness,
+    format_table,
+    load_defended_model,
+    worst_case_accuracy,
+)
 from dna.models import forward_with_latents
 from dna.objectives import dna_accuracy, path_predictions
 from dna.training import (
@@ -195,6 +202,12 @@ def test_two_stages_resume_and_checkpoint_layout(tiny_mnist, tmp_path):
     frozen = load_file(str(stage1 / "checkpoint" / "autoencoder.safetensors"))
     assert all(torch.equal(frozen[k], saved.state_dicts["autoencoder"][k]) for k in frozen)
 
+    # Stage 1 trained further: the classifier of the old autoencoder cannot be continued on the new one.
+    train_autoencoder(_tiny_config(epochs=3), stage1, dataset=tiny_mnist, resume=True, log=False)
+    with pytest.raises(DecorrError, match="another autoencoder"):
+        train_classifier(_tiny_config(classifier_epochs=2), tmp_path / "straight" / "stage2", stage1,
+                         dataset=tiny_mnist, resume=True, log=False)
+
     with pytest.raises(DecorrError, match="stage-1"):
         resolve_dna_checkpoint(stage1)
     with pytest.raises(DecorrError, match="--resume"):  # never overwrite a run silently
@@ -237,7 +250,7 @@ def test_bf16_training_script_then_evaluation_script(mnist, tmp_path):
                       "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
-    assert len(report["results"]) == 1 + 2 * 2 * 1  # clean + attacks x objectives x eps
+    assert len(report["results"]) == 1 + 2 * (2 + 1) * 1  # clean + attacks x (objectives + worst case) x eps
     assert "either" in done.stdout and (out / "table.txt").exists()
     for figure in ("accuracy.png", "reconstructions_fgsm.png", "reconstructions_pgd.png"):
         assert (out / figure).stat().st_size > 1000, figure
@@ -259,7 +272,8 @@ def test_evaluation_rows_and_the_oracle_of_one_setting():
     report = evaluate_robustness(dna, split, baseline=baseline, attacks=["fgsm", "pgd"],
                                  objectives=["paper", "adaptive-min"], eps=[0.1], steps=2, batch_size=5)
     assert [(r["attack"], r["objective"]) for r in report["results"]] == [
-        ("none", "none"), ("fgsm", "paper"), ("fgsm", "adaptive-min"), ("pgd", "paper"), ("pgd", "adaptive-min")]
+        ("none", "none"), ("fgsm", "paper"), ("fgsm", "adaptive-min"), ("fgsm", "worst"),
+        ("pgd", "paper"), ("pgd", "adaptive-min"), ("pgd", "worst")]
     x_eval = split.images.float() / 255
     clean = dna_accuracy(path_predictions(dna.autoencoder, dna.classifier, x_eval), y)
     assert report["results"][0]["dna"] == clean
@@ -273,6 +287,15 @@ def test_evaluation_rows_and_the_oracle_of_one_setting():
     assert set(rows["pgd", "paper"]["baseline"]) == {"either", "path0", "mean"}
     assert "either" in format_table(report) and "p1" in format_table(report)
     json.dumps(report)  # plain data
+
+
+def test_worst_case_over_objectives_by_hand():
+    y = torch.tensor([0, 0, 2, 3])
+    under_a = torch.tensor([[0, 1, 2, 3], [0, 0, 0, 3]])
+    under_b = torch.tensor([[0, 1, 1, 3], [1, 0, 2, 0]])
+    # Every sample has a correct path under each attack, but no path survives both on samples 1-3.
+    assert worst_case_accuracy([under_a, under_b], y) == {"either": 1.0, "path0": 0.5, "path1": 0.25, "mean": 0.375}
+    assert worst_case_accuracy([under_a], y) == dna_accuracy(under_a, y)
 
 
 def test_identical_paths_make_either_equal_each_path():

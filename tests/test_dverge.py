@@ -24,6 +24,7 @@ from decorr.dverge import (
     dverge_objective,
     dverge_step,
     feature_distillation,
+    format_history,
     layer_output,
     train_dverge,
 )
@@ -176,7 +177,7 @@ def test_plus_adversarial_adds_each_models_own_examples_with_weight():
     expected = sum(F.cross_entropy(models[j](distilled[1 - j]), ys) + 0.3 * F.cross_entropy(models[j](adversarial[j]), ys)
                    for j in range(2))
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
-    assert float(terms["ce_adv_model1"]) == pytest.approx(float(F.cross_entropy(models[1](adversarial[1]), ys)), rel=1e-5)
+    assert float(terms["ce_adv_model1"]) == pytest.approx(float(F.cross_entropy(models[1](adversarial[1]), ys).detach()), rel=1e-5)
     with pytest.raises(DecorrError, match="at least 2 models"):
         dverge_objective(models[:1], distilled[:1], ys)
 
@@ -189,6 +190,13 @@ def test_layer_choice_fixed_or_drawn_per_epoch():
     assert draws != [choose_layer(layers, 1, epoch) for epoch in range(30)]
     assert choose_layer(("features.pool2",), 0, 5) == "features.pool2"
     assert choose_layer((), 0, 5) is None
+
+
+@pytest.mark.parametrize("bad", [dict(batches_per_epoch=0), dict(eval_eps=()), dict(layers=("a", "a")),
+                                 dict(steps=-1), dict(momentum=-1.0)])
+def test_bad_settings_are_one_line_errors(bad):
+    with pytest.raises(DecorrError):
+        DvergeConfig(**bad)
 
 
 def make_pair(path: Path) -> Path:
@@ -213,6 +221,8 @@ def test_run_logs_every_epoch_and_resumes_exactly(mnist, tmp_path):
         for eps in ("0.1", "0.15"):
             assert 0.0 <= e["metrics"][f"transfer/eps{eps}/mean"] <= 1.0
         assert 0.0 <= e["metrics"]["acc/model0"] <= 1.0
+    table = format_history(full).splitlines()
+    assert len(table) == 2 + 3 and table[0].startswith("| epoch | T eps 0.1 | T eps 0.15 | acc model0")
     checkpoint = load_checkpoint(tmp_path / "full")
     assert checkpoint.config["kind"] == "dverge" and checkpoint.config["epoch"] == 2
     assert [h["epoch"] for h in checkpoint.config["history"]] == [0, 1, 2]

@@ -3,10 +3,11 @@ feature statistics against decorr.loss, the script's files, overwrite refusal an
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,6 @@ from decorr.transfer import (
     load_named_models,
     pair_transfer,
 )
-
-import importlib.util
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("eval_transfer_script", REPO / "eval" / "transfer.py")
@@ -283,3 +281,15 @@ def test_errors_are_one_line(checkpoints, tmp_path, capsys):
     assert "do not match architecture 'mnist_fc'" in err
     with pytest.raises(DecorrError, match="MI/DI/TI"):
         TransferSettings(attack="fgsm", momentum=1.0)
+
+
+def test_script_runs_standalone(tmp_path):
+    """The file itself (python eval/transfer.py): a missing checkpoint is one line and exit status 2."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(REPO / "eval" / "transfer.py"), str(tmp_path / "missing"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: checkpoint") and "does not exist" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from fractions import Fraction
 
-from decorr.dverge import DEFAULT_EVAL_EPS, DvergeConfig, train_dverge
+from decorr.dverge import DEFAULT_EVAL_EPS, DvergeConfig, format_history, train_dverge
 from decorr.errors import DecorrError, cli_entry
 
 
@@ -98,9 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = train_dverge(config, init, args.run_dir, resume=args.resume, data_root=args.data_root,
                           mixed_precision=args.mixed_precision, cpu=args.cpu, log=not args.no_tensorboard,
                           json_path=args.json)
-    last = record["epochs"][-1]["metrics"] if record["epochs"] else {}
-    summary = {k: v for k, v in last.items() if k.startswith(("transfer/", "acc/"))}
-    print({"epoch": record["epochs"][-1]["epoch"] if record["epochs"] else None, **summary})
+    print(format_history(record))
     return record
 
 

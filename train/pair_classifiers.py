@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from decorr.distributed import rank
 from decorr.errors import cli_entry
 from decorr.pairs import MODES, PairConfig, train_pair
 
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     metrics = train_pair(config, args.run_dir, resume=args.resume, data_root=args.data_root,
                          mixed_precision=args.mixed_precision, cpu=args.cpu, log=not args.no_tensorboard)
-    print(json.dumps(metrics, indent=2))
+    if rank() == 0:
+        print(json.dumps(metrics, indent=2))
 
 
 if __name__ == "__main__":
