@@ -50,6 +50,9 @@ class PairConfig:
     target_distance: float = 1000.0
     distance_weight: float = 1e-5
     feature_layer: str | None = None
+    #: The paper regresses model1's features on model0's only; "both" averages the loss over the two
+    #: directions, since the one-way loss leaves model0's features explained by model1's.
+    corr_direction: str = "forward"
     seed: int = 0
     train_subset: int | None = None
     test_subset: int | None = None
@@ -59,6 +62,8 @@ class PairConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise DecorrError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.corr_direction not in ("forward", "both"):
+            raise DecorrError(f"unknown correlation direction {self.corr_direction!r}; use forward or both")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise DecorrError("epochs, batch size and learning rate must be positive")
         if self.feature_layer is None:
@@ -103,6 +108,8 @@ def pair_objective(
         loss = torch.sqrt(ce[0] ** 2 + ce[1] ** 2)
         if config.lambda_effective > 0:
             corr = correlation_loss(features[0], features[1])
+            if config.corr_direction == "both":
+                corr = 0.5 * (corr + correlation_loss(features[1], features[0]))
             terms["corr"] = corr.detach()
             loss = loss + config.lambda_effective * corr
     terms["loss"] = loss.detach()

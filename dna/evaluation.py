@@ -33,7 +33,10 @@ from decorr.attacks import fgsm, pgd
 from decorr.checkpoint import load_checkpoint, load_models
 from decorr.data import ImageSplit, epoch_generator, iterate_batches
 from decorr.errors import DecorrError
+from decorr.report import eps_text
+from decorr.report import format_table as report_table
 from dna.objectives import adaptive_objective, dna_accuracy, paper_objective, path_predictions
+from dna.training import resolve_dna_checkpoint
 
 __all__ = [
     "ATTACKS",
@@ -79,8 +82,6 @@ class DefendedModel:
 
 def load_defended_model(path: str | Path, device: torch.device | str = "cpu", name: str | None = None) -> DefendedModel:
     """The autoencoder and classifier of a stage-2 checkpoint (a run directory or checkpoint folder)."""
-    from dna.training import resolve_dna_checkpoint
-
     directory = resolve_dna_checkpoint(path)
     models = load_models(directory, device)
     config = load_checkpoint(directory, load_weights=False).config
@@ -89,7 +90,10 @@ def load_defended_model(path: str | Path, device: torch.device | str = "cpu", na
             "epoch": config.get("epoch"), "metrics": config.get("metrics", {})}
     for param in [*models["autoencoder"].parameters(), *models["classifier"].parameters()]:
         param.requires_grad_(False)  # attacks need input gradients only
-    return DefendedModel(models["autoencoder"], models["classifier"], name or entry["arch"], str(directory), info)
+    if name is None:
+        unshared = entry.get("kwargs", {}).get("unshared", 2)
+        name = entry["arch"] + (f" (unshared {unshared})" if unshared != 2 else "")
+    return DefendedModel(models["autoencoder"], models["classifier"], name, str(directory), info)
 
 
 def _objective(model: DefendedModel, objective: str, kappa: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -240,23 +244,20 @@ def evaluate_robustness(
 def format_table(report: Mapping[str, Any]) -> str:
     """The results as an aligned text table (accuracy in %)."""
     models = report["models"]
-    dna_paths = models["dna"]["paths"]
-    header = ["attack", "objective", "eps", "either"] + [f"path{n}" for n in range(dna_paths)] + ["mean"]
+    paths = models["dna"]["paths"]
+    header = ["attack", "objective", "eps", "either"] + [f"path{n}" for n in range(paths)] + ["mean"]
     if "baseline" in models:
         header.append(f"baseline ({models['baseline']['name']})")
-    rows = [header]
+    rows = []
     for row in report["results"]:
         acc = row["dna"]
-        cells = [row["attack"], row["objective"], f"{row['eps']:.4g}", f"{100 * acc['either']:.1f}"]
-        cells += [f"{100 * acc[f'path{n}']:.1f}" for n in range(dna_paths)] + [f"{100 * acc['mean']:.1f}"]
+        cells = [row["attack"], row["objective"], eps_text(row["eps"]), 100 * acc["either"]]
+        cells += [100 * acc[f"path{n}"] for n in range(paths)] + [100 * acc["mean"]]
         if "baseline" in row:
-            cells.append(f"{100 * row['baseline']['either']:.1f}")
+            cells.append(100 * row["baseline"]["either"])
         rows.append(cells)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
     title = f"accuracy (%) of {models['dna']['name']} on {report['settings']['n']} test images"
-    return title + "\n" + "\n".join(lines)
+    return report_table(header, rows, title=title, float_format="{:.1f}", left_columns=2)
 
 
 def _plt():

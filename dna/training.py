@@ -408,6 +408,19 @@ def _training_run(config: DnaConfig, run_dir: str | Path, run_config: dict[str, 
     return run
 
 
+def _finish(run: TrainingRun, end: bool) -> None:
+    """End the run; with ``end=False`` keep the process group for another stage in this process.
+
+    ``TrainingRun.finish`` ends accelerate's training, which destroys the process group.
+    """
+    if end:
+        run.finish()
+        return
+    run.accelerator.wait_for_everyone()
+    for tracker in run.accelerator.trackers:
+        tracker.finish()
+
+
 def _run_config(config: DnaConfig, stage: int, models: Mapping[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
     return {"kind": "dna", "stage": stage, "models": dict(models), "dataset": config.dataset,
             "hyperparameters": asdict(config), **extra}
@@ -427,8 +440,12 @@ def train_autoencoder(
     mixed_precision: str = "no",
     cpu: bool = False,
     log: bool = True,
+    end: bool = True,
 ) -> dict[str, Any]:
-    """Stage 1 in ``run_dir`` (a stage directory, e.g. ``RUN_DIR/stage1``); returns the last metrics."""
+    """Stage 1 in ``run_dir`` (a stage directory, e.g. ``RUN_DIR/stage1``); returns the last metrics.
+
+    ``end=False`` keeps the process group alive for a stage 2 in the same process.
+    """
     dataset = dataset if dataset is not None else _load_data(config, data_root)
     entry = model_entry(config.autoencoder_arch, config.autoencoder_kwargs)
     run = _training_run(config, run_dir, _run_config(config, 1, {"autoencoder": entry}), resume=resume,
@@ -464,7 +481,7 @@ def train_autoencoder(
         run.print(f"autoencoder epoch {epoch + 1:3d}/{config.epochs}  loss {metrics['train/loss']:.5f}{corr}  "
                   f"test MSE {evaluation['mse']:.5f}{r2}")
         run.save(epoch + 1, {"autoencoder": model}, optimizer, metrics)
-    run.finish()
+    _finish(run, end)
     return metrics
 
 
@@ -511,6 +528,7 @@ def train_classifier(
     mixed_precision: str = "no",
     cpu: bool = False,
     log: bool = True,
+    end: bool = True,
 ) -> dict[str, Any]:
     """Stage 2 in ``run_dir`` (e.g. ``RUN_DIR/stage2``) on the frozen autoencoder of a stage-1 checkpoint."""
     dataset = dataset if dataset is not None else _load_data(config, data_root)
@@ -552,7 +570,7 @@ def train_classifier(
         run.print(f"classifier epoch {epoch + 1:3d}/{config.classifier_epochs}  ce {metrics['train/ce']:.4f}  "
                   f"acc either {evaluation['acc_either']:.4f}  {paths}  natural {evaluation['acc_natural']:.4f}")
         run.save(epoch + 1, {"autoencoder": autoencoder, "classifier": model}, optimizer, metrics)
-    run.finish()
+    _finish(run, end)
     return metrics
 
 
@@ -602,7 +620,7 @@ def train_dna(
     results: dict[str, Any] = {}
     if 1 in wanted:
         results["stage1"] = train_autoencoder(
-            config, stage_dirs[1], resume=resume and _has_checkpoint(stage_dirs[1]), **common)
+            config, stage_dirs[1], resume=resume and _has_checkpoint(stage_dirs[1]), end=2 not in wanted, **common)
     if 2 in wanted:
         source = Path(init_from) if init_from is not None else stage_dirs[1]
         if init_from is None and not _has_checkpoint(source):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry
 from decorr.models import model_spec
-from decorr.training import write_json
+from decorr.report import prepare_output_dir, write_results_json
 from dna.evaluation import (
     ATTACKS,
     OBJECTIVES,
@@ -37,6 +38,14 @@ from dna.evaluation import (
 DEFAULT_EPS = {1: (0.05, 0.10, 0.15), 3: (2 / 255, 4 / 255, 8 / 255)}
 
 
+def pixel_value(text: str) -> float:
+    """A float or a fraction such as ``8/255``."""
+    try:
+        return float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 0.05 or 8/255)") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="DNA run directory (or its stage-2 checkpoint)")
@@ -44,10 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attack", nargs="+", choices=ATTACKS, default=list(ATTACKS))
     p.add_argument("--objective", nargs="+", choices=OBJECTIVES, default=["paper", "adaptive-min"],
                    help="paper: sum of squared per-path CE (P1); adaptive-*: must fool every path")
-    p.add_argument("--eps", nargs="+", type=float, default=None,
+    p.add_argument("--eps", nargs="+", type=pixel_value, default=None,
                    help="Linf radii in pixel units (default MNIST 0.05 0.1 0.15, CIFAR-10 2/255 4/255 8/255)")
     p.add_argument("--steps", type=int, default=40, help="PGD steps")
-    p.add_argument("--step-size", type=float, default=None, help="PGD step in pixel units (default 2.5 * eps / steps)")
+    p.add_argument("--step-size", type=pixel_value, default=None,
+                   help="PGD step in pixel units (default 2.5 * eps / steps)")
     p.add_argument("--kappa", type=float, default=0.0, help="cap of the per-path margin of adaptive-margin")
     p.add_argument("--dataset", default=None, help="dataset (default: the one the checkpoint was trained on)")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files")
@@ -57,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--figure-samples", type=int, default=8, help="images in the reconstruction figure")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/robustness)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     return p.parse_args(argv)
 
 
@@ -79,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = load_dataset(args.dataset or dna.info["dataset"], args.data_root)
     split = dataset.test if args.test_subset is None else dataset.test.subset(args.test_subset)
     eps = args.eps or DEFAULT_EPS[shape[0]]
-    out = Path(args.out) if args.out else _default_out(dna.source)
+    out = prepare_output_dir(args.out or _default_out(dna.source), overwrite=args.overwrite)  # before any work
 
     report = evaluate_robustness(
         dna, split, baseline=baseline, attacks=args.attack, objectives=args.objective, eps=eps, steps=args.steps,
@@ -90,8 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     report["settings"]["dataset"] = args.dataset or dna.info["dataset"]
     table = format_table(report)
     print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", report)
+    write_results_json(out / "results.json", report)
     (out / "table.txt").write_text(table + "\n")
     plot_accuracy(report, out / "accuracy.png")
 

@@ -23,7 +23,14 @@ from decorr.checkpoint import load_checkpoint
 from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry
 from decorr.report import default_output_dir, format_transfer, prepare_output_dir, save_transfer_report
-from decorr.transfer import ATTACKS, DEFAULT_EPS, L2_SCALES, split_model_selector, evaluate_checkpoints
+from decorr.transfer import (
+    ATTACKS,
+    DEFAULT_EPS,
+    L2_SCALES,
+    TransferSettings,
+    evaluate_checkpoints,
+    split_model_selector,
+)
 
 
 def pixel_value(text: str) -> float:
@@ -88,6 +95,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if args.num_samples is not None and args.num_samples < 1:
         raise DecorrError(f"--num-samples must be >= 1, got {args.num_samples}")
+    attack_settings = dict(
+        attack=args.attack, norm=args.norm, steps=args.steps, step_size=args.step_size,
+        random_start=not args.no_random_start, gamma=args.gamma, momentum=args.momentum, diversity=args.diversity,
+        ti_kernel=args.ti_kernel, l2_scale=args.l2_scale, seed=args.seed, batch_size=args.batch_size,
+    )
+    TransferSettings(eps=tuple(args.eps), **attack_settings)  # bad settings fail before any work
     out = prepare_output_dir(args.out or default_output_dir(), overwrite=args.overwrite)
     dataset = load_dataset(args.dataset or checkpoint_dataset(args.checkpoints + args.surrogate), args.data_root)
     split = dataset.test
@@ -96,10 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = evaluate_checkpoints(
         args.checkpoints, split, surrogates=args.surrogate, device=device,
-        attack_targets=True if args.attack_targets else None, attack=args.attack, eps_list=args.eps,
-        norm=args.norm, steps=args.steps, step_size=args.step_size, random_start=not args.no_random_start,
-        gamma=args.gamma, momentum=args.momentum, diversity=args.diversity, ti_kernel=args.ti_kernel,
-        l2_scale=args.l2_scale, seed=args.seed, batch_size=args.batch_size, features=not args.no_features,
+        attack_targets=True if args.attack_targets else None, eps_list=args.eps, features=not args.no_features,
+        **attack_settings,
         log=lambda message: print(message, file=sys.stderr, flush=True),
     )
     result["settings"].update({"dataset": dataset.name, "device": str(device), "command": sys.argv[1:] if argv is None else list(argv)})

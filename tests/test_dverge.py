@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -33,6 +31,9 @@ from decorr.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER = "features.pool2"
+_spec = importlib.util.spec_from_file_location("dverge_script", REPO / "train" / "dverge.py")
+dverge_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(dverge_script)
 
 
 def cnn(seed: int) -> nn.Module:
@@ -182,6 +183,26 @@ def test_plus_adversarial_adds_each_models_own_examples_with_weight():
         dverge_objective(models[:1], distilled[:1], ys)
 
 
+def test_plus_adversarial_step_trains_on_own_pgd_examples(mnist):
+    xs, xt, ys = batches(mnist, 32)
+    models = [Recorder(cnn(22)), Recorder(cnn(23))]
+    before = [copy.deepcopy(m.model) for m in models]
+    config = DvergeConfig(steps=1, plus_adv=True, adv_weight=0.5, adv_steps=2, adv_eps=0.1, adv_step_size=0.05)
+    optimizer = torch.optim.SGD([p for m in models for p in m.parameters()], lr=0.0)
+    gen = torch.Generator().manual_seed(3)
+    terms = dverge_step(models, optimizer, xs, ys, xt, config, [f"model.{LAYER}"] * 2, generator=gen)
+    for j, m in enumerate(models):
+        seen = m.seen[0]
+        assert seen.shape[0] == 2 * len(xs), "the other's distilled batch and the model's own PGD batch"
+        own_adv = seen[len(xs):]
+        assert (own_adv - xs).abs().max() <= 0.1 + 1e-6
+        # Its own adversarial examples fool it more than the natural images do.
+        with torch.no_grad():
+            adv_ce = F.cross_entropy(before[j](own_adv), ys)
+            assert adv_ce > F.cross_entropy(before[j](xs), ys)
+        assert float(terms[f"ce_adv_model{j}"]) == pytest.approx(float(adv_ce), rel=1e-5)
+
+
 def test_layer_choice_fixed_or_drawn_per_epoch():
     layers = ("features.pool1", "features.pool2", "head.relu3")
     draws = [choose_layer(layers, 0, epoch) for epoch in range(30)]
@@ -207,7 +228,7 @@ def make_pair(path: Path) -> Path:
     return path
 
 
-TINY = dict(batch_size=500, steps=2, train_subset=1000, eval_subset=100, eval_eps=(0.1, 0.15), eval_steps=2,
+TINY = dict(batch_size=500, batches_per_epoch=1, steps=2, train_subset=1000, eval_subset=100, eval_eps=(0.1, 0.15), eval_steps=2,
             eval_features=False, accuracy_subset=100)
 
 
@@ -238,15 +259,13 @@ def test_run_logs_every_epoch_and_resumes_exactly(mnist, tmp_path):
             assert torch.equal(want[key], got[key]), f"{name}.{key} differs after resume"
 
 
-def test_script_rejects_a_single_model_with_one_line(tmp_path):
+def test_script_rejects_a_single_model_with_one_line(tmp_path, capsys):
     single = tmp_path / "single"
     save_checkpoint(single, {"model0": cnn(40)}, {"kind": "classifier", "models": {"model0": model_entry("mnist_cnn")},
                                                  "dataset": "mnist"})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(REPO / "train" / "dverge.py"), "--init", str(single),
-                           "--run-dir", str(tmp_path / "run"), "--no-tensorboard"],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
+    with pytest.raises(SystemExit) as exit_info:
+        dverge_script.main(["--init", str(single), "--run-dir", str(tmp_path / "run"), "--no-tensorboard"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "at least 2 models" in lines[0]
     assert not (tmp_path / "run").exists()

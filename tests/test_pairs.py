@@ -43,12 +43,15 @@ def test_objective_matches_formula():
     ce = [F.cross_entropy(out, y) for out in logits]
     expected = torch.sqrt(ce[0] ** 2 + ce[1] ** 2) + 0.05 * correlation_loss(*feats)
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    both, _ = pair_objective(logits, feats, y, PairConfig(mode="dec", corr_direction="both"), models)
+    symmetric = 0.5 * (correlation_loss(*feats) + correlation_loss(feats[1], feats[0]))
+    assert float(both.detach()) == pytest.approx(float((torch.sqrt(ce[0] ** 2 + ce[1] ** 2) + 0.05 * symmetric).detach()), rel=1e-6)
     cor, _ = pair_objective(logits, feats, y, PairConfig(mode="cor"), models)
-    assert float(cor) == pytest.approx(float(torch.sqrt(ce[0] ** 2 + ce[1] ** 2)), rel=1e-6)
+    assert float(cor.detach()) == pytest.approx(float(torch.sqrt(ce[0] ** 2 + ce[1] ** 2).detach()), rel=1e-6)
     param_cfg = PairConfig(mode="param", target_distance=100.0, distance_weight=1e-5)
     param, terms = pair_objective(logits, feats, y, param_cfg, models)
     distance = parameter_distance(*models)
-    assert float(param) == pytest.approx(float(ce[0] + ce[1] + 1e-5 * (distance - 100.0) ** 2), rel=1e-6)
+    assert float(param.detach()) == pytest.approx(float((ce[0] + ce[1] + 1e-5 * (distance - 100.0) ** 2).detach()), rel=1e-6)
 
 
 @pytest.mark.slow

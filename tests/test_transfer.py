@@ -268,7 +268,7 @@ def test_errors_are_one_line(checkpoints, tmp_path, capsys):
     common = ["--num-samples", "20", "--steps", "1", "--no-plots"]
     assert "does not exist" in _script_error([str(tmp_path / "missing"), "--out", str(tmp_path / "o1"), *common], capsys)
     err = _script_error([checkpoints["pair"], "--eps", "-0.1", "--out", str(tmp_path / "o2"), *common], capsys)
-    assert "epsilon must be >= 0" in err
+    assert "epsilon must be >= 0" in err and not (tmp_path / "o2").exists()  # refused before any work
     err = _script_error([checkpoints["cnn"], "--attack", "sgm", "--out", str(tmp_path / "o3"), *common], capsys)
     assert "cnn/model0" in err and "no residual units" in err
     err = _script_error([checkpoints["pair"], "--gamma", "0.5", "--out", str(tmp_path / "o4"), *common], capsys)

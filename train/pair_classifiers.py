@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="D of the parametric-distance pairs (mode param)")
     p.add_argument("--distance-weight", type=float, default=defaults["distance_weight"].default)
     p.add_argument("--feature-layer", default=None, help="module name of the decorrelated layer (default: the model's)")
+    p.add_argument("--corr-direction", choices=("forward", "both"), default="forward",
+                   help="regress model1 on model0 (the paper) or average both directions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-subset", type=int, default=None, help="use only the first N test images")
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     config = PairConfig(
         arch=args.arch, mode=args.mode, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, lambda_corr=args.lambda_corr, target_distance=args.target_distance,
-        distance_weight=args.distance_weight, feature_layer=args.feature_layer, seed=args.seed,
+        distance_weight=args.distance_weight, feature_layer=args.feature_layer, corr_direction=args.corr_direction, seed=args.seed,
         train_subset=args.train_subset, test_subset=args.test_subset,
     )
     metrics = train_pair(config, args.run_dir, resume=args.resume, data_root=args.data_root,

@@ -1,0 +1,277 @@
+"""Training one registry classifier on one dataset: surrogates and targets for transfer experiments.
+
+Plain supervised training (cross-entropy, SGD with momentum or Adam, optional cosine learning rate),
+with the same harness and checkpoint format as the pairs (:mod:`decorr.pairs`): a
+:class:`~decorr.training.TrainingRun` (accelerate, TensorBoard, an atomic checkpoint after every epoch,
+``resume``), batches drawn from ``(seed, epoch)`` with the dataset's default augmentation, and the
+checkpoint kind ``"classifier"`` holding one model named ``model``.
+
+The cross-entropy is the mean over the global batch (per-sample losses gathered with gradient across
+processes), so N processes take the step one process takes with the whole batch; with ``sync_bn`` the
+batch norm statistics are those of the global batch too (:mod:`decorr.batchnorm`), otherwise each
+process normalises its own shard, as plain DDP does.
+
+The model is built for the dataset: when the architecture's builder takes ``in_channels``,
+``in_features`` or ``num_classes`` and the dataset needs another value than the builder's default
+(e.g. ``resnet20`` on 1-channel Fashion-MNIST), that keyword is set and recorded in the checkpoint, so
+``decorr.checkpoint.load_models`` rebuilds the same model.
+
+Defaults (SGD 0.05, momentum 0.9, weight decay 5e-4, cosine to 0 over the run, batch 128, crop + flip
+for colour images) are the usual CIFAR recipe shortened to a few epochs. On the 8068-image CIFAR-10
+subset they give ResNet-20 / VGG-small / DenseNet-small around 55-70% test accuracy in 10-15 epochs
+(``docs/results_sgm.md`` has the measured runs).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from decorr.batchnorm import convert_sync_batchnorm
+from decorr.checkpoint import model_entry
+from decorr.data import ImageDataset, dataset_augment, iterate_batches, load_dataset, num_batches
+from decorr.distributed import all_gather_with_grad
+from decorr.errors import DecorrError
+from decorr.models import create_model, model_spec
+from decorr.pairs import _average, _global_mean, evaluate_models
+from decorr.training import TrainingRun
+
+__all__ = [
+    "ClassifierConfig",
+    "MODEL_NAME",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "build_optimizer",
+    "check_model_fits",
+    "classifier_objective",
+    "dataset_model_kwargs",
+    "learning_rate",
+    "train_classifier",
+]
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("none", "cosine")
+#: The one model of a classifier checkpoint.
+MODEL_NAME = "model"
+
+
+@dataclass
+class ClassifierConfig:
+    """Hyperparameters of one classifier run; the defaults suit the CIFAR-size models of
+    :mod:`decorr.models.cifar` on a few thousand images."""
+
+    arch: str = "resnet20"
+    dataset: str = "cifar10"
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    augment: bool = True
+    sync_bn: bool = False
+    feature_layer: str | None = None
+    seed: int = 0
+    train_subset: int | None = None
+    test_subset: int | None = None
+    eval_batch_size: int = 1000
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        spec = model_spec(self.arch)  # an unknown architecture is a DecorrError listing the known ones
+        if self.optimizer not in OPTIMIZERS:
+            raise DecorrError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise DecorrError(f"unknown learning-rate schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise DecorrError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise DecorrError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise DecorrError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise DecorrError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.feature_layer is None:
+            self.feature_layer = spec.feature_layer
+        if self.feature_layer is None:
+            raise DecorrError(f"model {self.arch!r} has no default feature layer; pass --feature-layer MODULE_NAME")
+
+
+# ------------------------------------------------------------------------------------------------
+# The model for a dataset
+
+
+def dataset_model_kwargs(arch: str, dataset: ImageDataset, kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``kwargs`` plus the input and class counts ``dataset`` needs, where the builder takes them.
+
+    A keyword is added only when the user did not give it and the dataset's value differs from the
+    builder's default, so that a model on the data it was designed for is recorded without kwargs.
+    """
+    kwargs = dict(kwargs or {})
+    c, h, w = dataset.input_shape
+    wanted = {"in_channels": c, "in_features": c * h * w, "num_classes": dataset.num_classes}
+    parameters = inspect.signature(model_spec(arch).builder).parameters
+    for name, value in wanted.items():
+        parameter = parameters.get(name)
+        if name in kwargs or parameter is None:
+            continue
+        if parameter.default is inspect.Parameter.empty or parameter.default != value:
+            kwargs[name] = value
+    return kwargs
+
+
+def check_model_fits(model: nn.Module, arch: str, dataset: ImageDataset) -> None:
+    """Raise a DecorrError unless ``model`` maps the dataset's images to one logit per class."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *dataset.input_shape))
+    except (RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DecorrError(
+            f"model {arch!r} cannot take the {dataset.input_shape} images of {dataset.name!r} ({first}); "
+            f"choose a model for this input size"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not torch.is_tensor(out) or tuple(out.shape) != (2, dataset.num_classes):
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise DecorrError(
+            f"model {arch!r} outputs {shape} for a batch of 2 but {dataset.name!r} has {dataset.num_classes} "
+            "classes; choose a classifier (or pass num_classes in model_kwargs)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def build_optimizer(parameters: Any, config: ClassifierConfig) -> torch.optim.Optimizer:
+    """SGD with (heavy-ball) momentum, or Adam; weight decay as an L2 term in both."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def learning_rate(config: ClassifierConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of ``total_steps``.
+
+    ``cosine`` decays from ``lr`` at step 0 towards 0 at ``total_steps``, per step. It is a function
+    of the step alone (no scheduler state), so a resumed run follows the same schedule; resuming with
+    more ``epochs`` stretches the rest of it.
+    """
+    if config.schedule == "none":
+        return config.lr
+    return 0.5 * config.lr * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
+
+
+def classifier_objective(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean cross-entropy over the global batch, and (for logging) the loss and accuracy."""
+    loss = _global_mean(F.cross_entropy(logits, y, reduction="none"))
+    with torch.no_grad():
+        acc = all_gather_with_grad((logits.argmax(1) == y).float()).mean()
+    return loss, {"loss": loss.detach(), "acc": acc}
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+
+
+def _load_data(config: ClassifierConfig, data_root: str | None) -> ImageDataset:
+    dataset = load_dataset(config.dataset, data_root)
+    if config.train_subset or config.test_subset:
+        dataset = dataset.subset(train=config.train_subset, test=config.test_subset)
+    return dataset
+
+
+def train_classifier(
+    config: ClassifierConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    data_root: str | None = None,
+    dataset: ImageDataset | None = None,
+    mixed_precision: str = "no",
+    cpu: bool = False,
+    log: bool = True,
+) -> dict[str, Any]:
+    """Train ``config.arch`` on ``config.dataset``, checkpointing after every epoch; return the last metrics.
+
+    ``dataset`` overrides loading ``config.dataset`` (subsets still apply); ``config.dataset`` is what
+    the checkpoint records, so it should name the same data.
+    """
+    dataset = _load_data(config, data_root) if dataset is None else dataset.subset(config.train_subset, config.test_subset)
+    steps = num_batches(len(dataset.train), config.batch_size, drop_last=True)
+    if steps == 0:
+        raise DecorrError(
+            f"--batch-size {config.batch_size} exceeds the {len(dataset.train)} training images; use a smaller batch"
+        )
+    layer = config.feature_layer
+    assert layer is not None
+    kwargs = dataset_model_kwargs(config.arch, dataset, config.model_kwargs)
+    run_config = {
+        "kind": "classifier",
+        "models": {MODEL_NAME: model_entry(config.arch, kwargs, layer)},
+        "dataset": config.dataset,
+        "hyperparameters": asdict(config),
+    }
+    run = TrainingRun(Path(run_dir), run_config, seed=config.seed, resume=resume,
+                      mixed_precision=mixed_precision, cpu=cpu, log=log)
+    model = create_model(config.arch, **kwargs)
+    check_model_fits(model, config.arch, dataset)
+    if config.sync_bn:
+        model = convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model.parameters(), config)
+    start_epoch = run.restore({MODEL_NAME: model}, optimizer)
+    model, optimizer = run.prepare(model, optimizer)
+    prepared = {MODEL_NAME: model}
+    # Batch norm cannot normalise a last batch of one sample, and a small one is a noisy step: drop it.
+    augment = dataset_augment(dataset) if config.augment else None
+    total_steps = config.epochs * steps
+    metrics: dict[str, Any] = run.history[-1] if run.history else {}
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        model.train()
+        batches = iterate_batches(dataset.train, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
+                                  drop_last=True, augment=augment, shard=run.shard, device=run.device)
+        step_terms = []
+        lr = config.lr
+        for index, (x, y) in enumerate(run.progress(batches, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}")):
+            lr = learning_rate(config, epoch * steps + index, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with run.accelerator.autocast():
+                loss, terms = classifier_objective(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            run.accelerator.backward(loss)
+            optimizer.step()
+            step_terms.append(terms)
+        train_seconds = time.perf_counter() - started
+        evaluation = evaluate_models(prepared, dataset.test, {MODEL_NAME: layer}, batch_size=config.eval_batch_size,
+                                     device=run.device, shard=run.shard)
+        metrics = {
+            **{f"train/{k}": v for k, v in _average(step_terms).items()},
+            "train/lr": lr,
+            "test/acc": evaluation[f"acc_{MODEL_NAME}"],
+            "time/train_epoch_s": train_seconds,
+        }
+        run.log_scalars(metrics, step=epoch + 1)
+        run.print(
+            f"epoch {epoch + 1:3d}/{config.epochs}  loss {metrics['train/loss']:.4f}  "
+            f"train acc {metrics['train/acc']:.4f}  test acc {metrics['test/acc']:.4f}  "
+            f"lr {lr:.4g}  {train_seconds:.0f} s"
+        )
+        run.save(epoch + 1, prepared, optimizer, metrics)
+    run.finish()
+    return metrics
