@@ -202,7 +202,7 @@ def train_classifier(
     resume: bool = False,
     data_root: str | None = None,
     dataset: ImageDataset | None = None,
-    mixed_precision: str = "no",
+    mixed_precision: str | None = None,
     cpu: bool = False,
     log: bool = True,
 ) -> dict[str, Any]:

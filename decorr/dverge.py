@@ -38,7 +38,7 @@ import math
 import time
 from itertools import islice
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -491,7 +491,7 @@ def train_dverge(
     *,
     resume: bool = False,
     data_root: str | None = None,
-    mixed_precision: str = "no",
+    mixed_precision: str | None = None,
     cpu: bool = False,
     log: bool = True,
     json_path: str | Path | None = None,

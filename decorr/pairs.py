@@ -201,7 +201,7 @@ def train_pair(
     *,
     resume: bool = False,
     data_root: str | None = None,
-    mixed_precision: str = "no",
+    mixed_precision: str | None = None,
     cpu: bool = False,
     log: bool = True,
 ) -> dict[str, Any]:

@@ -66,7 +66,8 @@ class TrainingRun:
     config: dict[str, Any]
     seed: int = 0
     resume: bool = False
-    mixed_precision: str = "no"
+    #: "no", "bf16", "fp16", or None for accelerate's own default (``accelerate launch --mixed_precision``).
+    mixed_precision: str | None = None
     gradient_accumulation_steps: int = 1
     cpu: bool = False
     log: bool = True
@@ -193,9 +194,12 @@ class TrainingRun:
         return iter(tqdm(iterable, total=total, desc=desc, leave=False, disable=disable))
 
     def finish(self) -> None:
+        """Flush and close the trackers. The process group stays up (accelerate's ``end_training``
+        would destroy it), so one process can run several stages, e.g. the DNA's two."""
         self.accelerator.wait_for_everyone()
         if self.log:
-            self.accelerator.end_training()
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
 
 
 def _has_accelerator() -> bool:

@@ -408,19 +408,6 @@ def _training_run(config: DnaConfig, run_dir: str | Path, run_config: dict[str, 
     return run
 
 
-def _finish(run: TrainingRun, end: bool) -> None:
-    """End the run; with ``end=False`` keep the process group for another stage in this process.
-
-    ``TrainingRun.finish`` ends accelerate's training, which destroys the process group.
-    """
-    if end:
-        run.finish()
-        return
-    run.accelerator.wait_for_everyone()
-    for tracker in run.accelerator.trackers:
-        tracker.finish()
-
-
 def _run_config(config: DnaConfig, stage: int, models: Mapping[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
     return {"kind": "dna", "stage": stage, "models": dict(models), "dataset": config.dataset,
             "hyperparameters": asdict(config), **extra}
@@ -437,15 +424,11 @@ def train_autoencoder(
     resume: bool = False,
     data_root: str | None = None,
     dataset: ImageDataset | None = None,
-    mixed_precision: str = "no",
+    mixed_precision: str | None = None,
     cpu: bool = False,
     log: bool = True,
-    end: bool = True,
 ) -> dict[str, Any]:
-    """Stage 1 in ``run_dir`` (a stage directory, e.g. ``RUN_DIR/stage1``); returns the last metrics.
-
-    ``end=False`` keeps the process group alive for a stage 2 in the same process.
-    """
+    """Stage 1 in ``run_dir`` (a stage directory, e.g. ``RUN_DIR/stage1``); returns the last metrics."""
     dataset = dataset if dataset is not None else _load_data(config, data_root)
     entry = model_entry(config.autoencoder_arch, config.autoencoder_kwargs)
     run = _training_run(config, run_dir, _run_config(config, 1, {"autoencoder": entry}), resume=resume,
@@ -481,7 +464,7 @@ def train_autoencoder(
         run.print(f"autoencoder epoch {epoch + 1:3d}/{config.epochs}  loss {metrics['train/loss']:.5f}{corr}  "
                   f"test MSE {evaluation['mse']:.5f}{r2}")
         run.save(epoch + 1, {"autoencoder": model}, optimizer, metrics)
-    _finish(run, end)
+    run.finish()
     return metrics
 
 
@@ -525,10 +508,9 @@ def train_classifier(
     resume: bool = False,
     data_root: str | None = None,
     dataset: ImageDataset | None = None,
-    mixed_precision: str = "no",
+    mixed_precision: str | None = None,
     cpu: bool = False,
     log: bool = True,
-    end: bool = True,
 ) -> dict[str, Any]:
     """Stage 2 in ``run_dir`` (e.g. ``RUN_DIR/stage2``) on the frozen autoencoder of a stage-1 checkpoint."""
     dataset = dataset if dataset is not None else _load_data(config, data_root)
@@ -570,7 +552,7 @@ def train_classifier(
         run.print(f"classifier epoch {epoch + 1:3d}/{config.classifier_epochs}  ce {metrics['train/ce']:.4f}  "
                   f"acc either {evaluation['acc_either']:.4f}  {paths}  natural {evaluation['acc_natural']:.4f}")
         run.save(epoch + 1, {"autoencoder": autoencoder, "classifier": model}, optimizer, metrics)
-    _finish(run, end)
+    run.finish()
     return metrics
 
 
@@ -594,7 +576,7 @@ def train_dna(
     init_from: str | Path | None = None,
     resume: bool = False,
     data_root: str | None = None,
-    mixed_precision: str = "no",
+    mixed_precision: str | None = None,
     cpu: bool = False,
     log: bool = True,
 ) -> dict[str, Any]:
@@ -620,7 +602,7 @@ def train_dna(
     results: dict[str, Any] = {}
     if 1 in wanted:
         results["stage1"] = train_autoencoder(
-            config, stage_dirs[1], resume=resume and _has_checkpoint(stage_dirs[1]), end=2 not in wanted, **common)
+            config, stage_dirs[1], resume=resume and _has_checkpoint(stage_dirs[1]), **common)
     if 2 in wanted:
         source = Path(init_from) if init_from is not None else stage_dirs[1]
         if init_from is None and not _has_checkpoint(source):
@@ -685,7 +667,7 @@ def parse_args(family: str, argv: list[str] | None = None, description: str | No
                    default=int(os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", 1)),
                    help="split each batch into this many micro-batches (the correlation loss sees one micro-batch)")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
-                   default=os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
+                   default=None,
                    help="autocast the models; the correlation loss is always computed in float32 "
                         "(default: accelerate launch's --mixed_precision, else no)")
     p.add_argument("--seed", type=int, default=0)
