@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
+from fractions import Fraction
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -30,3 +32,11 @@ def cli_entry(main: Callable[..., T]) -> Callable[..., T]:
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def pixel_value(text: str) -> float:
+    """argparse type for radii and step sizes in pixel units: a float or a fraction such as ``8/255``."""
+    try:
+        return float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 0.05 or 8/255)") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -195,7 +196,7 @@ def plot_heatmap(
 
     values = np.array([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
     rows, cols = values.shape if values.size else (len(row_labels), len(col_labels))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * max(cols, 1), 1.4 + 0.8 * max(rows, 1)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.4 + 1.1 * cols), max(4.0, 2.0 + 0.8 * rows)))
     cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax)
     for i in range(rows):
@@ -209,7 +210,7 @@ def plot_heatmap(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(textwrap.fill(title, 70), fontsize=9)
     fig.colorbar(image, ax=ax, label=colorbar_label, fraction=0.046, pad=0.04)
     return _save(fig, path)
 

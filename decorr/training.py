@@ -26,7 +26,6 @@ from decorr.checkpoint import (
     CHECKPOINT_DIR,
     load_checkpoint,
     load_optimizer_state,
-    resolve_checkpoint,
     save_checkpoint,
 )
 from decorr.errors import DecorrError

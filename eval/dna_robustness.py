@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import torch
 
 from decorr.data import load_dataset
-from decorr.errors import DecorrError, cli_entry
+from decorr.errors import DecorrError, cli_entry, pixel_value
 from decorr.models import model_spec
 from decorr.report import prepare_output_dir, write_results_json
 from dna.evaluation import (
@@ -38,12 +37,6 @@ from dna.evaluation import (
 DEFAULT_EPS = {1: (0.05, 0.10, 0.15), 3: (2 / 255, 4 / 255, 8 / 255)}
 
 
-def pixel_value(text: str) -> float:
-    """A float or a fraction such as ``8/255``."""
-    try:
-        return float(Fraction(text)) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 0.05 or 8/255)") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from fractions import Fraction
 
 import torch
 
 from decorr.checkpoint import load_checkpoint
 from decorr.data import load_dataset
-from decorr.errors import DecorrError, cli_entry
+from decorr.errors import DecorrError, cli_entry, pixel_value
 from decorr.report import default_output_dir, format_transfer, prepare_output_dir, save_transfer_report
 from decorr.transfer import (
     ATTACKS,
@@ -33,12 +32,6 @@ from decorr.transfer import (
 )
 
 
-def pixel_value(text: str) -> float:
-    """A float or a fraction such as ``3/255``."""
-    try:
-        return float(Fraction(text)) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 0.05 or 8/255)") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

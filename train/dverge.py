@@ -14,18 +14,11 @@ epoch). Writes RUN_DIR/checkpoint, RUN_DIR/tensorboard and RUN_DIR/dverge.json.
 from __future__ import annotations
 
 import argparse
-from fractions import Fraction
 
 from decorr.dverge import DEFAULT_EVAL_EPS, DvergeConfig, format_history, train_dverge
-from decorr.errors import DecorrError, cli_entry
+from decorr.errors import DecorrError, cli_entry, pixel_value
 
 
-def pixel_value(text: str) -> float:
-    """A float or a fraction such as ``3/255``."""
-    try:
-        return float(Fraction(text)) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 0.15 or 3/255)") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
