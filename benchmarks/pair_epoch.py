@@ -71,7 +71,7 @@ def paper_style_epoch(models, optimizer, root: Path, batch_size: int, lambda_cor
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def main() -> None:
@@ -85,16 +85,18 @@ def main() -> None:
     tv_root = torchvision_root(dataset.source)
     torch.manual_seed(0)
     initial = (create_model("mnist_cnn"), create_model("mnist_cnn"))
+    # Ours as train_pair runs it: channels-last weights (the paper-style loop keeps the default layout).
+    ours_initial = tuple(copy.deepcopy(m).to(memory_format=torch.channels_last) for m in initial)
 
-    def fresh():
-        models = tuple(copy.deepcopy(m) for m in initial)
+    def fresh(start=initial):
+        models = tuple(copy.deepcopy(m) for m in start)
         optimizer = torch.optim.Adam([p for m in models for p in m.parameters()], lr=config.lr)
         return models, optimizer
 
     ours_times, paper_times, ours_loss, paper_loss = [], [], [], []
     try:
         for repeat in range(args.repeats):
-            models, optimizer = fresh()
+            models, optimizer = fresh(ours_initial)
             start = time.perf_counter()
             terms = train_epoch(models[0], models[1], optimizer,
                                 iterate_batches(dataset.train, config.batch_size, seed=repeat, epoch=0), config)

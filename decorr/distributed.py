@@ -63,6 +63,11 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllGatherWithGrad.apply(x)
 
 
+def global_mean(per_sample: torch.Tensor) -> torch.Tensor:
+    """Mean of a per-sample quantity over the global batch, with gradient (the batch mean of 1 process)."""
+    return all_gather_with_grad(per_sample).mean()
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of ``x`` over processes, without gradient (for metrics and counts)."""
     if not is_distributed():

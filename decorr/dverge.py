@@ -52,7 +52,7 @@ from decorr.attacks import ce_loss, pgd
 from decorr.attacks.losses import LossFn
 from decorr.checkpoint import build_model, load_checkpoint, resolve_checkpoint
 from decorr.data import ImageSplit, iterate_batches, load_dataset, num_batches, to_float
-from decorr.distributed import all_gather_with_grad
+from decorr.distributed import global_mean
 from decorr.errors import DecorrError
 from decorr.features import find_module
 from decorr.training import TrainingRun, unwrap, write_json
@@ -245,9 +245,6 @@ def choose_layer(layers: Sequence[str], seed: int, epoch: int) -> str | None:
 # The training step
 
 
-def _global_mean(per_sample: Tensor) -> Tensor:
-    return all_gather_with_grad(per_sample).mean()
-
 
 def dverge_objective(
     models: Sequence[nn.Module],
@@ -275,7 +272,7 @@ def dverge_objective(
         if adversarial is not None:
             inputs.append(adversarial[j])
         logits = model(torch.cat(inputs))
-        ce = [_global_mean(F.cross_entropy(chunk.float(), ys, reduction="none"))
+        ce = [global_mean(F.cross_entropy(chunk.float(), ys, reduction="none"))
               for chunk in logits.split(batch)]
         distill_ce = torch.stack(ce[: n - 1]).mean()
         loss = distill_ce

@@ -56,19 +56,25 @@ def _check_batch(n: int, m1: int) -> None:
         )
 
 
-def _kept_qr(x_centred: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _kept_qr(x_centred: torch.Tensor, z1: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Householder QR of the centred regressors with dependent columns dropped.
 
     Returns (a, tau, keep): LAPACK's compact form of the QR of ``x_centred[:, keep]``. A column is kept
     when its |R_jj| exceeds ``eta`` times the largest one. Centring first is the same as factorising
     [1, Z1] with the intercept first, so constant columns are dropped as dependent on the intercept.
+    Exactly constant columns (dead ReLU units are common) are dropped before factorising: they would
+    get R_jj = 0 anyway, and this usually saves a second factorisation.
     """
-    a, tau = torch.geqrf(x_centred)
+    varying = (z1.amax(dim=0) > z1.amin(dim=0)).nonzero().squeeze(1)
+    a, tau = torch.geqrf(x_centred[:, varying])
     diag = a.diagonal().abs()
     largest = diag.max() if diag.numel() else diag.new_zeros(())
-    keep = diag > eta * largest
-    if not bool(keep.all()):
-        a, tau = torch.geqrf(x_centred[:, keep])
+    kept_varying = diag > eta * largest
+    columns = varying[kept_varying]
+    if not bool(kept_varying.all()):
+        a, tau = torch.geqrf(x_centred[:, columns])
+    keep = torch.zeros(x_centred.shape[1], dtype=torch.bool, device=x_centred.device)
+    keep[columns] = True
     return a, tau, keep
 
 
@@ -79,7 +85,7 @@ class _CorrelationLoss(torch.autograd.Function):
         x = z1 - z1.mean(dim=0, keepdim=True)
         y = z2 - z2.mean(dim=0, keepdim=True)
         ss_tot = y.square().sum()
-        a, tau, keep = _kept_qr(x, eta)
+        a, tau, keep = _kept_qr(x, z1, eta)
         k = int(keep.sum())
         if k == 0:
             residual = y
@@ -89,7 +95,8 @@ class _CorrelationLoss(torch.autograd.Function):
             qty = torch.ormqr(a, tau, y, left=True, transpose=True)
             r_factor = a[:k].triu()
             coefficients = torch.linalg.solve_triangular(r_factor, qty[:k], upper=True)
-            residual = y - x[:, keep] @ coefficients
+            kept = x if k == x.shape[1] else x[:, keep]
+            residual = torch.addmm(y, kept, coefficients, alpha=-1)
         ss_res = residual.square().sum()
         ctx.save_for_backward(y, residual, coefficients, keep, ss_tot, ss_res)
         ctx.eps = eps
@@ -104,10 +111,13 @@ class _CorrelationLoss(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_z2 = (y * (2.0 / (ss_tot + eps)) - residual * scale_res) * grad_out
         if ctx.needs_input_grad[0]:
-            grad_z1 = residual.new_zeros((residual.shape[0], keep.shape[0]))
-            if coefficients.shape[0]:
-                # The residual has zero column means, so centring z1 does not change this gradient.
-                grad_z1[:, keep] = (residual @ coefficients.T) * (scale_res * grad_out)
+            # The residual has zero column means, so centring z1 does not change this gradient.
+            if bool(keep.all()):
+                grad_z1 = (residual @ coefficients.T) * (scale_res * grad_out)
+            else:
+                grad_z1 = residual.new_zeros((residual.shape[0], keep.shape[0]))
+                if coefficients.shape[0]:
+                    grad_z1[:, keep] = (residual @ coefficients.T) * (scale_res * grad_out)
         return grad_z1, grad_z2, None, None
 
 
@@ -155,7 +165,7 @@ def regression_sums(
     with torch.no_grad(), torch.autocast(device_type=z1.device.type, enabled=False):
         x = z1 - z1.mean(dim=0, keepdim=True)
         y = z2 - z2.mean(dim=0, keepdim=True)
-        a, tau, keep = _kept_qr(x, eta)
+        a, tau, keep = _kept_qr(x, z1, eta)
         k = int(keep.sum())
         qty = torch.ormqr(a, tau, y, left=True, transpose=True) if k else y
         return qty[k:].square().sum(), y.square().sum()

@@ -23,12 +23,12 @@ import torch.nn.functional as F
 
 from decorr.checkpoint import model_entry
 from decorr.data import ImageSplit, iterate_batches, load_dataset, num_batches
-from decorr.distributed import all_gather_with_grad, all_reduce_sum
+from decorr.distributed import all_gather_with_grad, all_reduce_sum, global_mean
 from decorr.errors import DecorrError
 from decorr.features import record_features
 from decorr.loss import correlation_loss, pca_pearson, parameter_distance, r_squared
 from decorr.models import create_model, model_spec
-from decorr.training import TrainingRun, unwrap
+from decorr.training import TrainingRun, mean_terms, unwrap
 
 MODES = ("cor", "dec", "param")
 MODEL_NAMES = ("model0", "model1")
@@ -86,9 +86,6 @@ def feature_width(model: nn.Module, layer: str, input_shape: tuple[int, ...]) ->
     return int(feats[layer][0].numel())
 
 
-def _global_mean(per_sample: torch.Tensor) -> torch.Tensor:
-    return all_gather_with_grad(per_sample).mean()
-
 
 def pair_objective(
     logits: tuple[torch.Tensor, torch.Tensor],
@@ -98,7 +95,7 @@ def pair_objective(
     models: tuple[nn.Module, nn.Module],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The pair loss of SPEC section 2 on the global batch, and its terms for logging."""
-    ce = [_global_mean(F.cross_entropy(out, y, reduction="none")) for out in logits]
+    ce = [global_mean(F.cross_entropy(out, y, reduction="none")) for out in logits]
     terms: dict[str, torch.Tensor] = {"ce0": ce[0].detach(), "ce1": ce[1].detach()}
     if config.mode == "param":
         distance = parameter_distance(unwrap(models[0]), unwrap(models[1]))
@@ -162,10 +159,6 @@ def evaluate_models(
     return result
 
 
-def _average(values: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    keys = values[0].keys() if values else []
-    return {k: float(torch.stack([v[k] for v in values]).mean()) for k in keys}
-
 
 def train_epoch(
     model0: nn.Module,
@@ -184,6 +177,9 @@ def train_epoch(
     model1.train()
     step_terms: list[dict[str, torch.Tensor]] = []
     for x, y in batches:
+        if x.dim() == 4:
+            # Channels-last convolutions are ~1.6x faster with oneDNN on CPU for these small CNNs.
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
             with record_features(unwrap(model0), layer) as f0, record_features(unwrap(model1), layer) as f1:
                 logits = (model0(x), model1(x))
@@ -192,7 +188,7 @@ def train_epoch(
         backward(loss)
         optimizer.step()
         step_terms.append(terms)
-    return _average(step_terms)
+    return mean_terms(step_terms)
 
 
 def train_pair(
@@ -220,7 +216,7 @@ def train_pair(
     }
     run = TrainingRun(Path(run_dir), run_config, seed=config.seed, resume=resume,
                       mixed_precision=mixed_precision, cpu=cpu, log=log)
-    models = {n: create_model(config.arch, **kwargs) for n in MODEL_NAMES}
+    models = {n: create_model(config.arch, **kwargs).to(memory_format=torch.channels_last) for n in MODEL_NAMES}
     width = feature_width(models["model0"], layer, dataset.input_shape)
     if config.lambda_effective > 0 and config.batch_size <= width + 1:
         raise DecorrError(

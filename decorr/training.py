@@ -30,7 +30,7 @@ from decorr.checkpoint import (
 )
 from decorr.errors import DecorrError
 
-__all__ = ["TrainingRun", "flat_hparams", "unwrap"]
+__all__ = ["TrainingRun", "flat_hparams", "mean_terms", "unwrap"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -199,6 +199,12 @@ class TrainingRun:
         if self.log:
             for tracker in self.accelerator.trackers:
                 tracker.finish()
+
+
+def mean_terms(values: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Average each logged loss term over an epoch's steps."""
+    keys = values[0].keys() if values else []
+    return {k: float(torch.stack([v[k] for v in values]).mean()) for k in keys}
 
 
 def _has_accelerator() -> bool:

@@ -45,7 +45,7 @@ from decorr.distributed import all_gather_with_grad
 from decorr.errors import DecorrError
 from decorr.loss import correlation_loss, r_squared
 from decorr.models import create_model, model_spec
-from decorr.training import TrainingRun, unwrap
+from decorr.training import TrainingRun, mean_terms, unwrap
 from dna.models import forward_with_latents
 from dna.objectives import autoencoder_loss_from_errors, dna_accuracy, reconstruction_errors
 
@@ -361,10 +361,6 @@ def accumulated_step(
     return {k: v / len(micro_batches) for k, v in totals.items()}
 
 
-def _average(values: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    keys = values[0].keys() if values else []
-    return {k: float(torch.stack([v[k] for v in values]).mean()) for k in keys}
-
 
 def _load_data(config: DnaConfig, data_root: str | None) -> ImageDataset:
     dataset = load_dataset(config.dataset, data_root)
@@ -454,7 +450,7 @@ def train_autoencoder(
                 run, model, optimizer, group, lambda x, y: autoencoder_objective(model, x, config.lambda_corr)))
         evaluation = evaluate_autoencoder(model, dataset.test, batch_size=config.eval_batch_size,
                                           device=run.device, shard=run.shard)
-        metrics = {**{f"train/{k}": v for k, v in _average(step_terms).items()},
+        metrics = {**{f"train/{k}": v for k, v in mean_terms(step_terms).items()},
                    **{f"test/{k}": v for k, v in evaluation.items()}}
         run.log_scalars(metrics, step=epoch + 1)
         if grid_images is not None:
@@ -545,7 +541,7 @@ def train_classifier(
                 run, model, optimizer, group, lambda x, y: classifier_objective(autoencoder, model, x, y)))
         evaluation = evaluate_autoencoder(autoencoder, dataset.test, classifier=model,
                                           batch_size=config.eval_batch_size, device=run.device, shard=run.shard)
-        metrics = {**{f"train/{k}": v for k, v in _average(step_terms).items()},
+        metrics = {**{f"train/{k}": v for k, v in mean_terms(step_terms).items()},
                    **{f"test/{k}": v for k, v in evaluation.items()}}
         run.log_scalars(metrics, step=epoch + 1)
         paths = "  ".join(f"{k[4:]} {v:.4f}" for k, v in evaluation.items() if k.startswith("acc_path"))
