@@ -9,6 +9,7 @@ the whole batch, which the global-batch losses rely on.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from decorr.checkpoint import (
 )
 from decorr.errors import DecorrError
 
-__all__ = ["TrainingRun", "flat_hparams", "mean_terms", "unwrap"]
+__all__ = ["TrainingRun", "add_run_arguments", "flat_hparams", "mean_terms", "unwrap"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -199,6 +200,15 @@ class TrainingRun:
         if self.log:
             for tracker in self.accelerator.trackers:
                 tracker.finish()
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every training script shares: precision, device, resume, logging."""
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
+                        help="default: accelerate launch's --mixed_precision, else no")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    parser.add_argument("--no-tensorboard", action="store_true")
 
 
 def mean_terms(values: list[dict[str, torch.Tensor]]) -> dict[str, float]:

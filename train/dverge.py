@@ -17,8 +17,7 @@ import argparse
 
 from decorr.dverge import DEFAULT_EVAL_EPS, DvergeConfig, format_history, train_dverge
 from decorr.errors import DecorrError, cli_entry, pixel_value
-
-
+from decorr.training import add_run_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,11 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (e.g. 1 on a shared machine)")
     p.add_argument("--json", default=None, help="the run's JSON record (default RUN_DIR/dverge.json)")
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
-                   help="default: accelerate launch's --mixed_precision, else no")
-    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-    p.add_argument("--no-tensorboard", action="store_true")
+    add_run_arguments(p)
     return p.parse_args(argv)
 
 

@@ -13,6 +13,7 @@ import json
 from decorr.distributed import rank
 from decorr.errors import cli_entry
 from decorr.pairs import MODES, PairConfig, train_pair
+from decorr.training import add_run_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,11 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-subset", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
-                   help="default: accelerate launch's --mixed_precision, else no")
-    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-    p.add_argument("--no-tensorboard", action="store_true")
+    add_run_arguments(p)
     return p.parse_args(argv)
 
 
