@@ -136,3 +136,31 @@ def pair_average(matrix: Tensor) -> dict[tuple[int, int], float]:
     return {
         (i, j): 0.5 * (float(matrix[i, j]) + float(matrix[j, i])) for i in range(k) for j in range(i + 1, k)
     }
+
+
+class GradientAlignment(NamedTuple):
+    #: Per-sample cosine similarity of the two gradients (0 where either gradient is zero).
+    cosine: Tensor
+    #: Per-sample fraction of input coordinates where the two gradients' signs agree (what a
+    #: sign-gradient Linf step shares with the other model's steepest-ascent step).
+    sign_agreement: Tensor
+
+
+def gradient_alignment(grad_a: Tensor, grad_b: Tensor) -> GradientAlignment:
+    """How well two models' input gradients on the same samples agree, per sample (first dimension).
+
+    Aligned loss gradients are the usual first-order account of why adversarial examples transfer
+    (a step up one model's loss is a step up the other's), so this is the quantity SGM's decay is meant
+    to raise. Inputs of shape (N, ...) are flattened per sample; results are float64, shape (N,).
+    """
+    if grad_a.shape != grad_b.shape:
+        raise DecorrError(f"the two gradients must have the same shape; got {tuple(grad_a.shape)} and "
+                          f"{tuple(grad_b.shape)}")
+    if grad_a.dim() < 1:
+        raise DecorrError("gradient_alignment needs gradients with a sample dimension, shape (N, ...)")
+    a = grad_a.detach().flatten(1).double() if grad_a.dim() > 1 else grad_a.detach().double()[:, None]
+    b = grad_b.detach().flatten(1).double() if grad_b.dim() > 1 else grad_b.detach().double()[:, None]
+    norms = a.norm(dim=1) * b.norm(dim=1)
+    cosine = torch.where(norms > 0, (a * b).sum(dim=1) / norms.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    sign_agreement = (a.sign() == b.sign()).double().mean(dim=1)
+    return GradientAlignment(cosine, sign_agreement)

@@ -268,8 +268,13 @@ def format_transfer(result: Mapping[str, Any]) -> str:
     settings = result["settings"]
     blocks = []
     model_rows = [[name, m["role"], m.get("arch") or "-", m["natural_accuracy"]] for name, m in result["models"].items()]
+    samples = f"{settings['num_samples']} samples"
+    if settings.get("only_correct"):
+        # Natural accuracies stay over all candidates, so say both counts.
+        samples = (f"{settings['num_samples']} of {settings['num_candidates']} samples (those every model "
+                   "classifies correctly; natural acc over all)")
     blocks.append(format_table(["model", "role", "arch", "natural acc"], model_rows,
-                               title=f"{settings['num_samples']} samples; {_attack_label(settings)}", left_columns=3))
+                               title=f"{samples}; {_attack_label(settings)}", left_columns=3))
     targets = result["targets"]
     for row in result["by_eps"]:
         rows = [[src] + [row["transfer"][src][tgt] for tgt in targets] + [row["white_box_accuracy"][src]]

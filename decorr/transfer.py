@@ -4,7 +4,8 @@ For every source model and epsilon the adversarial examples are generated once, 
 every target is evaluated on each batch right away, so K models cost K attacks per epsilon rather
 than one attack per ordered pair. Reported (``evaluate_transfer`` returns a plain, JSON-able dict):
 
-- natural accuracy of every model; each source's white-box accuracy on its own adversarial examples,
+- natural accuracy of every model (on all ``num_candidates`` samples); each source's white-box
+  accuracy on its own adversarial examples,
   and every target's accuracy on every source's examples;
 - the transfer matrix ``T(i -> j) = P(f_j(x') != y | f_i(x') != y)`` over all evaluated samples
   (originally correct or not), with the counts behind it; ``T(i -> i)`` is not a transfer (null);
@@ -25,6 +26,11 @@ epsilon, batch index)`` (:func:`attack_generator`): a source's adversarial examp
 the data, the batch size and the settings only, not on which other models are evaluated with it. That
 is what makes the one-pass evaluation and a pair-by-pair one give identical numbers.
 
+Samples: all of ``data`` (``num_candidates``), or with ``only_correct`` those that every model classifies
+correctly (``num_samples`` of them; SGM's paper reports a target's error on such samples as the
+attack's success rate). ``only_correct`` changes which samples the attacks, accuracies under attack,
+transfer rates and feature statistics use; the natural accuracies are always over all candidates.
+
 L2 attacks take epsilons (and the PGD step) in Linf-equivalent units, scaled by ``l2_scale``:
 ``sqrt-side`` (SPEC: ``eps * sqrt(d)``, d the image side, 28 for MNIST), ``sqrt-dim`` (d = C*H*W) or
 ``none``. The radius actually used is recorded as ``attack_eps``.
@@ -33,7 +39,8 @@ Result schema (``format`` ``decorr-transfer/1``)::
 
     {"format", "settings": {attack, norm, eps[], attack_eps[], l2_scale, steps, step_size,
                             attack_step_size, random_start, gamma, momentum, diversity, ti_kernel,
-                            seed, batch_size, num_samples, input_shape},
+                            seed, batch_size, num_samples, input_shape, features, only_correct,
+                            num_candidates},
      "models": {name: {role, arch, feature_layer, natural_accuracy, ...model_info[name]}},
      "sources": [name], "targets": [name],
      "pairs": [{a, b, same_arch, parameter_distance, natural_features}],
@@ -430,6 +437,7 @@ def evaluate_transfer(
     seed: int = 0,
     batch_size: int = 1000,
     features: bool = True,
+    only_correct: bool = False,
     device: torch.device | str | None = None,
     model_info: Mapping[str, Mapping[str, Any]] | None = None,
     log: Callable[[str], None] | None = None,
@@ -442,8 +450,11 @@ def evaluate_transfer(
     in order in batches of ``batch_size``. ``feature_layers`` names each model's feature layer (module
     name) and ``archs`` its architecture; pairs of the same architecture (and parameter shapes) get
     feature statistics (``features=False`` skips them). Attack settings as in :class:`TransferSettings`;
-    ``eps_list`` in pixel units (Linf-equivalent for L2). Models are moved to ``device`` (default:
-    where the first model is) and put in eval mode. ``log`` receives progress lines.
+    ``eps_list`` in pixel units (Linf-equivalent for L2). ``only_correct=True`` keeps only the samples
+    that every model (targets and surrogates) classifies correctly, the protocol of SGM's paper, where
+    a target's error on the adversarial examples is the attack's success rate; natural accuracies are
+    still those of all samples. Models are moved to ``device`` (default: where the first model is) and
+    put in eval mode. ``log`` receives progress lines.
     """
     started = time.perf_counter()
     settings = TransferSettings(
@@ -512,10 +523,24 @@ def evaluate_transfer(
             if feats is not None:
                 natural_feats[name].append(feats)
     natural = {name: torch.cat(p) for name, p in natural_preds.items()}
+    natural_accuracy = {name: _number(accuracy(pred, y)) for name, pred in natural.items()}
+    natural_features = {name: torch.cat(f) for name, f in natural_feats.items()}
+    candidates = n
+    if only_correct:
+        keep = torch.stack([pred == y for pred in natural.values()]).all(dim=0)
+        kept = keep.nonzero().flatten()
+        if len(kept) == 0:
+            raise DecorrError(f"none of the {n} samples is classified correctly by every model; "
+                              "drop --only-correct or evaluate more samples")
+        data = data.subset(kept) if isinstance(data, ImageSplit) else (data[0][kept], data[1][kept])
+        y, n = y[kept], len(kept)
+        natural = {name: pred[kept] for name, pred in natural.items()}
+        natural_features = {name: z[kept] for name, z in natural_features.items()}
+        say(f"only_correct: {n} of {candidates} samples are classified correctly by every model")
     timing["natural_s"] += time.perf_counter() - tick
 
     tick = time.perf_counter()
-    natural_sets = {name: _FeatureSet(torch.cat(f)) for name, f in natural_feats.items()}
+    natural_sets = {name: _FeatureSet(z) for name, z in natural_features.items()}
     pair_records = []
     for a, b in pairs:
         record: dict[str, Any] = {"a": a, "b": b, "same_arch": same_arch[(a, b)], "parameter_distance": None,
@@ -569,12 +594,13 @@ def evaluate_transfer(
     model_records = {}
     for name in all_models:
         record = {"role": roles[name], "arch": archs.get(name), "feature_layer": feature_layers.get(name),
-                  "natural_accuracy": _number(accuracy(natural[name], y))}
+                  "natural_accuracy": natural_accuracy[name]}
         record.update(dict((model_info or {}).get(name, {})))
         model_records[name] = record
     timing["total_s"] = time.perf_counter() - started
     settings_record = settings.to_dict(input_shape)
-    settings_record.update({"num_samples": n, "input_shape": list(input_shape), "features": features})
+    settings_record.update({"num_samples": n, "input_shape": list(input_shape), "features": features,
+                            "only_correct": only_correct, "num_candidates": candidates})
     return {
         "format": FORMAT,
         "settings": settings_record,
@@ -681,6 +707,19 @@ def evaluate_checkpoints(
                         "epoch": e["epoch"]} for k, e in entries.items()},
         **kwargs,
     )
+
+
+def checkpoint_dataset(paths: Sequence[str]) -> str:
+    """The dataset the checkpoints were trained on; they must agree."""
+    names = {}
+    for path in paths:
+        base, _ = split_model_selector(path)
+        names[path] = load_checkpoint(base, load_weights=False).config.get("dataset")
+    found = {name for name in names.values() if name}
+    if len(found) != 1:
+        listed = ", ".join(f"{path}: {name}" for path, name in names.items())
+        raise DecorrError(f"cannot tell which dataset to evaluate on ({listed}); pass --dataset")
+    return found.pop()
 
 
 def pair_transfer(result: Mapping[str, Any]) -> dict[tuple[str, str], dict[float, float | None]]:

@@ -18,7 +18,6 @@ import sys
 
 import torch
 
-from decorr.checkpoint import load_checkpoint
 from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry, pixel_value
 from decorr.report import default_output_dir, format_transfer, prepare_output_dir, save_transfer_report
@@ -27,8 +26,8 @@ from decorr.transfer import (
     DEFAULT_EPS,
     L2_SCALES,
     TransferSettings,
+    checkpoint_dataset,
     evaluate_checkpoints,
-    split_model_selector,
 )
 
 
@@ -44,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default=None, help="dataset name or .npz (default: the checkpoints' dataset)")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files (else $DECORR_DATA_ROOT)")
     p.add_argument("--num-samples", type=int, default=None, help="first N test images (default: all)")
+    p.add_argument("--only-correct", action="store_true",
+                   help="evaluate only the images every model classifies correctly (SGM paper's protocol)")
     p.add_argument("--attack", choices=ATTACKS, default="pgd", help="sgm: PGD with --gamma on residual sources")
     p.add_argument("--norm", choices=("linf", "l2"), default="linf")
     p.add_argument("--eps", nargs="+", type=pixel_value, default=list(DEFAULT_EPS), help="radii in pixel units")
@@ -68,19 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def checkpoint_dataset(paths: list[str]) -> str:
-    """The dataset the checkpoints were trained on; they must agree."""
-    names = {}
-    for path in paths:
-        base, _ = split_model_selector(path)
-        names[path] = load_checkpoint(base, load_weights=False).config.get("dataset")
-    found = {name for name in names.values() if name}
-    if len(found) != 1:
-        listed = ", ".join(f"{path}: {name}" for path, name in names.items())
-        raise DecorrError(f"cannot tell which dataset to evaluate on ({listed}); pass --dataset")
-    return found.pop()
-
-
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
@@ -103,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = evaluate_checkpoints(
         args.checkpoints, split, surrogates=args.surrogate, device=device,
         attack_targets=True if args.attack_targets else None, eps_list=args.eps, features=not args.no_features,
-        **attack_settings,
+        only_correct=args.only_correct, **attack_settings,
         log=lambda message: print(message, file=sys.stderr, flush=True),
     )
     result["settings"].update({"dataset": dataset.name, "device": str(device), "command": sys.argv[1:] if argv is None else list(argv)})

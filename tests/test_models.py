@@ -199,11 +199,11 @@ def test_mnist_fc_architecture():
 # --- surrogates and targets for transfer experiments ---------------------------------------------
 
 
-def _resnet20_params(projection: bool) -> int:
+def _cifar_resnet_params(projection: bool, blocks_per_stage: int = 3) -> int:
     total = conv_params(3, 16, 3) + bn_params(16)
     c_in = 16
     for width in (16, 32, 64):
-        for block in range(3):
+        for block in range(blocks_per_stage):
             total += conv_params(c_in, width, 3) + conv_params(width, width, 3) + 2 * bn_params(width)
             if projection and c_in != width:
                 total += conv_params(c_in, width, 1) + bn_params(width)
@@ -219,10 +219,19 @@ def test_resnet20_matches_he_et_al():
     assert [stage[-1].conv2.out_channels for stage in stages] == [16, 32, 64]
     # 19 3x3 convolutions and the linear layer are the 20 weighted layers; option A adds none.
     assert _count(model, nn.Conv2d) == 19 and _count(model, nn.Linear) == 1
-    assert _n_params(model) == _resnet20_params(projection=False)
+    assert _n_params(model) == _cifar_resnet_params(projection=False)
     assert 0.265e6 < _n_params(model) < 0.275e6  # the paper's 0.27M
     projection = create_model("resnet20", shortcut="projection")
-    assert _n_params(projection) == _resnet20_params(projection=True)
+    assert _n_params(projection) == _cifar_resnet_params(projection=True)
+
+
+def test_resnet56_has_27_units_per_he_et_al():
+    model = create_model("resnet56")
+    assert [len(stage) for stage in (model.layer1, model.layer2, model.layer3)] == [9, 9, 9]
+    assert _count(model, nn.Conv2d) == 55 and _count(model, nn.Linear) == 1
+    assert _n_params(model) == _cifar_resnet_params(projection=False, blocks_per_stage=9)
+    assert 0.845e6 < _n_params(model) < 0.86e6  # the paper's 0.85M
+    assert len(residual_branches(model)) == 27
 
 
 def test_zero_pad_shortcut_subsamples_and_pads():

@@ -134,6 +134,31 @@ def test_one_pass_equals_pair_by_pair(checkpoints, mnist):
                     assert ours["white_box_accuracy"][src] == theirs["white_box_accuracy"][src]
 
 
+def test_only_correct_equals_evaluating_the_selected_samples(checkpoints, mnist):
+    """SGM paper's protocol: the same numbers as a run on the samples every model gets right, chosen by hand."""
+    models, _ = load_named_models([checkpoints["pair"], checkpoints["cnn"]])
+    split = mnist.test.subset(120)
+    x, y = to_float(split.images), split.labels
+    with torch.no_grad():
+        right = torch.stack([m(x).argmax(1) == y for m in models.values()]).all(0)
+    kept = right.nonzero().flatten()
+    assert 0 < len(kept) < len(y)  # the untrained CNN gets some right, not all: a real selection
+    kwargs = dict(attack="pgd", eps_list=[0.1], steps=2, step_size=0.05, seed=2, batch_size=50, features=False)
+    ours = evaluate_transfer(models, split, only_correct=True, **kwargs)
+    by_hand = evaluate_transfer(models, split.subset(kept), **kwargs)
+    assert ours["settings"]["num_samples"] == len(kept) and ours["settings"]["num_candidates"] == len(y)
+    assert ours["settings"]["only_correct"] is True and by_hand["settings"]["only_correct"] is False
+    assert ours["by_eps"] == by_hand["by_eps"]
+    for name, model in models.items():
+        with torch.no_grad():
+            every = (model(x).argmax(1) == y).double().mean().item()
+        assert ours["models"][name]["natural_accuracy"] == pytest.approx(every, abs=1e-12)
+        assert by_hand["models"][name]["natural_accuracy"] == 1.0
+    wrong_labels = (models["cnn/model0"](x).argmax(1) + 1) % 10
+    with pytest.raises(DecorrError, match="none of the 120 samples is classified correctly"):
+        evaluate_transfer(models, (x, wrong_labels.detach()), only_correct=True, **kwargs)
+
+
 def test_feature_statistics_match_decorr_loss(checkpoints, mnist):
     models, entries = load_named_models([checkpoints["pair"], checkpoints["cnn"]])
     x, y = _xy(mnist, 260)  # more samples than the 200 features of mnist_fc, fewer than the 784 of mnist_cnn
@@ -253,6 +278,11 @@ def test_script_writes_results_and_refuses_overwrite(checkpoints, tmp_path, caps
     assert (out / "results.json").read_bytes() == before
     script.main(argv[:-1] + ["--overwrite", "--no-plots", "--eps", "0.2"])
     assert json.loads((out / "results.json").read_text())["settings"]["eps"] == [0.2]
+    script.main(argv[:-1] + ["--overwrite", "--no-plots", "--only-correct"])
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["only_correct"] is True and settings["num_candidates"] == 50
+    assert 0 < settings["num_samples"] < 50
+    assert (out / "table.txt").read_text().startswith(f"{settings['num_samples']} of 50 samples (those every model")
 
 
 def _script_error(argv, capsys) -> str:

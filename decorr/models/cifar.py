@@ -307,6 +307,19 @@ def resnet20(
 
 
 @register_model(feature_layer="avgpool", input_shape=(3, 32, 32))
+def resnet56(
+    in_channels: int = 3,
+    num_classes: int = 10,
+    shortcut: str = "zero_pad",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> nn.Module:
+    """CIFAR ResNet-56 (He et al. 2016): ResNet-20's design with 9 units per stage (27 in all); 0.85M parameters."""
+    return CifarResNet(blocks_per_stage=9, in_channels=in_channels, num_classes=num_classes,
+                       shortcut=shortcut, mean=mean, std=std)
+
+
+@register_model(feature_layer="avgpool", input_shape=(3, 32, 32))
 def resnet18_small(
     in_channels: int = 3,
     num_classes: int = 10,
