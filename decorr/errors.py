@@ -40,3 +40,17 @@ def pixel_value(text: str) -> float:
         return float(Fraction(text)) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 0.05 or 8/255)") from None
+
+
+def json_object(text: str) -> dict:
+    """argparse type for keyword arguments given as a JSON object, e.g. ``'{"mean": [0], "std": [1]}'``."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({err.msg}); use e.g. '{{\"std\": [1]}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"std\": [1]}}', got {text!r}")
+    return value
+

@@ -70,6 +70,20 @@ def test_dec_pair_trains_and_checkpoint_loads(mnist, tmp_path):
     assert checkpoint.config["models"]["model0"]["feature_layer"] == "features.pool2"
 
 
+def test_model_kwargs_reach_the_models_and_the_checkpoint(mnist, tmp_path):
+    """--model-kwargs '{"mean": [0], "std": [1]}': the paper's raw-pixel CNN, saved and rebuilt as such."""
+    run = tmp_path / "raw"
+    done = run_script("--mode", "cor", "--epochs", "1", "--model-kwargs", '{"mean": [0], "std": [1]}',
+                      "--run-dir", str(run), *SMALL)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = load_checkpoint(run).config
+    assert config["models"]["model0"]["kwargs"] == {"mean": [0], "std": [1]}
+    model = load_models(run)["model0"]
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(model.features.normalize(x), x)
+    assert not torch.equal(create_model("mnist_cnn").features.normalize(x), x)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(mnist, tmp_path):
     epochs = "4"
@@ -130,6 +144,9 @@ def test_bad_input_is_one_line_error_and_leaves_checkpoint_untouched(mnist, tmp_
     check(run_script("--mode", "cor", "--run-dir", str(run), *SMALL), "--resume")
     # Resuming with another architecture.
     check(run_script("--mode", "cor", "--arch", "mnist_fc", "--run-dir", str(run), "--resume", *SMALL), "models")
+    # Model keyword arguments the registry model does not take.
+    check(run_script("--mode", "cor", "--model-kwargs", '{"stdd": [1]}', "--run-dir", str(tmp_path / "kw"), *SMALL),
+          "does not accept")
     # A batch smaller than the feature layer (784 wide) for the correlation loss.
     small_batch = [a if a != "1000" else "500" for a in SMALL]
     check(run_script("--mode", "dec", "--run-dir", str(run), "--resume", *small_batch), "batch size 500")

@@ -15,7 +15,7 @@ import json
 
 from decorr.classifier import OPTIMIZERS, SCHEDULES, ClassifierConfig, train_classifier
 from decorr.distributed import rank
-from decorr.errors import cli_entry
+from decorr.errors import cli_entry, json_object
 from decorr.training import add_run_arguments
 
 
@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sync-bn", action="store_true",
                    help="with several processes: batch norm statistics of the global batch")
     p.add_argument("--feature-layer", default=None, help="module name recorded as the feature layer (default: the model's)")
+    p.add_argument("--model-kwargs", type=json_object, default={}, metavar="JSON",
+                   help='keyword arguments for the registry model, e.g. \'{"mean": [0], "std": [1]}\' (raw pixels)')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-subset", type=int, default=None, help="use only the first N test images")
@@ -51,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     config = ClassifierConfig(
+        model_kwargs=args.model_kwargs,
         arch=args.arch, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
         augment=not args.no_augment, sync_bn=args.sync_bn, feature_layer=args.feature_layer, seed=args.seed,

@@ -11,7 +11,7 @@ import argparse
 import json
 
 from decorr.distributed import rank
-from decorr.errors import cli_entry
+from decorr.errors import cli_entry, json_object
 from decorr.pairs import MODES, PairConfig, train_pair
 from decorr.training import add_run_arguments
 
@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--feature-layer", default=None, help="module name of the decorrelated layer (default: the model's)")
     p.add_argument("--corr-direction", choices=("forward", "both"), default="forward",
                    help="regress model1 on model0 (the paper) or average both directions")
+    p.add_argument("--model-kwargs", type=json_object, default={}, metavar="JSON",
+                   help='keyword arguments for the registry model, e.g. \'{"mean": [0], "std": [1]}\' (raw pixels)')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-subset", type=int, default=None, help="use only the first N test images")
@@ -45,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = PairConfig(
+        model_kwargs=args.model_kwargs,
         arch=args.arch, mode=args.mode, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, lambda_corr=args.lambda_corr, target_distance=args.target_distance,
         distance_weight=args.distance_weight, feature_layer=args.feature_layer, corr_direction=args.corr_direction, seed=args.seed,
