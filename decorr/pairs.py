@@ -53,6 +53,11 @@ class PairConfig:
     #: The paper regresses model1's features on model0's only; "both" averages the loss over the two
     #: directions, since the one-way loss leaves model0's features explained by model1's.
     corr_direction: str = "forward"
+    #: Epochs of cross-entropy alone before the correlation term is switched on (the paper: 0). The
+    #: loss has a trivial minimum, a model whose feature layer is constant (L_corr = 0 exactly), which a
+    #: freshly initialised model can fall into within the first steps and never leave; a short warm-up
+    #: lets both models build features first.
+    corr_warmup_epochs: int = 0
     seed: int = 0
     train_subset: int | None = None
     test_subset: int | None = None
@@ -64,6 +69,11 @@ class PairConfig:
             raise DecorrError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.corr_direction not in ("forward", "both"):
             raise DecorrError(f"unknown correlation direction {self.corr_direction!r}; use forward or both")
+        if self.corr_warmup_epochs < 0:
+            raise DecorrError(f"corr_warmup_epochs must be >= 0, got {self.corr_warmup_epochs}")
+        if self.mode == "dec" and self.corr_warmup_epochs >= self.epochs > 0:
+            raise DecorrError(f"a warm-up of {self.corr_warmup_epochs} epochs leaves none of the {self.epochs} for the "
+                              "correlation loss; lower --corr-warmup-epochs or raise --epochs")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise DecorrError("epochs, batch size and learning rate must be positive")
         if self.feature_layer is None:
@@ -74,6 +84,23 @@ class PairConfig:
     @property
     def lambda_effective(self) -> float:
         return self.lambda_corr if self.mode == "dec" else 0.0
+
+    def lambda_at(self, epoch: int) -> float:
+        """The correlation weight in epoch ``epoch`` (0-based): 0 during the warm-up."""
+        return 0.0 if epoch < self.corr_warmup_epochs else self.lambda_effective
+
+
+#: A model with fewer varying feature columns than this (fraction) on the test split has collapsed.
+DEAD_FEATURES_BELOW = 0.05
+
+
+def dead_features_warning(name: str, layer: str, active: float, config: PairConfig) -> str:
+    """The one-line warning for a collapsed feature layer, with what to do about it."""
+    fix = ("; restart with --corr-warmup-epochs 1 (or another --seed)" if config.lambda_effective > 0
+           and config.corr_warmup_epochs == 0 else "")
+    return (f"warning: {name}'s features at {layer} are (almost) constant on the test set ({100 * active:.1f}% of "
+            "columns vary): a constant feature layer is a trivial minimum of the correlation loss "
+            f"(L_corr = 0) and this model will not learn{fix}")
 
 
 def feature_width(model: nn.Module, layer: str, input_shape: tuple[int, ...]) -> int:
@@ -93,8 +120,13 @@ def pair_objective(
     y: torch.Tensor,
     config: PairConfig,
     models: tuple[nn.Module, nn.Module],
+    lambda_corr: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The pair loss of SPEC section 2 on the global batch, and its terms for logging."""
+    """The pair loss of SPEC section 2 on the global batch, and its terms for logging.
+
+    ``lambda_corr`` overrides ``config.lambda_effective`` (the warm-up passes 0).
+    """
+    weight = config.lambda_effective if lambda_corr is None else lambda_corr
     ce = [global_mean(F.cross_entropy(out, y, reduction="none")) for out in logits]
     terms: dict[str, torch.Tensor] = {"ce0": ce[0].detach(), "ce1": ce[1].detach()}
     if config.mode == "param":
@@ -103,12 +135,12 @@ def pair_objective(
         loss = ce[0] + ce[1] + config.distance_weight * (distance - config.target_distance) ** 2
     else:
         loss = torch.sqrt(ce[0] ** 2 + ce[1] ** 2)
-        if config.lambda_effective > 0:
+        if weight > 0:
             corr = correlation_loss(features[0], features[1])
             if config.corr_direction == "both":
                 corr = 0.5 * (corr + correlation_loss(features[1], features[0]))
             terms["corr"] = corr.detach()
-            loss = loss + config.lambda_effective * corr
+            loss = loss + weight * corr
     terms["loss"] = loss.detach()
     return loss, terms
 
@@ -146,6 +178,10 @@ def evaluate_models(
     total = all_reduce_sum(count)
     result: dict[str, Any] = {f"acc_{n}": float(all_reduce_sum(correct[n]) / total) for n in names}
     gathered = {n: all_gather_with_grad(torch.cat(features[n]).to(device)).cpu() for n in names}
+    for n in names:
+        # Fraction of feature columns that vary over the split: 0 means a dead (constant) layer.
+        z = gathered[n]
+        result[f"active_features_{n}"] = float((z.amax(dim=0) > z.amin(dim=0)).double().mean()) if len(z) else math.nan
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             za, zb = gathered[a], gathered[b]
@@ -169,8 +205,12 @@ def train_epoch(
     *,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    lambda_corr: float | None = None,
 ) -> dict[str, float]:
-    """One pass over ``batches`` with the pair objective; returns the mean of each loss term."""
+    """One pass over ``batches`` with the pair objective; returns the mean of each loss term.
+
+    ``lambda_corr`` overrides the config's correlation weight (see :func:`pair_objective`).
+    """
     layer = config.feature_layer
     assert layer is not None
     model0.train()
@@ -183,7 +223,7 @@ def train_epoch(
         with autocast():
             with record_features(unwrap(model0), layer) as f0, record_features(unwrap(model1), layer) as f1:
                 logits = (model0(x), model1(x))
-            loss, terms = pair_objective(logits, (f0[layer], f1[layer]), y, config, (model0, model1))
+            loss, terms = pair_objective(logits, (f0[layer], f1[layer]), y, config, (model0, model1), lambda_corr)
         optimizer.zero_grad(set_to_none=True)
         backward(loss)
         optimizer.step()
@@ -235,7 +275,8 @@ def train_pair(
                                   epoch=epoch, shard=run.shard, device=run.device)
         batches = run.progress(batches, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}")
         train_terms = train_epoch(model0, model1, optimizer, batches, config,
-                                  backward=run.accelerator.backward, autocast=run.accelerator.autocast)
+                                  backward=run.accelerator.backward, autocast=run.accelerator.autocast,
+                                  lambda_corr=config.lambda_at(epoch))
         evaluation = evaluate_models(prepared, dataset.test, layers, batch_size=config.eval_batch_size,
                                      device=run.device, shard=run.shard)
         metrics = {**{f"train/{k}": v for k, v in train_terms.items()}, **{f"test/{k}": v for k, v in evaluation.items()}}
@@ -248,6 +289,9 @@ def train_pair(
             f"acc {evaluation['acc_model0']:.4f} / {evaluation['acc_model1']:.4f}  "
             f"feature R^2 {evaluation['r2_model0_model1']:.3f}"
         )
+        for name in MODEL_NAMES:
+            if evaluation[f"active_features_{name}"] < DEAD_FEATURES_BELOW:
+                run.print(dead_features_warning(name, layer, evaluation[f"active_features_{name}"], config))
         run.save(epoch + 1, prepared, optimizer, metrics)
     run.finish()
     return metrics

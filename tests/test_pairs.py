@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from decorr.checkpoint import load_checkpoint, load_models
+from decorr.errors import DecorrError
 from decorr.loss import correlation_loss, parameter_distance
 from decorr.models import create_model
-from decorr.pairs import PairConfig, pair_objective, train_pair
+from decorr.pairs import PairConfig, dead_features_warning, evaluate_models, pair_objective, train_pair
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "pair_classifiers.py"
@@ -52,6 +53,43 @@ def test_objective_matches_formula():
     param, terms = pair_objective(logits, feats, y, param_cfg, models)
     distance = parameter_distance(*models)
     assert float(param.detach()) == pytest.approx(float((ce[0] + ce[1] + 1e-5 * (distance - 100.0) ** 2).detach()), rel=1e-6)
+
+
+def test_corr_warmup_switches_the_correlation_term_off():
+    torch.manual_seed(0)
+    models = (create_model("mnist_cnn"), create_model("mnist_cnn"))
+    x, y = torch.rand(800, 1, 28, 28), torch.randint(0, 10, (800,))
+    logits, feats = tuple(m(x) for m in models), tuple(m.features(x) for m in models)
+    config = PairConfig(mode="dec", corr_warmup_epochs=2, epochs=5)
+    assert [config.lambda_at(e) for e in range(4)] == [0.0, 0.0, 0.05, 0.05]
+    assert PairConfig(mode="cor", corr_warmup_epochs=2).lambda_at(3) == 0.0
+    off, terms = pair_objective(logits, feats, y, config, models, lambda_corr=config.lambda_at(0))
+    cor, _ = pair_objective(logits, feats, y, PairConfig(mode="cor"), models)
+    assert torch.equal(off, cor) and "corr" not in terms
+    on, terms = pair_objective(logits, feats, y, config, models, lambda_corr=config.lambda_at(2))
+    assert float((on - cor).detach()) == pytest.approx(0.05 * float(terms["corr"]), rel=1e-5) and float(terms["corr"]) > 0
+    with pytest.raises(DecorrError, match="leaves none of the 3"):
+        PairConfig(mode="dec", corr_warmup_epochs=3, epochs=3)
+    with pytest.raises(DecorrError, match=">= 0"):
+        PairConfig(mode="dec", corr_warmup_epochs=-1)
+
+
+def test_dead_feature_layer_is_detected_and_explained(mnist):
+    """A constant feature layer is the correlation loss's trivial minimum (L_corr = 0): report it."""
+    torch.manual_seed(0)
+    alive, dead = create_model("mnist_cnn"), create_model("mnist_cnn")
+    with torch.no_grad():  # every conv2 unit below zero: the ReLU, hence pool2, outputs 0 for any input
+        dead.features.conv2.weight.zero_()
+        dead.features.conv2.bias.fill_(-1.0)
+    layers = {"model0": "features.pool2", "model1": "features.pool2"}
+    result = evaluate_models({"model0": alive, "model1": dead}, mnist.test.subset(900), layers, batch_size=300)
+    assert result["active_features_model1"] == 0.0 and result["active_features_model0"] > 0.5
+    z = torch.zeros(900, 784)
+    assert float(correlation_loss(torch.randn(900, 784), z)) == pytest.approx(0.0, abs=1e-6)
+    message = dead_features_warning("model1", "features.pool2", 0.0, PairConfig(mode="dec"))
+    assert message.startswith("warning: model1's features at features.pool2") and "--corr-warmup-epochs 1" in message
+    assert "\n" not in message
+    assert "--corr-warmup-epochs" not in dead_features_warning("model1", "f", 0.0, PairConfig(mode="cor"))
 
 
 @pytest.mark.slow
@@ -158,7 +196,6 @@ def test_bad_input_is_one_line_error_and_leaves_checkpoint_untouched(mnist, tmp_
         (tampered / f.name).write_bytes(f.read_bytes())
     config["models"]["model0"]["arch"] = "mnist_fc"
     (tampered / "config.json").write_text(json.dumps(config))
-    from decorr.errors import DecorrError
 
     with pytest.raises(DecorrError, match="do not match architecture 'mnist_fc'"):
         load_models(tampered)

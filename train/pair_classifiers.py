@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--feature-layer", default=None, help="module name of the decorrelated layer (default: the model's)")
     p.add_argument("--corr-direction", choices=("forward", "both"), default="forward",
                    help="regress model1 on model0 (the paper) or average both directions")
+    p.add_argument("--corr-warmup-epochs", type=int, default=0,
+                   help="epochs of cross-entropy alone before the correlation loss starts (paper: 0); "
+                        "guards against a model collapsing to constant features")
     p.add_argument("--model-kwargs", type=json_object, default={}, metavar="JSON",
                    help='keyword arguments for the registry model, e.g. \'{"mean": [0], "std": [1]}\' (raw pixels)')
     p.add_argument("--seed", type=int, default=0)
@@ -50,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         model_kwargs=args.model_kwargs,
         arch=args.arch, mode=args.mode, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, lambda_corr=args.lambda_corr, target_distance=args.target_distance,
-        distance_weight=args.distance_weight, feature_layer=args.feature_layer, corr_direction=args.corr_direction, seed=args.seed,
+        distance_weight=args.distance_weight, feature_layer=args.feature_layer, corr_direction=args.corr_direction,
+        corr_warmup_epochs=args.corr_warmup_epochs, seed=args.seed,
         train_subset=args.train_subset, test_subset=args.test_subset,
     )
     metrics = train_pair(config, args.run_dir, resume=args.resume, data_root=args.data_root,
