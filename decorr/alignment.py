@@ -13,6 +13,7 @@ gradient with the source's own true gradient (how much of the white-box directio
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -32,15 +33,9 @@ def input_gradient(model: nn.Module, x: Tensor, y: Tensor, gamma: float = 1.0) -
     """Per-sample gradient of ``model``'s cross-entropy w.r.t. ``x`` (summed loss: samples are independent
     in eval mode), through ``skip_gradient(model, gamma)`` when ``gamma < 1``."""
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        if gamma < 1.0:
-            with skip_gradient(model, gamma):
-                loss = F.cross_entropy(model(x), y, reduction="sum")
-                (grad,) = torch.autograd.grad(loss, x)
-        else:
-            loss = F.cross_entropy(model(x), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x)
-    return grad.detach()
+    with torch.enable_grad(), skip_gradient(model, gamma) if gamma < 1.0 else nullcontext():
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+    return grad
 
 
 def evaluate_gradient_alignment(
