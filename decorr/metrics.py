@@ -158,8 +158,8 @@ def gradient_alignment(grad_a: Tensor, grad_b: Tensor) -> GradientAlignment:
                           f"{tuple(grad_b.shape)}")
     if grad_a.dim() < 1:
         raise DecorrError("gradient_alignment needs gradients with a sample dimension, shape (N, ...)")
-    a = grad_a.detach().flatten(1).double() if grad_a.dim() > 1 else grad_a.detach().double()[:, None]
-    b = grad_b.detach().flatten(1).double() if grad_b.dim() > 1 else grad_b.detach().double()[:, None]
+    a = grad_a.detach().reshape(len(grad_a), -1).double()
+    b = grad_b.detach().reshape(len(grad_b), -1).double()
     norms = a.norm(dim=1) * b.norm(dim=1)
     cosine = torch.where(norms > 0, (a * b).sum(dim=1) / norms.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
     sign_agreement = (a.sign() == b.sign()).double().mean(dim=1)
