@@ -36,7 +36,8 @@ fashion-mnist:
 demo: install fashion-mnist
 	$(BIN)/python -m decorr.demo --out $(DEMO_DIR)
 
-test: install-dev
+# The tests read Fashion-MNIST from Debian's package, like the demo: the same data step first.
+test: install-dev fashion-mnist
 	$(BIN)/python -m pytest -q
 
 clean-demo:

@@ -1,15 +1,19 @@
 """One checkpoint format: a directory of safetensors files plus ``config.json``.
 
-Loading never runs pickled code. Writing is atomic: everything goes to ``<dir>.tmp`` first, is synced
+Loading never runs pickled code. ``config.json`` records the SHA-256 of every file beside it
+(``checksums``), checked on every load, so a damaged file is a one-line error rather than wrong numbers;
+weights holding NaN or inf are refused too. Writing is atomic: everything goes to ``<dir>.tmp`` first, is synced
 to disk, and replaces the old directory by renames, so a kill at any moment leaves the previous complete
 checkpoint in place (as ``<dir>`` or, between the two renames, ``<dir>.old``, which loading accepts).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,7 +26,9 @@ from safetensors.torch import load_file, save_file
 from decorr.errors import DecorrError
 from decorr.models import create_model
 
-FORMAT = "decorr-checkpoint/1"
+FORMAT = "decorr-checkpoint/2"
+#: Older checkpoints (no checksums) still load, with a warning that they cannot be verified.
+READABLE_FORMATS = ("decorr-checkpoint/1", FORMAT)
 CHECKPOINT_DIR = "checkpoint"
 OPTIMIZER_FILE = "optimizer.safetensors"
 
@@ -109,16 +115,16 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str | os.PathLi
     file = checkpoint.path / OPTIMIZER_FILE
     if meta is None or not file.exists():
         raise DecorrError(f"checkpoint {checkpoint.path} has no optimizer state to resume from; start a new run")
-    tensors = load_file(str(file))
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for index, values in meta.get("scalars", {}).items():
-        state.setdefault(int(index), {}).update(values)
+    tensors = _read_tensors(checkpoint, OPTIMIZER_FILE)
     try:
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        for index, values in meta.get("scalars", {}).items():
+            state.setdefault(int(index), {}).update(values)
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    except (ValueError, KeyError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise DecorrError(f"optimizer state in {checkpoint.path} does not fit this run ({err}); start a new run") from None
 
 
@@ -150,6 +156,7 @@ def save_checkpoint(
         tensors, meta = optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
         full_config["optimizer"] = meta
+    full_config["checksums"] = {file.name: file_sha256(file) for file in sorted(tmp.iterdir())}
     _write_json(tmp / "config.json", full_config)
     for file in tmp.iterdir():
         with open(file, "rb") as handle:
@@ -180,30 +187,88 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise DecorrError(f"{path} is not a decorr checkpoint (no config.json in it or in {path / CHECKPOINT_DIR})")
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_config(directory: Path, config: Any) -> None:
+    """A one-line DecorrError for a config.json that is not a decorr checkpoint's."""
+    where = directory / "config.json"
+    if not isinstance(config, dict):
+        raise DecorrError(f"{where} holds a JSON {type(config).__name__}, not a checkpoint record; the checkpoint is damaged")
+    if config.get("format") not in READABLE_FORMATS or "models" not in config:
+        raise DecorrError(f"{directory} is not a {FORMAT} checkpoint (format {config.get('format')!r})")
+    models = config["models"]
+    if not isinstance(models, dict) or not models:
+        raise DecorrError(f"{where}: 'models' must map model names to their records; the checkpoint is damaged")
+    for name, entry in models.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("arch"), str):
+            raise DecorrError(f"{where}: model {name!r} has no 'arch' (architecture name); the checkpoint is damaged")
+        if not isinstance(entry.get("kwargs", {}), dict):
+            raise DecorrError(f"{where}: model {name!r} has kwargs that are not a JSON object; the checkpoint is damaged")
+    if "checksums" in config and not isinstance(config["checksums"], dict):
+        raise DecorrError(f"{where}: 'checksums' is not a JSON object; the checkpoint is damaged")
+
+
+_warned_unverified: set[str] = set()
+
+
+def _read_tensors(checkpoint: Checkpoint, filename: str) -> dict[str, torch.Tensor]:
+    """The tensors of one file of ``checkpoint``, after checking its SHA-256 and that they are finite."""
+    file = checkpoint.path / filename
+    expected = checkpoint.config.get("checksums", {}).get(filename)
+    try:
+        if expected is not None:
+            actual = file_sha256(file)
+            if actual != expected:
+                raise DecorrError(f"{file} is damaged: its SHA-256 is {actual[:12]}..., config.json records "
+                                  f"{str(expected)[:12]}...; restore the file or retrain")
+        elif str(checkpoint.path) not in _warned_unverified:
+            _warned_unverified.add(str(checkpoint.path))
+            print(f"warning: {checkpoint.path} records no checksums (an older decorr checkpoint); its files "
+                  "cannot be verified", file=sys.stderr)
+        tensors = load_file(str(file))
+    except (FileNotFoundError, SafetensorError, OSError) as err:
+        raise DecorrError(f"cannot read {file} ({' '.join(str(err).split())}); the checkpoint is incomplete or "
+                          "damaged") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DecorrError(f"{file}: tensor {key!r} holds NaN or inf; these weights are unusable (retrain, or "
+                              "use an earlier checkpoint)")
+    return tensors
+
+
 def load_checkpoint(path: str | os.PathLike, *, load_weights: bool = True) -> Checkpoint:
-    """Read a checkpoint's config and (optionally) its weights; never unpickles anything."""
+    """Read a checkpoint's config and (optionally) its weights; never unpickles anything.
+
+    Every file read is checked against the SHA-256 in ``config.json`` and for NaN/inf values.
+    """
     directory = resolve_checkpoint(path)
     try:
         config = json.loads((directory / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise DecorrError(f"{directory / 'config.json'} is not valid JSON ({err}); the checkpoint is damaged") from None
-    if config.get("format") != FORMAT or "models" not in config:
-        raise DecorrError(f"{directory} is not a {FORMAT} checkpoint (format {config.get('format')!r})")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else "not text"
+        raise DecorrError(f"{directory / 'config.json'} is not valid JSON ({reason}); the checkpoint is damaged") from None
+    _check_config(directory, config)
     checkpoint = Checkpoint(directory, config)
     if load_weights:
         for name in config["models"]:
-            file = directory / f"{name}.safetensors"
-            try:
-                checkpoint.state_dicts[name] = load_file(str(file))
-            except (FileNotFoundError, SafetensorError, OSError) as err:
-                raise DecorrError(f"cannot read weights {file} ({err}); the checkpoint is incomplete") from None
+            checkpoint.state_dicts[name] = _read_tensors(checkpoint, f"{name}.safetensors")
     return checkpoint
 
 
 def build_model(entry: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None,
                 *, source: str = "checkpoint") -> nn.Module:
     """Create a registry model from a config entry and load weights that must fit it exactly."""
-    model = create_model(entry["arch"], **entry.get("kwargs", {}))
+    try:
+        model = create_model(entry["arch"], **entry.get("kwargs", {}))
+    except TypeError as err:
+        raise DecorrError(f"{source}: cannot build {entry['arch']!r} with kwargs {entry.get('kwargs', {})} "
+                          f"({err}); the checkpoint does not fit this version of the model") from None
     if state_dict is not None:
         try:
             model.load_state_dict(state_dict, strict=True)

@@ -42,7 +42,8 @@ from decorr.distributed import global_mean
 from decorr.errors import DecorrError
 from decorr.models import create_model, model_spec
 from decorr.pairs import evaluate_models
-from decorr.training import TrainingRun, mean_terms
+from decorr.validation import check_at_least, check_finite, check_positive, check_seed, check_subset
+from decorr.training import TrainingRun, mean_terms, releases_run_lock
 
 __all__ = [
     "ClassifierConfig",
@@ -93,14 +94,14 @@ class ClassifierConfig:
         if self.schedule not in SCHEDULES:
             raise DecorrError(f"unknown learning-rate schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise DecorrError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise DecorrError(f"--lr must be positive, got {self.lr}")
+            check_at_least(name, getattr(self, name), 1)
+        check_positive("lr", self.lr)
+        check_finite("weight_decay", self.weight_decay, minimum=0)
         if not 0 <= self.momentum < 1:
             raise DecorrError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if not self.weight_decay >= 0:
-            raise DecorrError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        check_seed(self.seed)
+        check_subset("train_subset", self.train_subset)
+        check_subset("test_subset", self.test_subset)
         if self.feature_layer is None:
             self.feature_layer = spec.feature_layer
         if self.feature_layer is None:
@@ -195,9 +196,10 @@ def _load_data(config: ClassifierConfig, data_root: str | None) -> ImageDataset:
     return dataset
 
 
+@releases_run_lock
 def train_classifier(
     config: ClassifierConfig,
-    run_dir: str | Path,
+    run_dir: str | Path | None = None,
     *,
     resume: bool = False,
     data_root: str | None = None,
@@ -226,8 +228,8 @@ def train_classifier(
         "dataset": config.dataset,
         "hyperparameters": asdict(config),
     }
-    run = TrainingRun(Path(run_dir), run_config, seed=config.seed, resume=resume,
-                      mixed_precision=mixed_precision, cpu=cpu, log=log)
+    run = TrainingRun(None if run_dir is None else Path(run_dir), run_config, seed=config.seed, resume=resume,
+                      mixed_precision=mixed_precision, cpu=cpu, log=log, default_name=config.arch)
     model = create_model(config.arch, **kwargs)
     check_model_fits(model, config.arch, dataset)
     if config.sync_bn:
@@ -261,7 +263,7 @@ def train_classifier(
         evaluation = evaluate_models(prepared, dataset.test, {MODEL_NAME: layer}, batch_size=config.eval_batch_size,
                                      device=run.device, shard=run.shard)
         metrics = {
-            **{f"train/{k}": v for k, v in mean_terms(step_terms).items()},
+            **{f"train/{k}": v for k, v in mean_terms(step_terms, f"epoch {epoch + 1}").items()},
             "train/lr": lr,
             "test/acc": evaluation[f"acc_{MODEL_NAME}"],
             "time/train_epoch_s": train_seconds,

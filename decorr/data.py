@@ -248,6 +248,12 @@ def num_batches(num_samples: int, batch_size: int, drop_last: bool = False) -> i
     return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
 
 
+def last_batch_too_small(num_samples: int, batch_size: int, minimum: int) -> bool:
+    """Whether an epoch's last, partial batch has fewer than ``minimum`` samples (and is to be dropped)."""
+    remainder = num_samples % batch_size
+    return 0 < remainder < minimum
+
+
 def iterate_batches(
     split: ImageSplit,
     batch_size: int,
@@ -771,11 +777,11 @@ def load_npz_dataset(path: PathLike, name: str | None = None, num_classes: int |
         raise DecorrError(
             f"cannot read {path} as a .npz file ({_short_error(err)}); save it with numpy.savez"
         ) from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # np.save's .npy under an .npz name
+        raise DecorrError(
+            f"{path} holds a single array, not x_train, y_train, x_test, y_test; save it with numpy.savez"
+        )
     with archive:
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise DecorrError(
-                f"{path} holds a single array, not x_train, y_train, x_test, y_test; save it with numpy.savez"
-            )
         missing = [k for k in _NPZ_KEYS if k not in archive.files]
         if missing:
             raise DecorrError(
@@ -800,6 +806,9 @@ def load_npz_dataset(path: PathLike, name: str | None = None, num_classes: int |
         if len(labels) and labels.min() < 0:
             raise DecorrError(f"{path}: y_{split} has negative labels; labels must be 0..K-1")
         splits.append(ImageSplit(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))))
+    for split, part in zip(("train", "test"), splits):
+        if len(part) == 0:
+            raise DecorrError(f"{path}: x_{split} holds no images; store at least one image in each split")
     if splits[0].images.shape[1:] != splits[1].images.shape[1:]:
         raise DecorrError(
             f"{path}: train images {tuple(splits[0].images.shape[1:])} and test images "

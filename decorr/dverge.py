@@ -55,7 +55,8 @@ from decorr.data import ImageSplit, iterate_batches, load_dataset, num_batches, 
 from decorr.distributed import global_mean
 from decorr.errors import DecorrError
 from decorr.features import find_module
-from decorr.training import TrainingRun, unwrap, write_json
+from decorr.validation import check_at_least, check_finite, check_positive, check_seed, check_subset
+from decorr.training import TrainingRun, default_run_dir, mean_terms, releases_run_lock, unwrap, write_json
 
 __all__ = [
     "DvergeConfig",
@@ -203,17 +204,23 @@ class DvergeConfig:
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)
         self.eval_eps = tuple(float(e) for e in self.eval_eps)
-        if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
-            raise DecorrError("epochs must be >= 0 and batch size and learning rate positive")
-        if self.batches_per_epoch is not None and self.batches_per_epoch < 1:
-            raise DecorrError(f"batches per epoch must be >= 1, got {self.batches_per_epoch}")
-        if not (self.eps >= 0 and self.step_size >= 0 and self.steps >= 0):
-            raise DecorrError(f"distillation eps, steps and step size must be >= 0, got {self.eps}, "
-                              f"{self.steps}, {self.step_size}")
-        if not self.momentum >= 0:
-            raise DecorrError(f"momentum must be >= 0, got {self.momentum}")
-        if self.plus_adv and not self.adv_weight >= 0:
-            raise DecorrError(f"the adversarial weight must be >= 0, got {self.adv_weight}")
+        check_at_least("epochs", self.epochs, 0)
+        for name in ("batch_size", "eval_steps", "eval_batch_size", "adv_steps"):
+            check_at_least(name, getattr(self, name), 1)
+        check_at_least("steps", self.steps, 0)
+        check_positive("lr", self.lr)
+        check_positive("eval_step_size", self.eval_step_size)
+        for name in ("eps", "step_size", "momentum", "adv_weight"):
+            check_finite(name, getattr(self, name), minimum=0)
+        for name in ("adv_eps", "adv_step_size"):
+            if getattr(self, name) is not None:
+                check_finite(name, getattr(self, name), minimum=0)
+        for eps in self.eval_eps:
+            check_finite("eval_eps", eps, minimum=0)
+        check_seed(self.seed)
+        check_seed(self.eval_seed, "eval_seed")
+        for name in ("train_subset", "batches_per_epoch", "eval_subset", "accuracy_subset"):
+            check_subset(name, getattr(self, name))
         if len(set(self.layers)) != len(self.layers):
             raise DecorrError("a layer is listed twice in --layer; list each once")
         if not self.eval_eps:
@@ -335,14 +342,15 @@ def train_epoch(
     generator: torch.Generator | None = None,
     backward: Callable[[Tensor], None] = Tensor.backward,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    where: str = "",
 ) -> dict[str, float]:
-    """One pass of :func:`dverge_step` over ``((xs, ys), (xt, yt))`` batches; mean of each term."""
+    """One pass of :func:`dverge_step` over ``((xs, ys), (xt, yt))`` batches; mean of each term
+    (a non-finite one is a NonFiniteError naming the step and ``where``)."""
     collected: list[dict[str, Tensor]] = []
     for (xs, ys), (xt, _yt) in batches:
         collected.append(dverge_step(models, optimizer, xs, ys, xt, config, layers, generator=generator,
                                      backward=backward, autocast=autocast))
-    keys = collected[0].keys() if collected else []
-    return {k: float(torch.stack([c[k] for c in collected]).mean()) for k in keys}
+    return mean_terms(collected, where)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -481,10 +489,11 @@ def load_init_models(paths: Sequence[str]) -> tuple[dict[str, nn.Module], dict[s
 # A whole run
 
 
+@releases_run_lock
 def train_dverge(
     config: DvergeConfig,
     init: Sequence[str],
-    run_dir: str | Path,
+    run_dir: str | Path | None = None,
     *,
     resume: bool = False,
     data_root: str | None = None,
@@ -499,7 +508,7 @@ def train_dverge(
     Writes ``RUN_DIR/checkpoint`` (kind ``dverge``), TensorBoard scalars, and the JSON record
     ``json_path`` (default ``RUN_DIR/dverge.json``) after every evaluation. Returns that record.
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir("dverge", cpu=cpu)
     json_path = Path(json_path) if json_path is not None else run_dir / "dverge.json"
     models, entries, origins, init_dataset = load_init_models(init)
     dataset_name = config.dataset or init_dataset
@@ -578,7 +587,8 @@ def train_dverge(
         tick = time.perf_counter()
         terms = train_epoch(wrapped, optimizer, batches, config, layers,
                             generator=stream_generator(config.seed, epoch, STREAM_DISTILL),
-                            backward=run.accelerator.backward, autocast=run.accelerator.autocast)
+                            backward=run.accelerator.backward, autocast=run.accelerator.autocast,
+                            where=f"epoch {epoch + 1}")
         train_s = time.perf_counter() - tick
         extra = {**{f"train/{k}": v for k, v in terms.items()}, "time/train_s": train_s}
         metrics = evaluate(epoch + 1, extra)

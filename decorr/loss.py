@@ -123,7 +123,7 @@ class _CorrelationLoss(torch.autograd.Function):
 
 def _prepare(z1: torch.Tensor, z2: torch.Tensor, gather: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
     if z1.shape[0] != z2.shape[0]:
-        raise ValueError(f"z1 and z2 must have the same batch size, got {z1.shape[0]} and {z2.shape[0]}")
+        raise DecorrError(f"z1 and z2 must have the same batch size, got {z1.shape[0]} and {z2.shape[0]}")
     if gather is None:
         gather = is_distributed()
     if gather:
@@ -131,7 +131,21 @@ def _prepare(z1: torch.Tensor, z2: torch.Tensor, gather: bool | None) -> tuple[t
     z1, z2 = _flatten_float(z1), _flatten_float(z2)
     if z1.dtype != z2.dtype:
         z1, z2 = z1.double(), z2.double()
+    for name, z in (("z1", z1), ("z2", z2)):
+        if z.shape[1] == 0:
+            raise DecorrError(f"{name} has no features (shape {tuple(z.shape)}); pick a feature layer that outputs values")
+    # One host read for both: NaN columns would otherwise be dropped as if constant, silently.
+    if not bool(torch.isfinite(z1).all() & torch.isfinite(z2).all()):
+        raise DecorrError("the features hold NaN or inf (a diverged model or bad inputs); the correlation loss "
+                          "and R^2 are undefined: check the inputs and the model's weights")
     return z1, z2
+
+
+def _check_constants(eta: float, eps: float | None) -> None:
+    if not (isinstance(eta, (int, float)) and 0 <= eta < 1):
+        raise DecorrError(f"eta (the QR pivot tolerance) must be in [0, 1), got {eta!r}")
+    if eps is not None and not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise DecorrError(f"eps (added to SStot and SSres) must be a finite number > 0, got {eps!r}")
 
 
 def correlation_loss(
@@ -150,6 +164,7 @@ def correlation_loss(
     features of all processes are gathered with gradient, so the loss is that of the global batch.
     Zero when z2 is uncorrelated with z1; large when z2 is an affine image of z1.
     """
+    _check_constants(eta, eps)
     z1, z2 = _prepare(z1, z2, gather)
     _check_batch(z1.shape[0], z1.shape[1])
     with torch.autocast(device_type=z1.device.type, enabled=False):
@@ -160,6 +175,7 @@ def regression_sums(
     z1: torch.Tensor, z2: torch.Tensor, *, eta: float = 5e-4, gather: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(SSres, SStot) of the least-squares regression of z2 on [z1, 1], without gradient."""
+    _check_constants(eta, None)
     z1, z2 = _prepare(z1, z2, gather)
     _check_batch(z1.shape[0], z1.shape[1])
     with torch.no_grad(), torch.autocast(device_type=z1.device.type, enabled=False):

@@ -12,6 +12,7 @@ with gradient across processes, so N processes train exactly like one.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from contextlib import AbstractContextManager, nullcontext
@@ -22,13 +23,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from decorr.checkpoint import model_entry
-from decorr.data import ImageSplit, iterate_batches, load_dataset, num_batches
+from decorr.data import ImageSplit, iterate_batches, last_batch_too_small, load_dataset, num_batches
 from decorr.distributed import all_gather_with_grad, all_reduce_sum, global_mean
 from decorr.errors import DecorrError
 from decorr.features import record_features
 from decorr.loss import correlation_loss, pca_pearson, parameter_distance, r_squared
 from decorr.models import create_model, model_spec
-from decorr.training import TrainingRun, mean_terms, unwrap
+from decorr.validation import check_at_least, check_finite, check_positive, check_seed, check_subset
+from decorr.training import TrainingRun, mean_terms, releases_run_lock, unwrap
 
 MODES = ("cor", "dec", "param")
 MODEL_NAMES = ("model0", "model1")
@@ -69,13 +71,22 @@ class PairConfig:
             raise DecorrError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.corr_direction not in ("forward", "both"):
             raise DecorrError(f"unknown correlation direction {self.corr_direction!r}; use forward or both")
-        if self.corr_warmup_epochs < 0:
-            raise DecorrError(f"corr_warmup_epochs must be >= 0, got {self.corr_warmup_epochs}")
-        if self.mode == "dec" and self.corr_warmup_epochs >= self.epochs > 0:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            check_at_least(name, getattr(self, name), 1)
+        check_at_least("corr_warmup_epochs", self.corr_warmup_epochs, 0)
+        check_positive("lr", self.lr)
+        check_finite("lambda_corr", self.lambda_corr, minimum=0)
+        check_finite("target_distance", self.target_distance)
+        check_finite("distance_weight", self.distance_weight, minimum=0)
+        check_seed(self.seed)
+        check_subset("train_subset", self.train_subset)
+        check_subset("test_subset", self.test_subset)
+        if self.mode == "dec" and self.lambda_corr == 0:
+            raise DecorrError("--mode dec with --lambda-corr 0 is an independent pair; use --mode cor, or a "
+                              "positive --lambda-corr (the paper: 0.05)")
+        if self.mode == "dec" and self.corr_warmup_epochs >= self.epochs:
             raise DecorrError(f"a warm-up of {self.corr_warmup_epochs} epochs leaves none of the {self.epochs} for the "
                               "correlation loss; lower --corr-warmup-epochs or raise --epochs")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise DecorrError("epochs, batch size and learning rate must be positive")
         if self.feature_layer is None:
             self.feature_layer = model_spec(self.arch).feature_layer
         if self.feature_layer is None:
@@ -206,10 +217,12 @@ def train_epoch(
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     lambda_corr: float | None = None,
+    where: str = "",
 ) -> dict[str, float]:
     """One pass over ``batches`` with the pair objective; returns the mean of each loss term.
 
-    ``lambda_corr`` overrides the config's correlation weight (see :func:`pair_objective`).
+    ``lambda_corr`` overrides the config's correlation weight (see :func:`pair_objective`); ``where``
+    names the epoch in the error raised for a non-finite loss.
     """
     layer = config.feature_layer
     assert layer is not None
@@ -228,12 +241,40 @@ def train_epoch(
         backward(loss)
         optimizer.step()
         step_terms.append(terms)
-    return mean_terms(step_terms)
+    return mean_terms(step_terms, where)
 
 
+def _check_batches(config: PairConfig, dataset: Any, kwargs: dict[str, Any]) -> bool:
+    """Refuse batches too small for the correlation loss; return whether to drop the last partial batch.
+
+    The last batch of an epoch is dropped when it is smaller than the correlation loss needs (more
+    samples than features plus one) or, for models with batch norm, smaller than 2 samples per process;
+    full batches are never dropped, so a split that the batch size divides is unaffected.
+    """
+    with torch.random.fork_rng():  # a probe model that leaves the models' initialisation untouched
+        probe = create_model(config.arch, **kwargs)
+    layer = config.feature_layer
+    assert layer is not None
+    width = feature_width(probe, layer, dataset.input_shape)
+    minimum = width + 2 if config.lambda_effective > 0 else 1
+    if config.lambda_effective > 0 and config.batch_size < minimum:
+        raise DecorrError(
+            f"batch size {config.batch_size} is too small for the correlation loss on {width} features "
+            f"({config.arch} layer {layer!r}); use --batch-size {minimum} or more"
+        )
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in probe.modules()):
+        # The process group may not exist yet; the launcher's WORLD_SIZE says how many shards there will be.
+        minimum = max(minimum, 2 * int(os.environ.get("WORLD_SIZE", "1")))
+    if len(dataset.train) < config.batch_size and len(dataset.train) < minimum:
+        raise DecorrError(f"the {len(dataset.train)} training images are fewer than one batch needs ({minimum}); "
+                          "use more training images or a model with a narrower feature layer")
+    return last_batch_too_small(len(dataset.train), config.batch_size, minimum)
+
+
+@releases_run_lock
 def train_pair(
     config: PairConfig,
-    run_dir: str | Path,
+    run_dir: str | Path | None = None,
     *,
     resume: bool = False,
     data_root: str | None = None,
@@ -254,29 +295,24 @@ def train_pair(
         "dataset": config.dataset,
         "hyperparameters": asdict(config),
     }
-    run = TrainingRun(Path(run_dir), run_config, seed=config.seed, resume=resume,
-                      mixed_precision=mixed_precision, cpu=cpu, log=log)
+    drop_last = _check_batches(config, dataset, kwargs)  # before any work (the run writes its directory)
+    run = TrainingRun(None if run_dir is None else Path(run_dir), run_config, seed=config.seed, resume=resume,
+                      mixed_precision=mixed_precision, cpu=cpu, log=log, default_name=f"{config.arch}_{config.mode}")
     models = {n: create_model(config.arch, **kwargs).to(memory_format=torch.channels_last) for n in MODEL_NAMES}
-    width = feature_width(models["model0"], layer, dataset.input_shape)
-    if config.lambda_effective > 0 and config.batch_size <= width + 1:
-        raise DecorrError(
-            f"batch size {config.batch_size} is too small for the correlation loss on {width} features "
-            f"({config.arch} layer {layer!r}); use --batch-size {width + 2} or more"
-        )
     optimizer = torch.optim.Adam([p for m in models.values() for p in m.parameters()], lr=config.lr)
     start_epoch = run.restore(models, optimizer)
     model0, model1, optimizer = run.prepare(models["model0"], models["model1"], optimizer)
     prepared = {"model0": model0, "model1": model1}
     layers = {n: layer for n in MODEL_NAMES}
-    steps = num_batches(len(dataset.train), config.batch_size)
+    steps = num_batches(len(dataset.train), config.batch_size, drop_last)
     metrics: dict[str, Any] = run.history[-1] if run.history else {}
     for epoch in range(start_epoch, config.epochs):
         batches = iterate_batches(dataset.train, config.batch_size, shuffle=True, seed=config.seed,
-                                  epoch=epoch, shard=run.shard, device=run.device)
+                                  epoch=epoch, shard=run.shard, device=run.device, drop_last=drop_last)
         batches = run.progress(batches, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}")
         train_terms = train_epoch(model0, model1, optimizer, batches, config,
                                   backward=run.accelerator.backward, autocast=run.accelerator.autocast,
-                                  lambda_corr=config.lambda_at(epoch))
+                                  lambda_corr=config.lambda_at(epoch), where=f"epoch {epoch + 1}")
         evaluation = evaluate_models(prepared, dataset.test, layers, batch_size=config.eval_batch_size,
                                      device=run.device, shard=run.shard)
         metrics = {**{f"train/{k}": v for k, v in train_terms.items()}, **{f"test/{k}": v for k, v in evaluation.items()}}

@@ -8,13 +8,15 @@ the result of :func:`decorr.transfer.evaluate_transfer` with it (``format_transf
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
+import shutil
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from decorr.errors import DecorrError
 from decorr.training import write_json
@@ -32,6 +34,7 @@ __all__ = [
     "plot_transfer",
     "prepare_output_dir",
     "save_transfer_report",
+    "staged_output_dir",
     "tensorboard_writer",
     "transfer_rows",
     "pair_rows",
@@ -51,17 +54,51 @@ def default_output_dir(root: str | os.PathLike = "runs/eval") -> Path:
 
 
 def prepare_output_dir(out: str | os.PathLike, *, overwrite: bool = False, marker: str = RESULTS_FILE) -> Path:
-    """Create ``out``; refuse (DecorrError) when it already holds ``marker`` and ``overwrite`` is off.
+    """Check that results may be written to ``out``, without creating anything; return it as a Path.
 
-    Call it before any long computation, so that a refusal costs nothing and damages nothing.
+    Refused (DecorrError): a file; a folder holding ``marker`` (earlier results) unless ``overwrite``;
+    a non-empty folder without ``marker`` (not ours to replace); a parent that cannot be written.
+    Call it before any long computation, so that a refusal costs nothing and damages nothing, then
+    write into :func:`staged_output_dir`.
     """
     out = Path(out)
-    if (out / marker).exists() and not overwrite:
-        raise DecorrError(f"{out / marker} already exists; choose another --out or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise DecorrError(f"--out {out} is a file, not a folder; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / marker).exists() and not overwrite:
+        raise DecorrError(f"{out / marker} already exists; choose another --out or pass --overwrite")
+    if out.is_dir() and not (out / marker).exists() and any(out.iterdir()):
+        raise DecorrError(f"--out {out} holds other files and no {marker}; choose a new or empty folder")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DecorrError(f"cannot write to {parent}; choose a writable --out")
     return out
+
+
+@contextlib.contextmanager
+def staged_output_dir(out: str | os.PathLike, *, overwrite: bool = False,
+                      marker: str = RESULTS_FILE) -> Iterator[Path]:
+    """Write an evaluation's outputs into a fresh staging folder that replaces ``out`` only on success.
+
+    A failure leaves ``out`` as it was (no empty folder, no half of the files); a success replaces
+    an earlier ``out`` whole, so no plot of an earlier run is left beside the new results.
+    """
+    out = prepare_output_dir(out, overwrite=overwrite, marker=marker)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = out.with_name(f".{out.name}.previous-{os.getpid()}")
+    if out.exists():
+        os.replace(out, previous)
+    os.replace(staging, out)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def jsonable(value: Any) -> Any:

@@ -10,13 +10,16 @@ the whole batch, which the global-batch losses rely on.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
+import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 import torch.nn as nn
@@ -30,8 +33,28 @@ from decorr.checkpoint import (
     save_checkpoint,
 )
 from decorr.errors import DecorrError
+from decorr.runlock import RunLock
 
-__all__ = ["TrainingRun", "add_run_arguments", "flat_hparams", "mean_terms", "unwrap"]
+__all__ = [
+    "NonFiniteError",
+    "TrainingRun",
+    "add_run_arguments",
+    "check_finite_weights",
+    "default_run_dir",
+    "flat_hparams",
+    "mean_terms",
+    "releases_run_lock",
+    "unwrap",
+]
+
+#: The settings a resumed run may change: the number of epochs, to extend a finished run.
+EXTENDABLE = ("epochs",)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class NonFiniteError(DecorrError):
+    """Training produced NaN or inf (a diverged run); the last good checkpoint is kept."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -62,7 +85,7 @@ class TrainingRun:
     the number of epochs), so that a resumed run cannot silently continue a different experiment.
     """
 
-    run_dir: Path
+    run_dir: Path | None
     config: dict[str, Any]
     seed: int = 0
     resume: bool = False
@@ -71,28 +94,31 @@ class TrainingRun:
     gradient_accumulation_steps: int = 1
     cpu: bool = False
     log: bool = True
+    #: Name of the default run directory ``runs/<default_name>/<timestamp>`` when ``run_dir`` is None.
+    default_name: str = "run"
+    #: Hyperparameters that ``resume`` may change (every other difference is refused).
+    extendable: tuple[str, ...] = EXTENDABLE
     accelerator: Accelerator = field(init=False)
     history: list[dict[str, Any]] = field(init=False, default_factory=list)
+    resumes: list[dict[str, Any]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        self.run_dir = Path(self.run_dir)
-        checkpoint_dir = self.run_dir / CHECKPOINT_DIR
-        exists = (checkpoint_dir / "config.json").exists() or (
-            not checkpoint_dir.exists() and (checkpoint_dir.with_name(CHECKPOINT_DIR + ".old") / "config.json").exists()
-        )
-        if self.resume and not exists:
-            raise DecorrError(f"--resume given but {self.run_dir} has no checkpoint; drop --resume to start a new run")
-        if not self.resume and exists:
-            raise DecorrError(
-                f"{self.run_dir} already holds a checkpoint; pass --resume to continue it or choose another --run-dir"
-            )
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
+            raise DecorrError(f"--seed must be an integer in [0, 2**32), got {self.seed}")
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
+            raise DecorrError(f"unknown mixed precision {self.mixed_precision!r}; use no, bf16 or fp16")
+        cpu = self.cpu or not _has_accelerator()
+        if self.mixed_precision == "fp16" and cpu:
+            raise DecorrError("--mixed-precision fp16 needs a GPU (on the CPU it would silently train in float32); "
+                              "use --mixed-precision bf16 or no")
+        self.run_dir = default_run_dir(self.default_name, cpu=cpu) if self.run_dir is None else Path(self.run_dir)
         project = ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir))
         self.accelerator = Accelerator(
             mixed_precision=self.mixed_precision,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
             # accelerate recognises torchrun's processes on a machine without GPU only when told to run
             # on the CPU; otherwise every process would silently train alone on the whole data.
-            cpu=self.cpu or not _has_accelerator(),
+            cpu=cpu,
             log_with="tensorboard" if self.log else None,
             project_config=project,
         )
@@ -103,9 +129,61 @@ class TrainingRun:
                 f"torch.distributed has {world_size()} processes but accelerate sees "
                 f"{self.accelerator.num_processes}; launch with accelerate launch or torchrun, not both"
             )
+        if self.accelerator.mixed_precision == "fp16" and self.device.type == "cpu":
+            raise DecorrError("fp16 mixed precision (from accelerate's config) needs a GPU; on the CPU it would "
+                              "silently train in float32: use bf16 or no")
+        # The precision actually used is part of the run's settings: a resume must not change it.
+        self.config = {**self.config, "precision": self.accelerator.mixed_precision}
+        # The lock comes first: two runs racing into one directory must not both pass the checks below.
+        self._lock = RunLock(self.run_dir)
+        self._on_main(self._lock.acquire)
+        try:
+            self._on_main(self._check_run_dir)
+        except DecorrError:
+            self._lock.release()
+            raise
+        _HELD_LOCKS.append(self._lock)
         set_seed(self.seed)
         if self.log:
             self.accelerator.init_trackers("tensorboard", config=flat_hparams(self.config.get("hyperparameters", {})))
+
+    def _on_main(self, check: Callable[[], None]) -> None:
+        """Run ``check`` on the main process; every process raises its DecorrError, if any."""
+        message = None
+        if self.is_main:
+            try:
+                check()
+            except DecorrError as err:
+                message = str(err)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            message = broadcast_object_list([message])[0]
+        if message is not None:
+            raise DecorrError(message)
+
+    def _check_run_dir(self) -> None:
+        """A new run needs a directory without a checkpoint; a resumed one, a checkpoint of the same settings."""
+        checkpoint_dir = self.run_dir / CHECKPOINT_DIR
+        exists = (checkpoint_dir / "config.json").exists() or (
+            not checkpoint_dir.exists() and (checkpoint_dir.with_name(CHECKPOINT_DIR + ".old") / "config.json").exists()
+        )
+        if self.resume and not exists:
+            raise DecorrError(f"--resume given but {self.run_dir} has no checkpoint; drop --resume to start a new run")
+        if not self.resume and exists:
+            raise DecorrError(
+                f"{self.run_dir} already holds a checkpoint; pass --resume to continue it or choose another --run-dir"
+            )
+        if self.resume:
+            saved = load_checkpoint(self.run_dir, load_weights=False).config
+            differing = changed_settings(saved, self.config, self.extendable)
+            if differing:
+                shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differing[:6])
+                raise DecorrError(
+                    f"cannot resume {self.run_dir} with other settings ({shown}); only "
+                    f"{', '.join('--' + k.replace('_', '-') for k in self.extendable)} may change; "
+                    "resume with the original settings or start a new --run-dir"
+                )
 
     # -- process topology -------------------------------------------------------------------------
     @property
@@ -133,12 +211,6 @@ class TrainingRun:
             return 0
         checkpoint = load_checkpoint(self.run_dir)
         saved = checkpoint.config
-        for key in ("kind", "models", "dataset"):
-            if key in self.config and saved.get(key) != self.config.get(key):
-                raise DecorrError(
-                    f"cannot resume {self.run_dir}: its {key} is {saved.get(key)!r} but this run asks for "
-                    f"{self.config.get(key)!r}; use the original settings or another --run-dir"
-                )
         for name, module in models.items():
             if name not in checkpoint.state_dicts:
                 raise DecorrError(f"cannot resume {self.run_dir}: checkpoint has no model {name!r}")
@@ -153,6 +225,10 @@ class TrainingRun:
             load_optimizer_state(optimizer, self.run_dir)
         self.history = list(saved.get("history", []))
         epoch = int(saved.get("epoch", 0))
+        epochs = self.config.get("hyperparameters", {}).get("epochs")
+        self.resumes = list(saved.get("resumes", [])) + [{
+            "after_epoch": epoch, "epochs": epochs, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": socket.gethostname(), "num_processes": self.accelerator.num_processes}]
         self.print(f"resumed {self.run_dir} after epoch {epoch}")
         return epoch
 
@@ -162,12 +238,15 @@ class TrainingRun:
     def save(self, epoch: int, models: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer | None,
              metrics: Mapping[str, Any]) -> None:
         """Write the checkpoint for the end of ``epoch`` (atomic; main process only)."""
+        plain = {name: unwrap(module) for name, module in models.items()}
+        check_finite_weights(plain, f"after epoch {epoch}", self.history[-1]["epoch"] if self.history else None)
         self.history.append({"epoch": epoch, **{k: _jsonable(v) for k, v in metrics.items()}})
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            plain = {name: unwrap(module) for name, module in models.items()}
             config = {**self.config, "seed": self.seed, "epoch": epoch,
                       "metrics": {k: _jsonable(v) for k, v in metrics.items()}, "history": self.history}
+            if self.resumes:
+                config["resumes"] = self.resumes
             optim = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
             save_checkpoint(self.run_dir / CHECKPOINT_DIR, plain, config, optimizer=optim)
         self.accelerator.wait_for_everyone()
@@ -200,6 +279,78 @@ class TrainingRun:
         if self.log:
             for tracker in self.accelerator.trackers:
                 tracker.finish()
+        self.release()
+
+    def release(self) -> None:
+        """Give up the run directory's lock (``finish`` does; also called when training fails)."""
+        self._lock.release()
+        if self._lock in _HELD_LOCKS:
+            _HELD_LOCKS.remove(self._lock)
+
+
+#: Locks this process holds, so that a training function failing half-way gives its run directory back.
+_HELD_LOCKS: list[RunLock] = []
+
+
+def releases_run_lock(train: F) -> F:
+    """Decorate a training function: if it raises, the run-directory locks it took are released."""
+
+    @functools.wraps(train)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        before = len(_HELD_LOCKS)
+        try:
+            return train(*args, **kwargs)
+        except BaseException:
+            for lock in _HELD_LOCKS[before:]:
+                lock.release()
+            del _HELD_LOCKS[before:]
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def default_run_dir(name: str, *, cpu: bool = False, root: str | os.PathLike = "runs") -> Path:
+    """A fresh ``runs/<name>/<YYYYmmdd-HHMMSS>`` that every process agrees on (chosen by the main one)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState(cpu=cpu or not _has_accelerator())
+    chosen = None
+    if state.is_main_process:
+        base = Path(root) / name / time.strftime("%Y%m%d-%H%M%S")
+        chosen, n = base, 1
+        while chosen.exists():
+            n += 1
+            chosen = base.with_name(f"{base.name}-{n}")
+        chosen = str(chosen)
+    if state.num_processes > 1:
+        chosen = broadcast_object_list([chosen])[0]
+    if state.is_main_process:
+        print(f"run directory: {chosen} (pass --run-dir to choose)", file=sys.stderr)
+    return Path(chosen)
+
+
+def _normalised(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=_jsonable, sort_keys=True))
+
+
+def changed_settings(saved: Mapping[str, Any], wanted: Mapping[str, Any],
+                     extendable: tuple[str, ...] = EXTENDABLE) -> list[tuple[str, Any, Any]]:
+    """The settings in which a run's new config differs from its checkpoint's: ``(name, saved, new)``.
+
+    Compared: the run's kind, models, dataset and precision, and every hyperparameter except
+    ``extendable`` ones. Checkpoints written before precision was recorded compare as matching there.
+    """
+    differing: list[tuple[str, Any, Any]] = []
+    for key in ("kind", "stage", "models", "dataset", "precision"):
+        if key in wanted and key in saved and _normalised(saved[key]) != _normalised(wanted[key]):
+            differing.append((key, saved[key], wanted[key]))
+    old = _normalised(saved.get("hyperparameters", {}))
+    new = _normalised(wanted.get("hyperparameters", {}))
+    for key in sorted(set(old) | set(new)):
+        if key not in extendable and old.get(key) != new.get(key):
+            differing.append((key, old.get(key), new.get(key)))
+    return differing
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -211,10 +362,35 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-tensorboard", action="store_true")
 
 
-def mean_terms(values: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Average each logged loss term over an epoch's steps."""
-    keys = values[0].keys() if values else []
-    return {k: float(torch.stack([v[k] for v in values]).mean()) for k in keys}
+def mean_terms(values: list[dict[str, torch.Tensor]], where: str = "") -> dict[str, float]:
+    """Average each logged loss term over an epoch's steps; a NaN or inf term is a :class:`NonFiniteError`.
+
+    The check costs no extra host read per step: the terms stay on the device until the epoch's end.
+    ``where`` (e.g. ``"epoch 3"``) goes into the message, which names the first bad step.
+    """
+    keys = list(values[0].keys()) if values else []
+    stacked = {k: torch.stack([v[k].float() for v in values]) for k in keys}
+    means = {k: float(t.mean()) for k, t in stacked.items()}
+    bad = [k for k, m in means.items() if not math.isfinite(m)]
+    if bad:
+        key = "loss" if "loss" in bad else bad[0]
+        step = int((~torch.isfinite(stacked[key])).nonzero()[0, 0]) + 1
+        raise NonFiniteError(
+            f"training diverged: the {key} term is {float(stacked[key][step - 1])} at step {step}"
+            f"{' of ' + where if where else ''}; the last good checkpoint is kept (nothing was saved for "
+            "this epoch); lower --lr or check the data, then --resume or start again"
+        )
+    return means
+
+
+def check_finite_weights(models: Mapping[str, nn.Module], where: str, last_good: int | None = None) -> None:
+    """Refuse to save NaN or inf weights: a diverged model is never written as a checkpoint."""
+    for name, model in models.items():
+        for key, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                kept = "no checkpoint was written" if last_good is None else f"the checkpoint of epoch {last_good} is kept"
+                raise NonFiniteError(f"training diverged: {name}.{key} holds NaN or inf {where}; {kept}; "
+                                     "lower --lr or check the data")
 
 
 def _has_accelerator() -> bool:

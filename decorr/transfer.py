@@ -370,6 +370,8 @@ def _check_data(data: Data) -> tuple[int, tuple[int, ...], Tensor]:
     x, y = data
     if not (torch.is_tensor(x) and torch.is_tensor(y)) or x.dim() < 2 or y.shape != x.shape[:1]:
         raise DecorrError("data must be an ImageSplit or a pair (x (N, C, H, W) in [0, 1], y (N,))")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise DecorrError("the inputs hold NaN or inf; evaluate finite pixels in [0, 1]")
     if x.numel() and (x.min() < 0 or x.max() > 1):
         raise DecorrError("inputs must be pixels in [0, 1]; put any normalisation inside the model")
     return len(y), tuple(x.shape[1:]), y

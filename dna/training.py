@@ -45,7 +45,8 @@ from decorr.distributed import all_gather_with_grad
 from decorr.errors import DecorrError
 from decorr.loss import correlation_loss, r_squared
 from decorr.models import create_model, model_spec
-from decorr.training import TrainingRun, mean_terms, unwrap
+from decorr.validation import check_at_least, check_finite, check_positive, check_seed, check_subset
+from decorr.training import TrainingRun, default_run_dir, mean_terms, releases_run_lock, unwrap
 from dna.models import forward_with_latents
 from dna.objectives import autoencoder_loss_from_errors, dna_accuracy, reconstruction_errors
 
@@ -134,10 +135,14 @@ class DnaConfig:
             raise DecorrError(f"--unshared {self.unshared} is not supported; use 2 (the DNA), 4, or 6")
         for name in ("epochs", "batch_size", "classifier_epochs", "classifier_batch_size",
                      "gradient_accumulation_steps", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise DecorrError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.classifier_lr <= 0 or self.lambda_corr < 0:
-            raise DecorrError("learning rates must be positive and --lambda-corr non-negative")
+            check_at_least(name, getattr(self, name), 1)
+        check_at_least("image_samples", self.image_samples, 0)
+        check_positive("lr", self.lr)
+        check_positive("classifier_lr", self.classifier_lr)
+        check_finite("lambda_corr", self.lambda_corr, minimum=0)
+        check_seed(self.seed)
+        check_subset("train_subset", self.train_subset)
+        check_subset("test_subset", self.test_subset)
         k = self.gradient_accumulation_steps
         for name in ("batch_size", "classifier_batch_size"):
             if getattr(self, name) % k:
@@ -392,6 +397,7 @@ def _maybe_sync_bn(model: nn.Module, config: DnaConfig) -> nn.Module:
 def _training_run(config: DnaConfig, run_dir: str | Path, run_config: dict[str, Any], *, resume: bool,
                   mixed_precision: str, cpu: bool, log: bool) -> TrainingRun:
     run = TrainingRun(Path(run_dir), run_config, seed=config.seed, resume=resume, mixed_precision=mixed_precision,
+                      extendable=("epochs", "classifier_epochs"),
                       gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=cpu, log=log)
     # `accelerate launch --gradient_accumulation_steps` overrides the value given to the Accelerator;
     # the micro-batches here are cut by the config, so the two must agree.
@@ -413,6 +419,7 @@ def _run_config(config: DnaConfig, stage: int, models: Mapping[str, dict[str, An
 # Stage 1
 
 
+@releases_run_lock
 def train_autoencoder(
     config: DnaConfig,
     run_dir: str | Path,
@@ -450,7 +457,7 @@ def train_autoencoder(
                 run, model, optimizer, group, lambda x, y: autoencoder_objective(model, x, config.lambda_corr)))
         evaluation = evaluate_autoencoder(model, dataset.test, batch_size=config.eval_batch_size,
                                           device=run.device, shard=run.shard)
-        metrics = {**{f"train/{k}": v for k, v in mean_terms(step_terms).items()},
+        metrics = {**{f"train/{k}": v for k, v in mean_terms(step_terms, f"autoencoder epoch {epoch + 1}").items()},
                    **{f"test/{k}": v for k, v in evaluation.items()}}
         run.log_scalars(metrics, step=epoch + 1)
         if grid_images is not None:
@@ -496,6 +503,7 @@ def _load_autoencoder(source: str | Path, config: DnaConfig) -> tuple[nn.Module,
     return autoencoder, {"path": str(checkpoint.path.resolve()), "epoch": saved.get("epoch")}
 
 
+@releases_run_lock
 def train_classifier(
     config: DnaConfig,
     run_dir: str | Path,
@@ -541,7 +549,7 @@ def train_classifier(
                 run, model, optimizer, group, lambda x, y: classifier_objective(autoencoder, model, x, y)))
         evaluation = evaluate_autoencoder(autoencoder, dataset.test, classifier=model,
                                           batch_size=config.eval_batch_size, device=run.device, shard=run.shard)
-        metrics = {**{f"train/{k}": v for k, v in mean_terms(step_terms).items()},
+        metrics = {**{f"train/{k}": v for k, v in mean_terms(step_terms, f"classifier epoch {epoch + 1}").items()},
                    **{f"test/{k}": v for k, v in evaluation.items()}}
         run.log_scalars(metrics, step=epoch + 1)
         paths = "  ".join(f"{k[4:]} {v:.4f}" for k, v in evaluation.items() if k.startswith("acc_path"))
@@ -566,7 +574,7 @@ def _has_checkpoint(stage_dir: Path) -> bool:
 
 def train_dna(
     config: DnaConfig,
-    run_dir: str | Path,
+    run_dir: str | Path | None = None,
     *,
     stage: str = "both",
     init_from: str | Path | None = None,
@@ -587,7 +595,7 @@ def train_dna(
         raise DecorrError(f"unknown stage {stage!r}; use --stage 1, 2 or both")
     if init_from is not None and stage != "2":
         raise DecorrError("--from gives stage 2 its autoencoder; use it with --stage 2")
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config.autoencoder_arch, cpu=cpu)
     stage_dirs = {n: run_dir / d for n, d in STAGE_DIRS.items()}
     wanted = [1, 2] if stage == "both" else [int(stage)]
     if resume and not any(_has_checkpoint(stage_dirs[n]) for n in wanted):
@@ -636,7 +644,8 @@ def parse_args(family: str, argv: list[str] | None = None, description: str | No
     """The training scripts' options; defaults are the paper's setting of ``family``."""
     defaults = asdict(DnaConfig.paper(family))
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", required=True, help="where both stages' checkpoints and TensorBoard logs go")
+    p.add_argument("--run-dir", default=None,
+                   help="where both stages' checkpoints and TensorBoard logs go (default: a new runs/<model>_<family>/<timestamp>)")
     p.add_argument("--model", choices=MODEL_KINDS, default="dna", help="dual-neck (dna) or plain autoencoder (ae)")
     p.add_argument("--stage", choices=("1", "2", "both"), default="both",
                    help="1: autoencoder, 2: classifier on the frozen autoencoder, both: one after the other")

@@ -21,7 +21,8 @@ import torch
 from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry, pixel_value
 from decorr.models import model_spec
-from decorr.report import prepare_output_dir, write_results_json
+from decorr.report import prepare_output_dir, staged_output_dir, write_results_json
+from decorr.validation import check_at_least, check_seed, check_subset, resolve_device
 from dna.evaluation import (
     ATTACKS,
     OBJECTIVES,
@@ -73,7 +74,12 @@ def _default_out(source: str) -> Path:
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
+    check_seed(args.seed)
+    check_subset("test_subset", args.test_subset)
+    check_at_least("figure_samples", args.figure_samples, 0)
+    check_at_least("batch_size", args.batch_size, 1)
+    check_at_least("steps", args.steps, 1)
     dna = load_defended_model(args.checkpoint, device)
     baseline = load_defended_model(args.baseline, device) if args.baseline else None
     shape = model_spec(dna.info["arch"]).input_shape
@@ -84,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     split = dataset.test if args.test_subset is None else dataset.test.subset(args.test_subset)
     eps = args.eps or DEFAULT_EPS[shape[0]]
     out = prepare_output_dir(args.out or _default_out(dna.source), overwrite=args.overwrite)  # before any work
+    if dataset.input_shape != shape:
+        raise DecorrError(f"{args.checkpoint} takes {shape} images but {dataset.name!r} has {dataset.input_shape}; "
+                          "evaluate it on the dataset it was trained for")
 
     report = evaluate_robustness(
         dna, split, baseline=baseline, attacks=args.attack, objectives=args.objective, eps=eps, steps=args.steps,
@@ -94,23 +103,24 @@ def main(argv: list[str] | None = None) -> None:
     report["settings"]["dataset"] = args.dataset or dna.info["dataset"]
     table = format_table(report)
     print(table)
-    write_results_json(out / "results.json", report)
-    (out / "table.txt").write_text(table + "\n")
-    plot_accuracy(report, out / "accuracy.png")
-
-    n = min(args.figure_samples, len(split))
-    x = split.images[:n].to(device).float() / 255
-    y = split.labels[:n].to(device)
-    largest = max(eps)
-    for attack in args.attack:
-        adversarial = {
-            f"{attack} {objective} eps {largest:.3g}": craft(
-                dna, x, y, attack=attack, objective=objective, eps=largest, steps=args.steps,
-                step_size=args.step_size, kappa=args.kappa, generator=torch.Generator().manual_seed(args.seed))
-            for objective in args.objective
-        }
-        plot_reconstructions(dna, x, y, adversarial, out / f"reconstructions_{attack}.png")
-    print(f"wrote {out}/results.json, table.txt, accuracy.png, reconstructions_*.png")
+    with staged_output_dir(out, overwrite=args.overwrite) as staging:
+        (staging / "table.txt").write_text(table + "\n")
+        plot_accuracy(report, staging / "accuracy.png")
+        n = min(args.figure_samples, len(split))
+        x = split.images[:n].to(device).float() / 255
+        y = split.labels[:n].to(device)
+        largest = max(eps)
+        for attack in args.attack if n else []:
+            adversarial = {
+                f"{attack} {objective} eps {largest:.3g}": craft(
+                    dna, x, y, attack=attack, objective=objective, eps=largest, steps=args.steps,
+                    step_size=args.step_size, kappa=args.kappa, generator=torch.Generator().manual_seed(args.seed))
+                for objective in args.objective
+            }
+            plot_reconstructions(dna, x, y, adversarial, staging / f"reconstructions_{attack}.png")
+        write_results_json(staging / "results.json", report)  # last: it marks a complete folder
+    figures = ", reconstructions_*.png" if n else ""
+    print(f"wrote {out}/results.json, table.txt, accuracy.png{figures}")
 
 
 if __name__ == "__main__":

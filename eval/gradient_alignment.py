@@ -12,6 +12,7 @@ Prints a table and writes JSON (schema in decorr/alignment.py).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry
 from decorr.report import write_results_json
 from decorr.transfer import checkpoint_dataset, load_named_models
+from decorr.validation import check_at_least, resolve_device, set_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,13 +45,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.num_samples < 1:
-        raise DecorrError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.out and Path(args.out).exists() and not args.overwrite:
-        raise DecorrError(f"{args.out} already exists; choose another --out or pass --overwrite")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    set_threads(args.threads)
+    check_at_least("num_samples", args.num_samples, 1)
+    check_at_least("batch_size", args.batch_size, 1)
+    device = resolve_device(args.device)
+    if args.out:  # checked before any work
+        out = Path(args.out)
+        if out.is_dir():
+            raise DecorrError(f"--out {out} is a folder; give the path of a JSON file to write")
+        if out.exists() and not args.overwrite:
+            raise DecorrError(f"{out} already exists; choose another --out or pass --overwrite")
+        if not os.access(out.absolute().parent if out.absolute().parent.exists() else Path.cwd(), os.W_OK):
+            raise DecorrError(f"cannot write to {out.absolute().parent}; choose a writable --out")
     dataset = load_dataset(args.dataset or checkpoint_dataset(args.checkpoints + args.surrogate), args.data_root)
     split = dataset.test.subset(min(args.num_samples, len(dataset.test)))
     targets, _ = load_named_models(args.checkpoints, device)

@@ -20,7 +20,8 @@ import torch
 
 from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry, pixel_value
-from decorr.report import default_output_dir, format_transfer, prepare_output_dir, save_transfer_report
+from decorr.report import default_output_dir, format_transfer, prepare_output_dir, save_transfer_report, staged_output_dir
+from decorr.validation import check_seed, check_subset, resolve_device, set_threads
 from decorr.transfer import (
     ATTACKS,
     DEFAULT_EPS,
@@ -72,22 +73,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.num_samples is not None and args.num_samples < 1:
-        raise DecorrError(f"--num-samples must be >= 1, got {args.num_samples}")
+    set_threads(args.threads)
+    check_subset("num_samples", args.num_samples)
+    check_seed(args.seed)
+    device = resolve_device(args.device)
     attack_settings = dict(
         attack=args.attack, norm=args.norm, steps=args.steps, step_size=args.step_size,
         random_start=not args.no_random_start, gamma=args.gamma, momentum=args.momentum, diversity=args.diversity,
         ti_kernel=args.ti_kernel, l2_scale=args.l2_scale, seed=args.seed, batch_size=args.batch_size,
     )
     TransferSettings(eps=tuple(args.eps), **attack_settings)  # bad settings fail before any work
-    out = prepare_output_dir(args.out or default_output_dir(), overwrite=args.overwrite)
+    out = prepare_output_dir(args.out or default_output_dir(), overwrite=args.overwrite)  # before any work
     dataset = load_dataset(args.dataset or checkpoint_dataset(args.checkpoints + args.surrogate), args.data_root)
     split = dataset.test
     if args.num_samples is not None and args.num_samples < len(split):
         split = split.subset(args.num_samples)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = evaluate_checkpoints(
         args.checkpoints, split, surrogates=args.surrogate, device=device,
         attack_targets=True if args.attack_targets else None, eps_list=args.eps, features=not args.no_features,
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
         log=lambda message: print(message, file=sys.stderr, flush=True),
     )
     result["settings"].update({"dataset": dataset.name, "device": str(device), "command": sys.argv[1:] if argv is None else list(argv)})
-    save_transfer_report(result, out, plots=not args.no_plots, tensorboard=args.tensorboard)
+    with staged_output_dir(out, overwrite=args.overwrite) as staging:
+        save_transfer_report(result, staging, plots=not args.no_plots, tensorboard=args.tensorboard)
     print(format_transfer(result))
     print(f"\nwrote {out}/results.json, transfer.csv, pairs.csv, table.txt" + ("" if args.no_plots else " and plots"))
     return result

@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 
 from decorr.dverge import DEFAULT_EVAL_EPS, DvergeConfig, format_history, train_dverge
-from decorr.errors import DecorrError, cli_entry, pixel_value
+from decorr.errors import cli_entry, pixel_value
+from decorr.validation import set_threads
 from decorr.training import add_run_arguments
 
 
@@ -26,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     start = p.add_mutually_exclusive_group(required=True)
     start.add_argument("--init", nargs="+", metavar="CKPT", help="starting checkpoints (all their models; CKPT:MODEL for one)")
     start.add_argument("--init-from", metavar="PAIR_DIR", help="a pair run whose models are the starting point")
-    p.add_argument("--run-dir", required=True, help="where checkpoints, TensorBoard logs and dverge.json go")
+    p.add_argument("--run-dir", default=None, help="where checkpoints, TensorBoard logs and dverge.json go (default: a new runs/<name>/<timestamp>)")
     p.add_argument("--dataset", default=None, help="dataset name or .npz (default: the checkpoints' dataset)")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files (else $DECORR_DATA_ROOT, ./data)")
     p.add_argument("--epochs", type=int, default=d["epochs"])
@@ -65,14 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    for flag in ("train_subset", "eval_subset", "accuracy_subset"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise DecorrError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    set_threads(args.threads)
     config = DvergeConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, layers=tuple(args.layer), eps=args.eps,
         steps=args.steps, step_size=args.step_size, random_start=args.random_start, momentum=args.momentum,

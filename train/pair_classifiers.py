@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=MODES, default=defaults["mode"].default)
     p.add_argument("--dataset", default=defaults["dataset"].default, help="dataset name or path to an .npz")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files (else $DECORR_DATA_ROOT, ./data)")
-    p.add_argument("--run-dir", required=True, help="where checkpoints and TensorBoard logs go")
+    p.add_argument("--run-dir", default=None, help="where checkpoints and TensorBoard logs go (default: a new runs/<name>/<timestamp>)")
     p.add_argument("--epochs", type=int, default=defaults["epochs"].default)
     p.add_argument("--batch-size", type=int, default=defaults["batch_size"].default, help="global batch size")
     p.add_argument("--lr", type=float, default=defaults["lr"].default)
