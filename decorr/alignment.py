@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from decorr.attacks import residual_branches, skip_gradient
+from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES, Exclude
 from decorr.data import ImageSplit, to_float
 from decorr.errors import DecorrError
 from decorr.metrics import gradient_alignment
@@ -29,11 +30,13 @@ from decorr.metrics import gradient_alignment
 FORMAT = "decorr-gradient-alignment/1"
 
 
-def input_gradient(model: nn.Module, x: Tensor, y: Tensor, gamma: float = 1.0) -> Tensor:
+def input_gradient(model: nn.Module, x: Tensor, y: Tensor, gamma: float = 1.0, *,
+                   exclude: Exclude = DEFAULT_EXCLUDE) -> Tensor:
     """Per-sample gradient of ``model``'s cross-entropy w.r.t. ``x`` (summed loss: samples are independent
-    in eval mode), through ``skip_gradient(model, gamma)`` when ``gamma < 1``."""
+    in eval mode), through ``skip_gradient(model, gamma, exclude=exclude)`` when ``gamma < 1``."""
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), skip_gradient(model, gamma) if gamma < 1.0 else nullcontext():
+    context = skip_gradient(model, gamma, exclude=exclude) if gamma < 1.0 else nullcontext()
+    with torch.enable_grad(), context:
         (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
     return grad
 
@@ -46,25 +49,29 @@ def evaluate_gradient_alignment(
     gammas: Sequence[float] = (1.0,),
     batch_size: int = 250,
     device: torch.device | str = "cpu",
+    sgm_exclude: str = DEFAULT_EXCLUDE,
 ) -> dict[str, Any]:
     """Mean gradient alignment of every source (at every ``gamma``) with every target; a JSON-able dict.
 
-    Schema ``decorr-gradient-alignment/1``: ``{format, num_samples, gammas, sources, targets,
+    Schema ``decorr-gradient-alignment/1``: ``{format, num_samples, gammas, sgm_exclude, sources, targets,
     by_gamma: {gamma: {cosine: {src: {tgt: mean}}, sign_agreement: {src: {tgt: mean}},
     self_cosine: {src: mean cosine of the decayed with the undecayed gradient}}}}``. gamma < 1 needs
-    residual sources (SGM); gamma = 1 is the plain gradient.
+    residual sources (SGM); gamma = 1 is the plain gradient. ``sgm_exclude`` is ``skip_gradient``'s
+    ``exclude`` (``"first-of-stage"``, the SGM authors' rule, or ``"none"``: decay every unit).
     """
     if not sources or not targets:
         raise DecorrError("gradient alignment needs at least one source and one target model")
+    if sgm_exclude not in EXCLUDE_RULES:
+        raise DecorrError(f"unknown SGM exclude {sgm_exclude!r}; use one of {', '.join(EXCLUDE_RULES)}")
     gammas = [float(g) for g in gammas]
     for gamma in gammas:
         if not 0.0 < gamma <= 1.0:
             raise DecorrError(f"SGM gamma must be in (0, 1], got {gamma}")
     if any(g < 1.0 for g in gammas):
         for name, model in sources.items():
-            if not residual_branches(model):
-                raise DecorrError(f"source {name} has no residual units, so SGM gamma < 1 means nothing for it; "
-                                  "use a residual source or --gamma 1")
+            if not residual_branches(model, sgm_exclude):
+                raise DecorrError(f"source {name} has no residual units to decay (--sgm-exclude {sgm_exclude}), so SGM "
+                                  "gamma < 1 means nothing for it; use a residual source or --gamma 1")
     if batch_size < 1:
         raise DecorrError(f"batch size must be at least 1, got {batch_size}")
     if isinstance(data, ImageSplit):
@@ -87,7 +94,7 @@ def evaluate_gradient_alignment(
         for s, model in sources.items():
             true = target_grads[s] if s in target_grads else input_gradient(model, x, y)
             for gamma in gammas:
-                grad = true if gamma == 1.0 else input_gradient(model, x, y, gamma)
+                grad = true if gamma == 1.0 else input_gradient(model, x, y, gamma, exclude=sgm_exclude)
                 sums[gamma]["self_cosine"][s] += float(gradient_alignment(grad, true).cosine.sum())
                 for t, tgrad in target_grads.items():
                     aligned = gradient_alignment(grad, tgrad)
@@ -97,7 +104,7 @@ def evaluate_gradient_alignment(
     def mean(value: Any) -> Any:
         return {k: mean(v) for k, v in value.items()} if isinstance(value, dict) else value / n
 
-    return {"format": FORMAT, "num_samples": n, "gammas": gammas, "sources": list(sources),
+    return {"format": FORMAT, "num_samples": n, "gammas": gammas, "sgm_exclude": sgm_exclude, "sources": list(sources),
             "targets": list(targets), "by_gamma": {str(g): mean(sums[g]) for g in gammas}}
 
 

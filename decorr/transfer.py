@@ -39,7 +39,7 @@ Result schema (``format`` ``decorr-transfer/1``)::
 
     {"format", "settings": {attack, norm, eps[], attack_eps[], l2_scale, steps, step_size,
                             attack_step_size, random_start, gamma, momentum, diversity, ti_kernel,
-                            seed, batch_size, num_samples, input_shape, features, only_correct,
+                            seed, batch_size, sgm_exclude, num_samples, input_shape, features, only_correct,
                             num_candidates},
      "models": {name: {role, arch, feature_layer, natural_accuracy, ...model_info[name]}},
      "sources": [name], "targets": [name],
@@ -71,6 +71,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from decorr.attacks import ce_loss, fgsm, pgd, residual_branches, skip_gradient
+from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES
 from decorr.checkpoint import build_model, load_checkpoint, resolve_checkpoint
 from decorr.data import ImageSplit, to_float
 from decorr.errors import DecorrError
@@ -126,6 +127,8 @@ class TransferSettings:
     l2_scale: str = "sqrt-side"
     seed: int = 0
     batch_size: int = 1000
+    #: SGM's ``skip_gradient(..., exclude=)``: "first-of-stage" (the authors' rule) or "none" (every unit).
+    sgm_exclude: str = DEFAULT_EXCLUDE
 
     def __post_init__(self) -> None:
         if self.attack not in ATTACKS:
@@ -168,6 +171,8 @@ class TransferSettings:
                 raise DecorrError(f"SGM gamma must be in (0, 1] (the paper uses 0.2 for ResNets), got {self.gamma}")
         elif self.gamma is None:
             object.__setattr__(self, "gamma", 1.0)
+        if self.sgm_exclude not in EXCLUDE_RULES:
+            raise DecorrError(f"unknown --sgm-exclude {self.sgm_exclude!r}; use one of {', '.join(EXCLUDE_RULES)}")
 
     def scale(self, input_shape: Sequence[int]) -> float:
         """Factor from Linf-equivalent units to the attack's norm (1 for Linf)."""
@@ -190,6 +195,8 @@ class TransferSettings:
             record["steps"], record["step_size"], record["random_start"] = 1, None, False
         if self.norm == "linf":
             record["l2_scale"] = None
+        if self.attack != "sgm":
+            record["sgm_exclude"] = None
         return record
 
 
@@ -216,7 +223,8 @@ def craft(source: nn.Module, x: Tensor, y: Tensor, settings: TransferSettings, e
         random_start=settings.random_start, momentum=settings.momentum, input_diversity=settings.diversity,
         translation_kernel=settings.ti_kernel, generator=generator,
     )
-    context = skip_gradient(source, settings.gamma) if settings.attack == "sgm" else nullcontext()
+    sgm = settings.attack == "sgm"
+    context = skip_gradient(source, settings.gamma, exclude=settings.sgm_exclude) if sgm else nullcontext()
     with context:
         return pgd(loss, x, y, **kwargs)  # type: ignore[arg-type]
 
@@ -438,6 +446,7 @@ def evaluate_transfer(
     l2_scale: str = "sqrt-side",
     seed: int = 0,
     batch_size: int = 1000,
+    sgm_exclude: str = DEFAULT_EXCLUDE,
     features: bool = True,
     only_correct: bool = False,
     device: torch.device | str | None = None,
@@ -462,7 +471,7 @@ def evaluate_transfer(
     settings = TransferSettings(
         attack=attack, eps=tuple(eps_list), norm=norm, steps=steps, step_size=step_size,
         random_start=random_start, gamma=gamma, momentum=momentum, diversity=diversity, ti_kernel=ti_kernel,
-        l2_scale=l2_scale, seed=seed, batch_size=batch_size,
+        l2_scale=l2_scale, seed=seed, batch_size=batch_size, sgm_exclude=sgm_exclude,
     )
     targets = dict(models)
     surrogates = dict(surrogates or {})
@@ -479,10 +488,11 @@ def evaluate_transfer(
     all_models = {**targets, **surrogates}
     if settings.attack == "sgm":
         for name in sources:
-            if not residual_branches(all_models[name]):
+            if not residual_branches(all_models[name], settings.sgm_exclude):
                 raise DecorrError(
-                    f"SGM source {name} ({type(all_models[name]).__name__}) has no residual units; attack it "
-                    "with --attack pgd, or use a residual surrogate (--surrogate) for SGM"
+                    f"SGM source {name} ({type(all_models[name]).__name__}) has no residual units to decay "
+                    f"(--sgm-exclude {settings.sgm_exclude}); attack it with --attack pgd, or use a residual "
+                    "surrogate (--surrogate) for SGM"
                 )
     n, input_shape, labels = _check_data(data)
     if n == 0:

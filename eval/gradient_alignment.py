@@ -3,7 +3,7 @@
     python eval/gradient_alignment.py runs/fm_vgg_small runs/fm_densenet_small --surrogate runs/fm_resnet20 \
         --gamma 1 0.7 0.5 0.2 --num-samples 500 --out runs/eval/fm_alignment.json
 For every source, gamma and target: the mean per-sample cosine similarity of the source's cross-entropy
-input gradient (through skip_gradient(source, gamma)) with the target's, and the fraction of input
+input gradient (through skip_gradient(source, gamma, exclude=--sgm-exclude)) with the target's, and the fraction of input
 coordinates whose signs agree, on natural test images; plus each decayed gradient's cosine with the
 source's own true gradient. Without --surrogate every checkpoint's models are sources and targets.
 Prints a table and writes JSON (schema in decorr/alignment.py).
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from decorr.alignment import evaluate_gradient_alignment, format_gradient_alignment
+from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES
 from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry
 from decorr.report import write_results_json
@@ -31,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="run or checkpoint directories (targets)")
     p.add_argument("--surrogate", nargs="+", default=[], metavar="CKPT", help="source models (default: the targets)")
     p.add_argument("--gamma", nargs="+", type=float, default=[1.0], help="SGM decays to compare (1 = plain gradient)")
+    p.add_argument("--sgm-exclude", choices=EXCLUDE_RULES, default=DEFAULT_EXCLUDE,
+                   help="residual units SGM leaves undecayed: the first of each stage (the SGM authors' rule) or none")
     p.add_argument("--dataset", default=None, help="dataset name or .npz (default: the checkpoints' dataset)")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files (else $DECORR_DATA_ROOT)")
     p.add_argument("--num-samples", type=int, default=1000, help="first N test images")
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     targets, _ = load_named_models(args.checkpoints, device)
     sources = load_named_models(args.surrogate, device)[0] if args.surrogate else targets
     result = evaluate_gradient_alignment(sources, targets, split, gammas=args.gamma, batch_size=args.batch_size,
-                                         device=device)
+                                         device=device, sgm_exclude=args.sgm_exclude)
     result.update({"dataset": dataset.name, "command": sys.argv[1:] if argv is None else list(argv)})
     print(format_gradient_alignment(result))
     if args.out:

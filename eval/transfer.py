@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES
 from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry, pixel_value
 from decorr.report import default_output_dir, format_transfer, prepare_output_dir, save_transfer_report, staged_output_dir
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-size", type=pixel_value, default=3 / 255, help="PGD/SGM step (pixel units)")
     p.add_argument("--no-random-start", action="store_true", help="start PGD at the natural image")
     p.add_argument("--gamma", type=float, default=None, help="SGM gradient decay on residual branches (default 0.2)")
+    p.add_argument("--sgm-exclude", choices=EXCLUDE_RULES, default=DEFAULT_EXCLUDE,
+                   help="residual units SGM leaves undecayed: the first of each stage (the SGM authors' rule) or none")
     p.add_argument("--momentum", type=float, default=0.0, help="MI momentum (MI-FGSM uses 1.0)")
     p.add_argument("--diversity", type=float, default=0.0, help="DI probability (0.5 in the DI paper)")
     p.add_argument("--ti-kernel", type=int, default=None, help="TI Gaussian kernel size (odd)")
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         attack=args.attack, norm=args.norm, steps=args.steps, step_size=args.step_size,
         random_start=not args.no_random_start, gamma=args.gamma, momentum=args.momentum, diversity=args.diversity,
         ti_kernel=args.ti_kernel, l2_scale=args.l2_scale, seed=args.seed, batch_size=args.batch_size,
+        sgm_exclude=args.sgm_exclude,
     )
     TransferSettings(eps=tuple(args.eps), **attack_settings)  # bad settings fail before any work
     out = prepare_output_dir(args.out or default_output_dir(), overwrite=args.overwrite)  # before any work

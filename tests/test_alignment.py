@@ -71,8 +71,15 @@ def test_decayed_gradient_and_self_cosine_by_hand():
     (jt_g,) = torch.autograd.grad(branch, xb, grad_outputs=g_out)
     for gamma in (1.0, 0.5, 0.2):
         want = g_out + gamma * jt_g
-        assert torch.allclose(input_gradient(model, x, y, gamma), want, atol=1e-12)
-    result = evaluate_gradient_alignment({"res": model}, {"res_target": model}, (x, y), gammas=[1.0, 0.2], batch_size=3)
+        # exclude="none": the one unit is the first of its parent, which the default leaves alone.
+        assert torch.allclose(input_gradient(model, x, y, gamma, exclude="none"), want, atol=1e-12)
+    with pytest.raises(DecorrError, match="exclude='none'"):
+        input_gradient(model, x, y, 0.5)
+    with pytest.raises(DecorrError, match="no residual units to decay"):
+        evaluate_gradient_alignment({"res": model}, {"res_target": model}, (x, y), gammas=[0.2])
+    result = evaluate_gradient_alignment({"res": model}, {"res_target": model}, (x, y), gammas=[1.0, 0.2], batch_size=3,
+                                         sgm_exclude="none")
+    assert result["sgm_exclude"] == "none"
     row1, row02 = result["by_gamma"]["1.0"], result["by_gamma"]["0.2"]
     assert row1["self_cosine"]["res"] == pytest.approx(1.0) and row1["cosine"]["res"]["res_target"] == pytest.approx(1.0)
     true, decayed = (g_out + jt_g).flatten(1), (g_out + 0.2 * jt_g).flatten(1)
@@ -105,6 +112,8 @@ def test_script_writes_json_and_refuses_overwrite(mnist, tmp_path, capsys):
     assert "input-gradient alignment on 40 samples" in capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["format"] == "decorr-gradient-alignment/1" and saved["dataset"] == "mnist"
+    assert saved["sgm_exclude"] == "first-of-stage"  # the SGM authors' rule unless --sgm-exclude none
+    assert script.parse_args([str(tmp_path / "pair"), "--sgm-exclude", "none"]).sgm_exclude == "none"
     row = saved["by_gamma"]["1.0"]["cosine"]
     assert row["pair/model0"]["pair/model0"] == pytest.approx(1.0)
     assert row["pair/model0"]["pair/model1"] == pytest.approx(result["by_gamma"]["1.0"]["cosine"]["pair/model0"]["pair/model1"])

@@ -231,7 +231,8 @@ def test_resnet56_has_27_units_per_he_et_al():
     assert _count(model, nn.Conv2d) == 55 and _count(model, nn.Linear) == 1
     assert _n_params(model) == _cifar_resnet_params(projection=False, blocks_per_stage=9)
     assert 0.845e6 < _n_params(model) < 0.86e6  # the paper's 0.85M
-    assert len(residual_branches(model)) == 27
+    assert len(residual_branches(model, "none")) == 27
+    assert len(residual_branches(model)) == 24  # SGM's default leaves layer1.0, layer2.0, layer3.0 alone
 
 
 def test_zero_pad_shortcut_subsamples_and_pads():
@@ -290,11 +291,13 @@ def test_vgg_small_has_no_skip_connections():
     assert _n_params(wide) == expected + linear_params(512, 10)
 
 
-@pytest.mark.parametrize(("name", "units"), [("resnet20", 9), ("resnet18_small", 8), ("densenet_small", 12)])
-def test_surrogates_are_made_of_residual_units(name, units):
+@pytest.mark.parametrize(("name", "units", "decayed"),
+                         [("resnet20", 9, 6), ("resnet18_small", 8, 4), ("densenet_small", 12, 12)])
+def test_surrogates_are_made_of_residual_units(name, units, decayed):
     model = create_model(name).train()
     assert _count(model, RESIDUAL_UNITS) == units
-    assert len(residual_branches(model)) == units  # SGM finds every unit without registration
+    assert len(residual_branches(model, "none")) == units  # SGM finds every unit without registration
+    assert len(residual_branches(model)) == decayed  # the default leaves the first block of each stage alone
     x = torch.rand(2, 3, 32, 32)
     grads = []
     for gamma in (1.0, 0.5):

@@ -140,14 +140,14 @@ def _input_gradient(model, x, y):
 
 
 @pytest.mark.parametrize(
-    "build, n_units",
+    "build, n_units, n_default",
     [
-        (lambda: resnet18(weights=None, num_classes=10), 8),
-        (lambda: DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=10), 4),
+        (lambda: resnet18(weights=None, num_classes=10), 8, 4),  # the default leaves layer1.0 ... layer4.0 alone
+        (lambda: DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=10), 4, 4),
     ],
     ids=["resnet18", "densenet"],
 )
-def test_whole_torchvision_models(build, n_units):
+def test_whole_torchvision_models(build, n_units, n_default):
     torch.manual_seed(0)
     model = randomise_batch_norm(build())
     x = torch.rand(2, 3, 32, 32)
@@ -155,7 +155,8 @@ def test_whole_torchvision_models(build, n_units):
     with torch.no_grad():
         logits = model(x)
     plain_grad = _input_gradient(model, x, y)
-    with skip_gradient(model, 0.5) as branches:
+    assert len(residual_branches(model)) == n_default
+    with skip_gradient(model, 0.5, exclude="none") as branches:
         assert len(branches) == n_units
         with torch.no_grad():
             assert torch.equal(model(x), logits)  # the forward pass is unchanged, bit for bit
@@ -226,7 +227,12 @@ def test_register_residual_branch_for_a_users_unit():
         with skip_gradient(plain, 0.5):
             pass
     model = nn.Sequential(GatedUnit(residual=True), GatedUnitSubclass(residual=True), GatedUnit(residual=False))
-    assert residual_branches(model) == [model[0].body, model[1].body]  # subclasses inherit the entry
+    assert residual_branches(model, "none") == [model[0].body, model[1].body]  # subclasses inherit the entry
+    assert residual_branches(model) == [model[1].body]  # "first-unit" by default: model[0] starts the stage
+    register_residual_branch(GatedUnit, lambda unit: unit.body if unit.residual else None, first_of_stage="never")
+    assert residual_branches(model) == [model[0].body, model[1].body]
+    with pytest.raises(DecorrError, match="first_of_stage"):
+        register_residual_branch(GatedUnit, lambda unit: unit.body, first_of_stage="first")
     x = torch.rand(4, 3, dtype=torch.float64)
     unit = model[0].double()
     g = torch.randn(4, 3, dtype=torch.float64)

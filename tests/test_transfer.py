@@ -244,6 +244,18 @@ def test_sgm_with_residual_surrogate(cifar_subset):
     (row,) = result["by_eps"]
     assert set(row["transfer"]) == {"resnet"} and set(row["transfer"]["resnet"]) == {"vgg"}
     assert result["settings"]["gamma"] == 0.5
+    assert result["settings"]["sgm_exclude"] == "first-of-stage"  # the SGM authors' rule by default
+    # --sgm-exclude none decays every block, as skip_gradient(exclude="none") does; it is another attack.
+    every = TransferSettings(attack="sgm", gamma=0.5, eps=(8 / 255,), steps=2, step_size=2 / 255, sgm_exclude="none")
+    ours_every = craft(surrogate, x, y, every, 8 / 255, attack_generator(0, "s", 8 / 255, 0))
+    with skip_gradient(surrogate, 0.5, exclude="none"):
+        direct_every = pgd(ce_loss(surrogate), x, y, eps=8 / 255, steps=2, step_size=2 / 255,
+                           generator=attack_generator(0, "s", 8 / 255, 0))
+    assert torch.equal(ours_every, direct_every) and not torch.equal(ours_every, ours)
+    assert every.to_dict((3, 32, 32))["sgm_exclude"] == "none"
+    assert TransferSettings(attack="pgd").to_dict((3, 32, 32))["sgm_exclude"] is None
+    with pytest.raises(DecorrError, match="--sgm-exclude"):
+        TransferSettings(attack="sgm", sgm_exclude="first")
 
 
 def test_script_writes_results_and_refuses_overwrite(checkpoints, tmp_path, capsys):
@@ -303,6 +315,8 @@ def test_errors_are_one_line(checkpoints, tmp_path, capsys):
     assert "cnn/model0" in err and "no residual units" in err
     err = _script_error([checkpoints["pair"], "--gamma", "0.5", "--out", str(tmp_path / "o4"), *common], capsys)
     assert "--attack sgm" in err
+    assert script.parse_args([checkpoints["pair"]]).sgm_exclude == "first-of-stage"
+    assert script.parse_args([checkpoints["pair"], "--sgm-exclude", "none"]).sgm_exclude == "none"
     # Weights that do not fit the declared architecture: mnist_cnn weights declared as mnist_fc.
     bad = tmp_path / "bad" / "checkpoint"
     save_checkpoint(bad, {"model0": create_model("mnist_cnn")},
