@@ -659,7 +659,8 @@ def _load_cifar10(root: Path | None, *, download: bool = True) -> ImageDataset:
         error = _download("cifar10", root, fetch, [])
         if error is None:
             return _read_cifar10(Path(os.path.abspath(root if root is not None else DEFAULT_DOWNLOAD_ROOT)))
-    how = "run once with internet access (torchvision downloads it into ROOT/cifar-10-batches-py)"
+    how = ("run once with internet access (torchvision downloads it into ROOT/cifar-10-batches-py), or train on "
+           "an .npz of CIFAR images with --dataset PATH.npz (e.g. the CIFAR-10 subset)")
     raise _not_found("cifar10", folders, how, error)
 
 
