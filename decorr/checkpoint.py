@@ -202,8 +202,18 @@ def load_checkpoint(path: str | os.PathLike, *, load_weights: bool = True) -> Ch
 
 def build_model(entry: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None,
                 *, source: str = "checkpoint") -> nn.Module:
-    """Create a registry model from a config entry and load weights that must fit it exactly."""
-    model = create_model(entry["arch"], **entry.get("kwargs", {}))
+    """Create a model from a config entry and load weights that must fit it exactly.
+
+    ``arch`` is a registry name, or ``torchvision.NAME`` / ``timm.NAME`` (converted checkpoints); an
+    entry's optional ``preprocess`` (``{mean, std, input_size}``) wraps it as ``decorr.models.specs``
+    does.
+    """
+    if entry.get("preprocess") or str(entry["arch"]).startswith(("torchvision.", "timm.")):
+        from decorr.models.specs import build_architecture
+
+        model = build_architecture(entry["arch"], entry.get("kwargs", {}), entry.get("preprocess"))
+    else:
+        model = create_model(entry["arch"], **entry.get("kwargs", {}))
     if state_dict is not None:
         try:
             model.load_state_dict(state_dict, strict=True)

@@ -6,6 +6,7 @@ For every source, gamma and target: the mean per-sample cosine similarity of the
 input gradient (through skip_gradient(source, gamma)) with the target's, and the fraction of input
 coordinates whose signs agree, on natural test images; plus each decayed gradient's cosine with the
 source's own true gradient. Without --surrogate every checkpoint's models are sources and targets.
+Models are specs: checkpoints (PATH, PATH:MODEL) or ARCH=WEIGHTS files (grammar below).
 Prints a table and writes JSON (schema in decorr/alignment.py).
 """
 
@@ -20,14 +21,16 @@ import torch
 from decorr.alignment import evaluate_gradient_alignment, format_gradient_alignment
 from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry
+from decorr.models.specs import SPEC_HELP, add_spec_arguments, check_input_shape, load_specs, spec_options
 from decorr.report import write_results_json
-from decorr.transfer import checkpoint_dataset, load_named_models
+from decorr.transfer import checkpoint_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="run or checkpoint directories (targets)")
-    p.add_argument("--surrogate", nargs="+", default=[], metavar="CKPT", help="source models (default: the targets)")
+    p = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", metavar="SPEC", help="target models: checkpoints or ARCH=WEIGHTS specs")
+    p.add_argument("--surrogate", nargs="+", default=[], metavar="SPEC", help="source models (default: the targets)")
     p.add_argument("--gamma", nargs="+", type=float, default=[1.0], help="SGM decays to compare (1 = plain gradient)")
     p.add_argument("--dataset", default=None, help="dataset name or .npz (default: the checkpoints' dataset)")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files (else $DECORR_DATA_ROOT)")
@@ -37,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="JSON file to write (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
+    add_spec_arguments(p)
     return p.parse_args(argv)
 
 
@@ -52,8 +56,12 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = load_dataset(args.dataset or checkpoint_dataset(args.checkpoints + args.surrogate), args.data_root)
     split = dataset.test.subset(min(args.num_samples, len(dataset.test)))
-    targets, _ = load_named_models(args.checkpoints, device)
-    sources = load_named_models(args.surrogate, device)[0] if args.surrogate else targets
+    options = spec_options(args)
+    loaded = load_specs(args.checkpoints, options, device=device)
+    loaded_sources = load_specs(args.surrogate, options, device=device) if args.surrogate else loaded
+    check_input_shape({**loaded_sources, **loaded}, split.images.shape[1:])
+    targets = {name: m.module for name, m in loaded.items()}
+    sources = {name: m.module for name, m in loaded_sources.items()}
     result = evaluate_gradient_alignment(sources, targets, split, gammas=args.gamma, batch_size=args.batch_size,
                                          device=device)
     result.update({"dataset": dataset.name, "command": sys.argv[1:] if argv is None else list(argv)})
