@@ -205,11 +205,10 @@ def build_model(entry: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
     """Create a model from a config entry and load weights that must fit it exactly.
 
     ``arch`` is a registry name, or ``torchvision.NAME`` / ``timm.NAME`` (converted checkpoints); an
-    entry's optional ``preprocess`` (``{mean, std, input_size}``) wraps it as ``decorr.models.specs``
-    does.
+    entry's optional ``preprocess`` (``{mean, std, input_size}``) wraps it (``decorr.models.foreign``).
     """
     if entry.get("preprocess") or str(entry["arch"]).startswith(("torchvision.", "timm.")):
-        from decorr.models.specs import build_architecture
+        from decorr.models.foreign import build_architecture
 
         model = build_architecture(entry["arch"], entry.get("kwargs", {}), entry.get("preprocess"))
     else:
