@@ -9,7 +9,6 @@ checkpoint in place (as ``<dir>`` or, between the two renames, ``<dir>.old``, wh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from decorr.errors import DecorrError
 from decorr.models import create_model
+from decorr.models.weights import sha256_of as file_sha256
 
 FORMAT = "decorr-checkpoint/2"
 #: Older checkpoints (no checksums) still load, with a warning that they cannot be verified.
@@ -187,14 +187,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise DecorrError(f"{path} is not a decorr checkpoint (no config.json in it or in {path / CHECKPOINT_DIR})")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_config(directory: Path, config: Any) -> None:
     """A one-line DecorrError for a config.json that is not a decorr checkpoint's."""
     where = directory / "config.json"
@@ -263,9 +255,18 @@ def load_checkpoint(path: str | os.PathLike, *, load_weights: bool = True) -> Ch
 
 def build_model(entry: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None,
                 *, source: str = "checkpoint") -> nn.Module:
-    """Create a registry model from a config entry and load weights that must fit it exactly."""
+    """Create a model from a config entry and load weights that must fit it exactly.
+
+    ``arch`` is a registry name, or ``torchvision.NAME`` / ``timm.NAME`` (converted checkpoints); an
+    entry's optional ``preprocess`` (``{mean, std, input_size}``) wraps it (``decorr.models.foreign``).
+    """
     try:
-        model = create_model(entry["arch"], **entry.get("kwargs", {}))
+        if entry.get("preprocess") or str(entry["arch"]).startswith(("torchvision.", "timm.")):
+            from decorr.models.foreign import build_architecture
+
+            model = build_architecture(entry["arch"], entry.get("kwargs", {}), entry.get("preprocess"))
+        else:
+            model = create_model(entry["arch"], **entry.get("kwargs", {}))
     except TypeError as err:
         raise DecorrError(f"{source}: cannot build {entry['arch']!r} with kwargs {entry.get('kwargs', {})} "
                           f"({err}); the checkpoint does not fit this version of the model") from None

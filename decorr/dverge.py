@@ -50,11 +50,11 @@ from torch import Tensor
 
 from decorr.attacks import ce_loss, pgd
 from decorr.attacks.losses import LossFn
-from decorr.checkpoint import build_model, load_checkpoint, resolve_checkpoint
 from decorr.data import ImageSplit, iterate_batches, load_dataset, num_batches, to_float
 from decorr.distributed import global_mean
 from decorr.errors import DecorrError
 from decorr.features import find_module
+from decorr.models.specs import NamedModel, SpecOptions, check_input_shape, load_specs
 from decorr.validation import check_at_least, check_finite, check_positive, check_seed, check_subset
 from decorr.training import TrainingRun, default_run_dir, mean_terms, releases_run_lock, unwrap, write_json
 
@@ -437,45 +437,33 @@ def _cell(value: Any) -> str:
 # Loading the starting models
 
 
-def _split_selector(path: str) -> tuple[str, str | None]:
-    from decorr.transfer import split_model_selector
+def load_init_models(paths: Sequence[str], options: SpecOptions | None = None
+                     ) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]], list[dict[str, Any]], str | None]:
+    """The starting models: every model of each spec in order (``decorr.models.specs``: checkpoints,
+    ``PATH:MODEL``, or ``ARCH=WEIGHTS`` files), renamed ``model0 .. model{N-1}``.
 
-    return split_model_selector(path)
-
-
-def load_init_models(paths: Sequence[str]) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]], list[dict[str, Any]], str | None]:
-    """The starting models: every model of each checkpoint in order (``PATH:MODEL`` picks one),
-    renamed ``model0 .. model{N-1}``.
-
-    Returns the models, their checkpoint entries (arch, kwargs, feature_layer), where each came from
-    (``{"name", "checkpoint", "model", "epoch"}``) and the checkpoints' common dataset.
+    Returns the models, their checkpoint entries (arch, kwargs, feature_layer, and for preprocessed
+    foreign models ``preprocess``: what the run's checkpoints rebuild them from), where each came from
+    (``{"name", "checkpoint", "model", "epoch"}``, or ``{"name", "spec", "weights", "sha256"}``) and the
+    checkpoints' common dataset.
     """
+    loaded = load_specs(paths, options)
     models: dict[str, nn.Module] = {}
     entries: dict[str, dict[str, Any]] = {}
     origins: list[dict[str, Any]] = []
     datasets: set[str] = set()
-    seen: set[tuple[str, str]] = set()
-    for raw in paths:
-        base, only = _split_selector(str(raw))
-        checkpoint = load_checkpoint(base)
-        names = checkpoint.model_names
-        if only is not None and only not in names:
-            raise DecorrError(f"checkpoint {base} has no model {only!r}; it holds {', '.join(names)}")
-        if checkpoint.config.get("dataset"):
-            datasets.add(checkpoint.config["dataset"])
-        for source_name in names if only is None else [only]:
-            key = (str(checkpoint.path.resolve()), source_name)
-            if key in seen:
-                raise DecorrError(f"model {source_name} of {base} is given twice; list each starting model once")
-            seen.add(key)
-            entry = checkpoint.config["models"][source_name]
-            name = f"model{len(models)}"
-            models[name] = build_model(entry, checkpoint.state_dicts[source_name],
-                                       source=str(checkpoint.path / f"{source_name}.safetensors"))
-            entries[name] = {"arch": entry["arch"], "kwargs": dict(entry.get("kwargs", {})),
-                             "feature_layer": entry.get("feature_layer")}
-            origins.append({"name": name, "checkpoint": str(resolve_checkpoint(base)), "model": source_name,
-                            "epoch": checkpoint.config.get("epoch")})
+    for full_name, model in loaded.items():
+        name = f"model{len(models)}"
+        models[name] = model.module
+        entries[name] = {k: v for k, v in model.entry.items() if k in ("arch", "kwargs", "feature_layer", "preprocess")}
+        info = model.info
+        if "checkpoint" in info:
+            origins.append({"name": name, "checkpoint": info["checkpoint"], "model": full_name.rsplit("/", 1)[1],
+                            "epoch": info["epoch"]})
+            if info.get("dataset"):
+                datasets.add(info["dataset"])
+        else:
+            origins.append({"name": name, "spec": info["spec"], "weights": info["weights"], "sha256": info["sha256"]})
     if len(models) < 2:
         raise DecorrError(f"DVERGE trains at least 2 models but {', '.join(map(str, paths))} hold "
                           f"{len(models)}; pass a pair run (--init-from) or several checkpoints (--init A B)")
@@ -501,36 +489,44 @@ def train_dverge(
     cpu: bool = False,
     log: bool = True,
     json_path: str | Path | None = None,
+    spec_options: SpecOptions | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the models of ``init`` with DVERGE, measuring the transfer rates before the first
     epoch and after every epoch; checkpoint after each (epoch 0 holds the starting point).
 
     Writes ``RUN_DIR/checkpoint`` (kind ``dverge``), TensorBoard scalars, and the JSON record
     ``json_path`` (default ``RUN_DIR/dverge.json``) after every evaluation. Returns that record.
+    ``init`` holds model specs (``decorr.models.specs``); ``spec_options`` are the global options of
+    its ``ARCH=WEIGHTS`` specs.
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir("dverge", cpu=cpu)
     json_path = Path(json_path) if json_path is not None else run_dir / "dverge.json"
-    models, entries, origins, init_dataset = load_init_models(init)
+    models, entries, origins, init_dataset = load_init_models(init, spec_options)
     dataset_name = config.dataset or init_dataset
     if dataset_name is None:
-        raise DecorrError("the starting checkpoints do not say their dataset; pass --dataset")
+        raise DecorrError("the starting models do not say their dataset; pass --dataset")
     config.dataset = dataset_name
     names = list(models)
     default_layers = [entries[n]["feature_layer"] for n in names]
     if not config.layers and any(layer is None for layer in default_layers):
-        raise DecorrError("a starting model has no feature layer in its checkpoint; pass --layer MODULE_NAME")
+        raise DecorrError("a starting model has no feature layer in its checkpoint or spec; pass --layer MODULE_NAME "
+                          "(or feature_layer= in its spec)")
     for layer in config.layers:
         for n in names:
             find_module(models[n], layer)  # a DecorrError naming the layer if a model lacks it
 
     dataset = load_dataset(dataset_name, data_root)
+    check_input_shape({n: NamedModel(n, models[n], {}, entries[n]) for n in names}, dataset.test.images.shape[1:])
+    for model in models.values():
+        model.train()
     train_split = dataset.train if config.train_subset is None else dataset.train.subset(config.train_subset)
     eval_split = dataset.test if config.eval_subset is None else dataset.test.subset(config.eval_subset)
     accuracy_split = dataset.test if config.accuracy_subset is None else dataset.test.subset(config.accuracy_subset)
     if len(accuracy_split) == len(eval_split):  # both are the first N test images
         accuracy_split = None
     run_config = {"kind": "dverge", "models": entries, "dataset": dataset_name,
-                  "hyperparameters": {**asdict(config), "init": [o["checkpoint"] + ":" + o["model"] for o in origins]}}
+                  "hyperparameters": {**asdict(config), "init": [o["spec"] if "spec" in o else o["checkpoint"] + ":" + o["model"]
+                                                                 for o in origins]}}
     run = TrainingRun(run_dir, run_config, seed=config.seed, resume=resume, mixed_precision=mixed_precision,
                       cpu=cpu, log=log)
     optimizer = torch.optim.Adam([p for n in names for p in models[n].parameters()], lr=config.lr)

@@ -62,7 +62,6 @@ import time
 import zlib
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -72,13 +71,13 @@ from torch import Tensor
 
 from decorr.attacks import ce_loss, fgsm, pgd, residual_branches, skip_gradient
 from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES
-from decorr.checkpoint import build_model, load_checkpoint, resolve_checkpoint
+from decorr.checkpoint import load_checkpoint
 from decorr.data import ImageSplit, to_float
 from decorr.errors import DecorrError
 from decorr.features import record_features
 from decorr.loss import BatchTooSmallError, parameter_distance, pearson, r_squared
 from decorr.metrics import accuracy, transfer_rate
-from decorr.models import model_spec
+from decorr.models.specs import SpecOptions, check_input_shape, load_specs, parse_spec, split_model_selector
 
 __all__ = [
     "ATTACKS",
@@ -233,76 +232,20 @@ def craft(source: nn.Module, x: Tensor, y: Tensor, settings: TransferSettings, e
 # Loading
 
 
-def split_model_selector(path: str) -> tuple[str, str | None]:
-    """``PATH:MODEL`` picks one model of a checkpoint (only when PATH itself is not a file or folder)."""
-    if os.path.exists(path) or ":" not in path:
-        return path, None
-    base, _, name = path.rpartition(":")
-    if not name or "/" in name or os.sep in name:
-        return path, None
-    return base, name
-
-
-def _run_name(directory: Path) -> Path:
-    # RUN_DIR/checkpoint -> RUN_DIR; a bare checkpoint directory stands for itself.
-    return directory.parent if directory.name in ("checkpoint", "checkpoint.old") else directory
-
-
-def _unique_labels(paths: list[Path]) -> list[str]:
-    """Shortest trailing path parts that tell the runs apart (usually just the run directory's name)."""
-    resolved = [p.resolve() for p in paths]
-    distinct = list(dict.fromkeys(resolved))
-    depth = 1
-    while True:
-        labels = {p: "/".join(p.parts[-depth:]) for p in distinct}
-        if len(set(labels.values())) == len(distinct) or depth >= max(len(p.parts) for p in distinct):
-            return [labels[p] for p in resolved]
-        depth += 1
-
-
 def load_named_models(
-    paths: Sequence[str | os.PathLike], device: torch.device | str = "cpu"
+    paths: Sequence[str | os.PathLike], device: torch.device | str = "cpu", options: SpecOptions | None = None
 ) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
-    """Load every model of every checkpoint, named ``<run name>/<model name>`` (``mnist_cnn_cor/model0``).
+    """Load every model of every spec (``decorr.models.specs``), by unique name, in eval mode on ``device``.
 
-    A path is a run directory or its ``checkpoint/`` folder; ``PATH:MODEL`` loads only that model.
-    Weights are read with safetensors (nothing is unpickled) into a model rebuilt from the registry,
-    strictly: weights that do not fit the declared architecture are a DecorrError. Returns the models
-    (eval mode, on ``device``) and, per model, ``{arch, kwargs, feature_layer, checkpoint, dataset,
-    epoch}`` from the checkpoint's config.
+    A checkpoint (run directory or its ``checkpoint/`` folder; ``PATH:MODEL`` for one model) gives
+    models named ``<run name>/<model name>`` (``mnist_cnn_cor/model0``), rebuilt from the registry with
+    strictly fitting weights, with ``{arch, kwargs, feature_layer, checkpoint, dataset, epoch}``; an
+    ``ARCH=WEIGHTS`` spec one model named after its file, with ``{arch, spec, weights, sha256,
+    num_classes, mean, std, input_size, feature_layer, match_by_order}``. Returns the models and
+    those records.
     """
-    selected: list[tuple[Path, str | None]] = []
-    for raw in paths:
-        base, name = split_model_selector(str(raw))
-        selected.append((resolve_checkpoint(base), name))
-    directories = [d for d, _ in selected]
-    if len({(d.resolve(), n) for d, n in selected}) != len(selected):
-        raise DecorrError("the same checkpoint is given twice; list each checkpoint once")
-    labels = _unique_labels([_run_name(d) for d in directories])
-    models: dict[str, nn.Module] = {}
-    entries: dict[str, dict[str, Any]] = {}
-    for (directory, only), label in zip(selected, labels):
-        checkpoint = load_checkpoint(directory, load_weights=False)
-        names = checkpoint.model_names
-        if only is not None and only not in names:
-            raise DecorrError(f"checkpoint {directory} has no model {only!r}; it holds {', '.join(names)}")
-        checkpoint = load_checkpoint(directory)
-        for name in names if only is None else [only]:
-            entry = checkpoint.config["models"][name]
-            full_name = f"{label}/{name}"
-            if full_name in models:
-                raise DecorrError(f"two models are both named {full_name!r}; give distinct run directories")
-            model = build_model(entry, checkpoint.state_dicts[name], source=str(directory / f"{name}.safetensors"))
-            models[full_name] = model.to(device).eval()
-            entries[full_name] = {
-                "arch": entry["arch"],
-                "kwargs": dict(entry.get("kwargs", {})),
-                "feature_layer": entry.get("feature_layer"),
-                "checkpoint": str(directory),
-                "dataset": checkpoint.config.get("dataset"),
-                "epoch": checkpoint.config.get("epoch"),
-            }
-    return models, entries
+    loaded = load_specs(paths, options, device=device)
+    return {name: m.module for name, m in loaded.items()}, {name: m.info for name, m in loaded.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -691,42 +634,44 @@ def _eps_record(
 
 
 def evaluate_checkpoints(
-    paths: Sequence[str | os.PathLike],
+    specs: Sequence[str | os.PathLike],
     data: Data,
     *,
     surrogates: Sequence[str | os.PathLike] = (),
     device: torch.device | str = "cpu",
+    spec_options: SpecOptions | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """:func:`evaluate_transfer` on the models of checkpoints (targets) and surrogate checkpoints.
+    """:func:`evaluate_transfer` on the models of ``specs`` (targets) and ``surrogates``.
 
-    Checks that every model takes the data's input shape; ``kwargs`` go to ``evaluate_transfer``.
+    Specs are checkpoints (``PATH``, ``PATH:MODEL``) or ``ARCH=WEIGHTS[@KEY=VALUE,...]``
+    (``decorr.models.specs``; ``spec_options`` are the global options of the latter). Checks that every
+    model takes the data's input shape; ``kwargs`` go to ``evaluate_transfer``. Each model's load record
+    goes to its ``models`` entry in the result.
     """
-    models, entries = load_named_models(paths, device)
-    surrogate_models, surrogate_entries = load_named_models(surrogates, device) if surrogates else ({}, {})
-    entries = {**entries, **surrogate_entries}
+    targets = load_specs(specs, spec_options, device=device)
+    sources = load_specs(surrogates, spec_options, device=device) if surrogates else {}
+    loaded = {**sources, **targets}
     shape = tuple(data.images.shape[1:]) if isinstance(data, ImageSplit) else tuple(data[0].shape[1:])
-    for name, entry in entries.items():
-        expected = model_spec(entry["arch"]).input_shape
-        if expected is not None and tuple(expected) != shape and not entry["kwargs"]:
-            raise DecorrError(f"model {name} ({entry['arch']}) takes inputs {tuple(expected)} but the data has "
-                              f"{shape}; evaluate it on the dataset it was trained for (--dataset)")
+    check_input_shape(loaded, shape)
+    models = {n: m.module for n, m in targets.items()}
+    surrogate_models = {n: m.module for n, m in sources.items()}
     return evaluate_transfer(
         models, data, surrogates=surrogate_models,
-        feature_layers={k: e["feature_layer"] for k, e in entries.items()},
-        archs={k: e["arch"] for k, e in entries.items()}, device=device,
-        model_info={k: {"checkpoint": e["checkpoint"], "kwargs": e["kwargs"], "dataset": e["dataset"],
-                        "epoch": e["epoch"]} for k, e in entries.items()},
+        feature_layers={k: m.info["feature_layer"] for k, m in loaded.items()},
+        archs={k: m.info["arch"] for k, m in loaded.items()}, device=device,
+        model_info={k: {key: v for key, v in m.info.items() if key not in ("arch", "feature_layer")}
+                    for k, m in loaded.items()},
         **kwargs,
     )
 
 
-def checkpoint_dataset(paths: Sequence[str]) -> str:
-    """The dataset the checkpoints were trained on; they must agree."""
+def checkpoint_dataset(specs: Sequence[str]) -> str:
+    """The dataset the checkpoint specs were trained on; they must agree (``ARCH=WEIGHTS`` specs say none)."""
     names = {}
-    for path in paths:
-        base, _ = split_model_selector(path)
-        names[path] = load_checkpoint(base, load_weights=False).config.get("dataset")
+    for spec in specs:
+        parsed = parse_spec(spec)
+        names[spec] = load_checkpoint(parsed.checkpoint, load_weights=False).config.get("dataset") if parsed.checkpoint else None
     found = {name for name in names.values() if name}
     if len(found) != 1:
         listed = ", ".join(f"{path}: {name}" for path, name in names.items())

@@ -6,6 +6,7 @@ For every source, gamma and target: the mean per-sample cosine similarity of the
 input gradient (through skip_gradient(source, gamma, exclude=--sgm-exclude)) with the target's, and the fraction of input
 coordinates whose signs agree, on natural test images; plus each decayed gradient's cosine with the
 source's own true gradient. Without --surrogate every checkpoint's models are sources and targets.
+Models are specs: checkpoints (PATH, PATH:MODEL) or ARCH=WEIGHTS files (grammar below).
 Prints a table and writes JSON (schema in decorr/alignment.py).
 """
 
@@ -16,21 +17,22 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 
 from decorr.alignment import evaluate_gradient_alignment, format_gradient_alignment
 from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES
 from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry
+from decorr.models.specs import SPEC_HELP, add_spec_arguments, check_input_shape, load_specs, spec_options
 from decorr.report import write_results_json
-from decorr.transfer import checkpoint_dataset, load_named_models
+from decorr.transfer import checkpoint_dataset
 from decorr.validation import check_at_least, resolve_device, set_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="run or checkpoint directories (targets)")
-    p.add_argument("--surrogate", nargs="+", default=[], metavar="CKPT", help="source models (default: the targets)")
+    p = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", metavar="SPEC", help="target models: checkpoints or ARCH=WEIGHTS specs")
+    p.add_argument("--surrogate", nargs="+", default=[], metavar="SPEC", help="source models (default: the targets)")
     p.add_argument("--gamma", nargs="+", type=float, default=[1.0], help="SGM decays to compare (1 = plain gradient)")
     p.add_argument("--sgm-exclude", choices=EXCLUDE_RULES, default=DEFAULT_EXCLUDE,
                    help="residual units SGM leaves undecayed: the first of each stage (the SGM authors' rule) or none")
@@ -42,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="JSON file to write (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
+    add_spec_arguments(p)
     return p.parse_args(argv)
 
 
@@ -62,8 +65,12 @@ def main(argv: list[str] | None = None) -> dict:
             raise DecorrError(f"cannot write to {out.absolute().parent}; choose a writable --out")
     dataset = load_dataset(args.dataset or checkpoint_dataset(args.checkpoints + args.surrogate), args.data_root)
     split = dataset.test.subset(min(args.num_samples, len(dataset.test)))
-    targets, _ = load_named_models(args.checkpoints, device)
-    sources = load_named_models(args.surrogate, device)[0] if args.surrogate else targets
+    options = spec_options(args)
+    loaded = load_specs(args.checkpoints, options, device=device)
+    loaded_sources = load_specs(args.surrogate, options, device=device) if args.surrogate else loaded
+    check_input_shape({**loaded_sources, **loaded}, split.images.shape[1:])
+    targets = {name: m.module for name, m in loaded.items()}
+    sources = {name: m.module for name, m in loaded_sources.items()}
     result = evaluate_gradient_alignment(sources, targets, split, gammas=args.gamma, batch_size=args.batch_size,
                                          device=device, sgm_exclude=args.sgm_exclude)
     result.update({"dataset": dataset.name, "command": sys.argv[1:] if argv is None else list(argv)})

@@ -2,7 +2,10 @@
 
     python eval/transfer.py runs/mnist_cnn_cor runs/mnist_cnn_dec --attack pgd --eps 0.05 0.1 0.15
     python eval/transfer.py runs/a runs/b --attack sgm --gamma 0.2 --surrogate runs/resnet --eps 0.03
-Every model of every checkpoint (``PATH:MODEL`` for one of them) is a target; each source (the
+    python eval/transfer.py torchvision.resnet18=r18.pth resnet20=r20.safetensors --num-classes 10 \
+        --dataset cifar10 --eps 8/255
+Every model of every spec (checkpoints, ``PATH:MODEL`` for one of their models, or ``ARCH=WEIGHTS``
+files; see the spec grammar below) is a target; each source (the
 targets, or the --surrogate models) is attacked once per epsilon and every target is evaluated on
 its adversarial examples. Prints the tables and writes results.json, transfer.csv, pairs.csv,
 table.txt, heatmap_<attack>_<norm>_eps<eps>.png, transfer_vs_eps_<attack>_<norm>.png (and with
@@ -16,11 +19,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 
 from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES
 from decorr.data import load_dataset
-from decorr.errors import DecorrError, cli_entry, pixel_value
+from decorr.errors import cli_entry, pixel_value
+from decorr.models.specs import SPEC_HELP, add_spec_arguments, spec_options
 from decorr.report import default_output_dir, format_transfer, prepare_output_dir, save_transfer_report, staged_output_dir
 from decorr.validation import check_seed, check_subset, resolve_device, set_threads
 from decorr.transfer import (
@@ -33,12 +36,11 @@ from decorr.transfer import (
 )
 
 
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="run or checkpoint directories (targets)")
-    p.add_argument("--surrogate", nargs="+", default=[], metavar="CKPT",
+    p = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", metavar="SPEC", help="target models: checkpoints or ARCH=WEIGHTS specs")
+    p.add_argument("--surrogate", nargs="+", default=[], metavar="SPEC",
                    help="source-only models whose adversarial examples are evaluated on every target")
     p.add_argument("--attack-targets", action="store_true",
                    help="with --surrogate: attack the targets too (without --surrogate they always are)")
@@ -70,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to OUT/tensorboard")
+    add_spec_arguments(p)
     return p.parse_args(argv)
 
 
@@ -87,13 +90,14 @@ def main(argv: list[str] | None = None) -> dict:
         sgm_exclude=args.sgm_exclude,
     )
     TransferSettings(eps=tuple(args.eps), **attack_settings)  # bad settings fail before any work
+    options = spec_options(args)
     out = prepare_output_dir(args.out or default_output_dir(), overwrite=args.overwrite)  # before any work
     dataset = load_dataset(args.dataset or checkpoint_dataset(args.checkpoints + args.surrogate), args.data_root)
     split = dataset.test
     if args.num_samples is not None and args.num_samples < len(split):
         split = split.subset(args.num_samples)
     result = evaluate_checkpoints(
-        args.checkpoints, split, surrogates=args.surrogate, device=device,
+        args.checkpoints, split, surrogates=args.surrogate, device=device, spec_options=options,
         attack_targets=True if args.attack_targets else None, eps_list=args.eps, features=not args.no_features,
         only_correct=args.only_correct, **attack_settings,
         log=lambda message: print(message, file=sys.stderr, flush=True),

@@ -329,11 +329,14 @@ def test_errors_are_one_line(checkpoints, tmp_path, capsys):
 
 def test_script_runs_standalone(tmp_path):
     """The file itself (python eval/transfer.py): a missing checkpoint is one line and exit status 2."""
+    import os
     import subprocess
     import sys
 
+    # This checkout's decorr, not whichever one the environment has installed (a worktree shares the venv).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, str(REPO / "eval" / "transfer.py"), str(tmp_path / "missing"),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: checkpoint") and "does not exist" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

@@ -2,12 +2,14 @@
 
     python train/dverge.py --init-from runs/mnist_cnn_dec --run-dir runs/dverge_from_dec
     python train/dverge.py --init runs/a:model0 runs/b:model0 runs/c:model0 --run-dir runs/dverge3
+    python train/dverge.py --init resnet20=a.safetensors resnet20=b.pth --dataset cifar10 --run-dir runs/dv
     accelerate launch train/dverge.py --init-from runs/mnist_cnn_cor --run-dir runs/dverge_from_cor
---init takes every model of each checkpoint (CKPT:MODEL picks one); --init-from PAIR_DIR is the same
-for one pair run. Defaults are P1's MNIST setting (SPEC section 5): distillation eps 0.15, 20 steps of
-3/255 at each model's decorrelation layer, 10 epochs, Adam 5e-3, batch 1000; the pairs' PGD transfer
-rates (40 steps of 3/255, eps 0.05 / 0.10 / 0.15) are measured before the first epoch and after every
-epoch. DVERGE's own setting: --eps 0.07 --steps 10 --step-size 0.007 --layer L1 L2 ... (one drawn per
+--init takes model specs: every model of each checkpoint (CKPT:MODEL picks one) or ARCH=WEIGHTS files
+(grammar below; a model needs a feature layer: its registry default, feature_layer=, or --layer);
+--init-from PAIR_DIR is the same for one pair run. Defaults are P1's MNIST setting (SPEC section 5):
+distillation eps 0.15, 20 steps of 3/255 at each model's decorrelation layer, 10 epochs, Adam 5e-3,
+batch 1000; the pairs' PGD transfer rates (40 steps of 3/255, eps 0.05 / 0.10 / 0.15) are measured
+before the first epoch and after every epoch. DVERGE's own setting: --eps 0.07 --steps 10 --step-size 0.007 --layer L1 L2 ... (one drawn per
 epoch). Writes RUN_DIR/checkpoint, RUN_DIR/tensorboard and RUN_DIR/dverge.json.
 """
 
@@ -17,15 +19,18 @@ import argparse
 
 from decorr.dverge import DEFAULT_EVAL_EPS, DvergeConfig, format_history, train_dverge
 from decorr.errors import cli_entry, pixel_value
+from decorr.models.specs import SPEC_HELP, add_spec_arguments, spec_options
 from decorr.validation import set_threads
 from decorr.training import add_run_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = {name: f.default for name, f in DvergeConfig.__dataclass_fields__.items()}
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     start = p.add_mutually_exclusive_group(required=True)
-    start.add_argument("--init", nargs="+", metavar="CKPT", help="starting checkpoints (all their models; CKPT:MODEL for one)")
+    start.add_argument("--init", nargs="+", metavar="SPEC",
+                       help="starting models: checkpoints (all their models; CKPT:MODEL for one) or ARCH=WEIGHTS")
     start.add_argument("--init-from", metavar="PAIR_DIR", help="a pair run whose models are the starting point")
     p.add_argument("--run-dir", default=None, help="where checkpoints, TensorBoard logs and dverge.json go (default: a new runs/<name>/<timestamp>)")
     p.add_argument("--dataset", default=None, help="dataset name or .npz (default: the checkpoints' dataset)")
@@ -60,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (e.g. 1 on a shared machine)")
     p.add_argument("--json", default=None, help="the run's JSON record (default RUN_DIR/dverge.json)")
     add_run_arguments(p)
+    add_spec_arguments(p)
     return p.parse_args(argv)
 
 
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     init = args.init if args.init else [args.init_from]
     record = train_dverge(config, init, args.run_dir, resume=args.resume, data_root=args.data_root,
                           mixed_precision=args.mixed_precision, cpu=args.cpu, log=not args.no_tensorboard,
-                          json_path=args.json)
+                          json_path=args.json, spec_options=spec_options(args))
     print(format_history(record))
     return record
 

@@ -1,0 +1,160 @@
+"""Weights files from outside the toolkit: read them without running code, fit them to an architecture.
+
+``read_state_dict(path)`` reads a ``.safetensors`` file (safetensors) or a ``.pt``/``.pth``/``.bin``
+state dict (``torch.load(..., weights_only=True)``, which refuses anything that would run code when
+unpickled), unwrapping the usual containers: a dict under ``state_dict``, ``model`` or ``net`` and
+the ``module.`` prefix of DataParallel / DistributedDataParallel. ``fit_state_dict(model, state)``
+loads it strictly, by name, or with ``by_order=True`` by position (same count, same shapes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from decorr.errors import DecorrError
+
+__all__ = ["PICKLE_SUFFIXES", "WEIGHTS_SUFFIXES", "fit_state_dict", "read_state_dict", "sha256_of"]
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+WEIGHTS_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+#: Keys under which training scripts commonly nest the state dict.
+CONTAINER_KEYS = ("state_dict", "model", "net")
+#: BatchNorm's step counter: not a weight; older files lack it and paper code often drops it.
+_COUNTER = "num_batches_tracked"
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a weights file, by name, read without unpickling code; NaN or inf is refused."""
+    state = _read_state_dict(Path(path))
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DecorrError(f"{path}: tensor {key!r} holds NaN or inf; these weights are unusable")
+    return state
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise DecorrError(f"weights file {path} does not exist; give the path of a .safetensors, .pt, .pth or .bin file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise DecorrError(f"cannot read {path} as safetensors ({err}); the file is damaged or not safetensors") from None
+    if suffix not in PICKLE_SUFFIXES:
+        raise DecorrError(f"weights file {path} has suffix {suffix or '(none)'}; use .safetensors, .pt, .pth or .bin")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0][:120]
+        raise DecorrError(
+            f"{path} is refused: unpickling it would run code or build objects ({reason}); only plain state dicts "
+            "load, so save model.state_dict() (or .safetensors) where the model is defined"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise DecorrError(f"cannot read {path} with torch.load ({str(err).strip().splitlines()[0][:120]}); "
+                          "the file is damaged or not a torch file") from None
+    return _unwrap(loaded, path)
+
+
+def _unwrap(value: object, path: Path) -> dict[str, Tensor]:
+    for _ in range(4):  # {"state_dict": {...}}, {"model": {"state_dict": ...}}, ...
+        if isinstance(value, Mapping) and not _all_tensors(value):
+            inner = next((value[k] for k in CONTAINER_KEYS if isinstance(value.get(k), Mapping)), None)
+            if inner is None:
+                break
+            value = inner
+    if not isinstance(value, Mapping) or not value or not _all_tensors(value):
+        keys = ", ".join(map(str, list(value)[:6])) if isinstance(value, Mapping) else type(value).__name__
+        raise DecorrError(f"{path} holds no state dict of tensors (found: {keys}); save model.state_dict(), or "
+                          f"nest it under one of the keys {', '.join(CONTAINER_KEYS)}")
+    state = {str(k): v for k, v in value.items()}
+    if all(k.startswith("module.") for k in state):  # DataParallel / DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _all_tensors(mapping: Mapping) -> bool:
+    return all(torch.is_tensor(v) for v in mapping.values())
+
+
+def _shape(t: Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def fit_state_dict(model: nn.Module, state: Mapping[str, Tensor], *, by_order: bool = False, source: str = "weights",
+                   arch: str = "the architecture", log: Callable[[str], None] | None = None) -> None:
+    """Load ``state`` into ``model``: all names and shapes must fit (``num_batches_tracked`` may be absent).
+
+    ``by_order=True`` ignores the names: the i-th tensor of the file goes to the model's i-th tensor
+    (``num_batches_tracked`` left out on both sides), counts and every shape must agree, and the
+    mapping used goes to ``log``. A misfit is a one-line DecorrError naming the first tensor that does
+    not fit.
+    """
+    expected = model.state_dict()
+    if by_order:
+        mapped = _map_by_order(expected, state, source, arch, log)
+    else:
+        missing = [k for k in expected if k not in state and not k.endswith(_COUNTER)]
+        unexpected = [k for k in state if k not in expected]
+        hint = "; if they are the same tensors under other names, pass --match-by-order (or match_by_order=1)"
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            extra = f", and it has unexpected key {unexpected[0]!r}" if unexpected else ""
+            raise DecorrError(f"weights {source} do not fit {arch}: missing key {missing[0]!r}{more}{extra}{hint}")
+        if unexpected:
+            raise DecorrError(f"weights {source} do not fit {arch}: unexpected key {unexpected[0]!r} "
+                              f"({len(unexpected)} in all){hint}")
+        for key, tensor in expected.items():
+            if key in state and _shape(state[key]) != _shape(tensor):
+                raise DecorrError(f"weights {source} do not fit {arch}: {key!r} has shape {_shape(state[key])} in the "
+                                  f"file but {_shape(tensor)} in the model; check the architecture and --num-classes")
+        mapped = dict(state)
+    for key, tensor in expected.items():
+        if key.endswith(_COUNTER) and key not in mapped:
+            mapped[key] = tensor
+    model.load_state_dict(mapped, strict=True)
+
+
+def _map_by_order(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], source: str, arch: str,
+                  log: Callable[[str], None] | None) -> dict[str, Tensor]:
+    ours = [(k, v) for k, v in expected.items() if not k.endswith(_COUNTER)]
+    theirs = [(k, v) for k, v in state.items() if not k.endswith(_COUNTER)]
+    for index, ((key, tensor), (file_key, file_tensor)) in enumerate(zip(ours, theirs)):
+        if _shape(tensor) != _shape(file_tensor):
+            raise DecorrError(
+                f"weights {source} do not fit {arch} by order: tensor {index} {file_key!r} has shape "
+                f"{_shape(file_tensor)} but {arch}'s {key!r} has {_shape(tensor)}; check the architecture and --num-classes"
+            )
+    if len(ours) != len(theirs):
+        index = min(len(ours), len(theirs))
+        which = (f"the file's tensor {index} {theirs[index][0]!r} has no counterpart" if len(theirs) > len(ours)
+                 else f"{arch}'s tensor {index} {ours[index][0]!r} has no counterpart in the file")
+        raise DecorrError(f"weights {source} hold {len(theirs)} tensors but {arch} has {len(ours)} "
+                          f"(num_batches_tracked aside): {which}; check the architecture")
+    mapping = [(file_key, key) for (key, _), (file_key, _) in zip(ours, theirs)]
+    if log is not None:
+        log(f"{source}: loading {len(mapping)} tensors by order onto {arch}; the first of them:")
+        for file_key, key in mapping[:5]:
+            log(f"  {file_key} -> {key}")
+        if len(mapping) > 5:
+            log(f"  ... ({len(mapping) - 5} more; all shapes agree)")
+    return {key: state[file_key] for file_key, key in mapping}
