@@ -5,7 +5,7 @@ pseudo-inverse of X = [Z1_kept, 1] and the N x N projection X X^+ applied to Z2;
 Both run side by side in one process on the same inputs; prints JSON with both times (median of
 ``--repeats`` interleaved runs), the ratio, and the largest relative differences of values and gradients.
 
-    python benchmarks/correlation_loss.py [--repeats 7]
+    python benchmarks/correlation_loss.py [--repeats 7] [--device cuda] [--json OUT]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def paper_correlation_loss(z1: torch.Tensor, z2: torch.Tensor, eta: float = 5e-4
         r = torch.linalg.qr(z1, mode="r")[1]
         diag = r.diagonal().abs()
         keep = diag / diag.max() > eta
-    x = torch.cat([z1[:, keep], torch.ones(len(z1), 1, dtype=z1.dtype)], dim=1)
+    x = torch.cat([z1[:, keep], torch.ones(len(z1), 1, dtype=z1.dtype, device=z1.device)], dim=1)
     projection = x @ torch.linalg.pinv(x)
     z2_hat = projection @ z2
     ss_res = (z2 - z2_hat).square().sum()
@@ -47,12 +47,19 @@ def features(n: int, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return z1, z2
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def forward_backward(fn, z1: torch.Tensor, z2: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
     a = z1.clone().requires_grad_()
     b = z2.clone().requires_grad_()
+    _sync(a.device)
     start = time.perf_counter()
     loss = fn(a, b)
     loss.backward()
+    _sync(a.device)
     elapsed = time.perf_counter() - start
     return elapsed, loss.detach(), a.grad, b.grad
 
@@ -64,10 +71,13 @@ def relative_difference(ours: torch.Tensor, reference: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--json", default=None, help="also write the report to this file")
     args = parser.parse_args()
+    device = torch.device(args.device)
     results = []
     for n, m in SIZES:
-        z1, z2 = features(n, m, seed=n + m)
+        z1, z2 = (z.to(device) for z in features(n, m, seed=n + m))
         # Warm-up both (first LAPACK calls allocate workspaces).
         forward_backward(correlation_loss, z1, z2)
         forward_backward(paper_correlation_loss, z1, z2)
@@ -93,9 +103,14 @@ def main() -> None:
                 "rel_diff_grad_z2": relative_difference(g2, ref_g2),
             }
         )
-    print(json.dumps({"benchmark": "correlation_loss", "dtype": "float32", "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-                      "results": results}, indent=2))
+    report = {"benchmark": "correlation_loss", "dtype": "float32", "device": str(device),
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "machine": platform.processor() or platform.machine(), "results": results}
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -35,14 +35,15 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR_SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"
 
 
-def bare_loop(files, x_all, y_all, eps_list, steps, step_size, batch_size, seed):
+def bare_loop(files, x_all, y_all, eps_list, steps, step_size, batch_size, seed, device):
     """Load both models by hand, natural accuracy, PGD Linf on each, every model on every adversarial batch."""
     r18 = torchvision.models.resnet18(num_classes=10)
     r18.load_state_dict(torch.load(files["r18"], map_location="cpu", weights_only=True))
     r20 = create_model("resnet20")
     r20.load_state_dict(load_file(str(files["r20"])))
-    models = {"r18": r18.eval(), "r20": r20.eval()}
-    batches = [(x_all[i:i + batch_size], y_all[i:i + batch_size]) for i in range(0, len(y_all), batch_size)]
+    models = {"r18": r18.to(device).eval(), "r20": r20.to(device).eval()}
+    batches = [(x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device))
+               for i in range(0, len(y_all), batch_size)]
     with torch.no_grad():
         natural = {n: sum((m(x).argmax(1) == y).sum().item() for x, y in batches) / len(y_all) for n, m in models.items()}
     accuracy = {}
@@ -51,6 +52,7 @@ def bare_loop(files, x_all, y_all, eps_list, steps, step_size, batch_size, seed)
             correct = dict.fromkeys(models, 0)
             for index, (x, y) in enumerate(batches):
                 start = torch.empty(x.shape).uniform_(-eps, eps, generator=attack_generator(seed, src, eps, index))
+                start = start.to(device)
                 x_adv = (x + start).clamp(0, 1)
                 for _ in range(steps):
                     x_adv.requires_grad_(True)
@@ -76,7 +78,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     split = load_dataset(args.dataset).test.subset(args.num_samples)
     x_all, y_all = to_float(split.images), split.labels
@@ -92,11 +96,15 @@ def main() -> None:
             tick = time.perf_counter()
             result = evaluate_checkpoints(specs, split, attack="pgd", eps_list=args.eps, steps=args.steps,
                                           step_size=args.step_size, batch_size=args.batch_size, seed=args.seed,
-                                          features=False)
+                                          features=False, device=device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             ours_s.append(time.perf_counter() - tick)
             tick = time.perf_counter()
             natural, accuracy = bare_loop(files, x_all, y_all, args.eps, args.steps, args.step_size,
-                                          args.batch_size, args.seed)
+                                          args.batch_size, args.seed, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             bare_s.append(time.perf_counter() - tick)
 
     mismatches = [f"natural {n}" for n in natural if result["models"][n]["natural_accuracy"] != natural[n]]
@@ -116,7 +124,7 @@ def main() -> None:
         "ours_timing": {k: round(v, 3) for k, v in result["timing"].items()},
         "identical": not mismatches, "mismatches": mismatches[:10],
         "natural_accuracy": natural,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__, "torchvision": torchvision.__version__,
         "machine": platform.processor() or platform.machine(),
     }
     if args.json:

@@ -422,6 +422,7 @@ def test_augmented_batches_stay_in_unit_range():
         assert x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_batches_on_cuda_equal_cpu_batches():
     split = small_split(30, shape=(3, 8, 8))
