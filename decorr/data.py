@@ -449,11 +449,35 @@ def _short_error(err: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+@contextlib.contextmanager
+def _download_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock for downloads into ``folder``, shared by the processes of this host.
+
+    The lock file lives in the temporary folder, not in ``folder``, so that a failed download still
+    leaves the data folder as it was.
+    """
+    import fcntl
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(str(folder).encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"decorr-download-{key}.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _download(
     name: str, root: PathLike | None, fetch: Callable[[Path], None], created: Sequence[str]
 ) -> str | None:
     """Run torchvision's downloader ``fetch(download_root)``; return None, or why it failed.
 
+    One process at a time: a file lock in the download root makes the processes of a data-parallel
+    run (or two runs) that all miss the data wait while the first downloads and extracts; the others
+    then find the files (torchvision's downloaders verify and skip what is already there).
     On failure, the empty folders the attempt created (``created``, relative to the download root)
     are removed again, so that an offline attempt leaves no litter in ``./data``.
     """
@@ -467,7 +491,8 @@ def _download(
     try:
         if previous_timeout is None:
             socket.setdefaulttimeout(DOWNLOAD_SOCKET_TIMEOUT_S)
-        fetch(download_root)
+        with _download_lock(download_root):
+            fetch(download_root)
         return None
     except Exception as err:  # noqa: BLE001 - URLError, RuntimeError, OSError, timeouts: all "no data"
         for folder in new_folders:
