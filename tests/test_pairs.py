@@ -70,7 +70,7 @@ def test_corr_warmup_switches_the_correlation_term_off():
     assert float((on - cor).detach()) == pytest.approx(0.05 * float(terms["corr"]), rel=1e-5) and float(terms["corr"]) > 0
     with pytest.raises(DecorrError, match="leaves none of the 3"):
         PairConfig(mode="dec", corr_warmup_epochs=3, epochs=3)
-    with pytest.raises(DecorrError, match=">= 0"):
+    with pytest.raises(DecorrError, match="--corr-warmup-epochs must be at least 0"):
         PairConfig(mode="dec", corr_warmup_epochs=-1)
 
 
