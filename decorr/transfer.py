@@ -72,12 +72,16 @@ from torch import Tensor
 
 from decorr.attacks import ce_loss, fgsm, pgd, residual_branches, skip_gradient
 from decorr.checkpoint import build_model, load_checkpoint, resolve_checkpoint
+from decorr.compare import pack_outcomes, samples_fingerprint
 from decorr.data import ImageSplit, to_float
+from decorr.detection import detection_summary, disagreement
+from decorr.ensembles import Ensemble, load_ensembles
 from decorr.errors import DecorrError
 from decorr.features import record_features
 from decorr.loss import BatchTooSmallError, parameter_distance, pearson, r_squared
 from decorr.metrics import accuracy, transfer_rate
 from decorr.models import model_spec
+from decorr.stats import wilson_interval
 
 __all__ = [
     "ATTACKS",
@@ -208,7 +212,7 @@ def craft(source: nn.Module, x: Tensor, y: Tensor, settings: TransferSettings, e
           generator: torch.Generator | None) -> Tensor:
     """Adversarial examples of one batch against ``source`` (``eps`` in Linf-equivalent units)."""
     scale = settings.scale(tuple(x.shape[1:]))
-    loss = ce_loss(source)
+    loss = source.attack_loss if isinstance(source, Ensemble) else ce_loss(source)
     if settings.attack == "fgsm":
         return fgsm(loss, x, y, eps=eps * scale, norm=settings.norm)  # type: ignore[arg-type]
     kwargs = dict(
@@ -349,6 +353,16 @@ def _number(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
+def _interval(successes: int, n: int) -> list[float] | None:
+    """The 95% Wilson interval as ``[low, high]``; None when there is no sample."""
+    interval = wilson_interval(successes, n)
+    return None if interval is None else list(interval)
+
+
+def _cat_disagreement(parts: list[tuple]) -> tuple[Tensor, Tensor]:
+    return torch.cat([flag for flag, _ in parts]), torch.cat([score for _, score in parts])
+
+
 # ------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -394,11 +408,18 @@ class _Evaluator:
         self.label_max = int(num_classes_check.max()) if num_classes_check.numel() else 0
 
     @torch.no_grad()
-    def run(self, name: str, x: Tensor, want_features: bool) -> tuple[Tensor, Tensor | None]:
+    def run(self, name: str, x: Tensor, want_features: bool) -> tuple[Tensor, Tensor | None, tuple | None]:
+        """Labels, features (when asked) and, for an ensemble, its members' disagreement ``(flag, score)``."""
         model = self.models[name]
         layer = self.layers.get(name) if want_features else None
+        disagree = None
         with record_features(model, layer) if layer else nullcontext({}) as recorded:
-            logits = model(x)
+            if isinstance(model, Ensemble):
+                member_logits = model.member_logits(x)
+                logits = model.combine(member_logits)
+                disagree = disagreement(member_logits)
+            else:
+                logits = model(x)
         if not torch.is_tensor(logits) or logits.dim() != 2:
             shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
             raise DecorrError(f"model {name} outputs {shape}, not logits (N, classes); the transfer "
@@ -412,7 +433,7 @@ class _Evaluator:
                 raise DecorrError(f"feature layer {layer!r} of model {name} is not called in its forward "
                                   "pass; choose another feature layer")
             features = recorded[layer].flatten(1).float().cpu()
-        return logits.argmax(dim=1).cpu(), features
+        return logits.argmax(dim=1).cpu(), features, disagree
 
 
 def evaluate_transfer(
@@ -516,15 +537,21 @@ def evaluate_transfer(
     tick = time.perf_counter()
     natural_preds: dict[str, list[Tensor]] = {name: [] for name in all_models}
     natural_feats: dict[str, list[Tensor]] = {name: [] for name in featured}
+    ensembles = [name for name in target_names if isinstance(targets[name], Ensemble)]
+    natural_disagree: dict[str, list[tuple]] = {name: [] for name in ensembles}
     for x, _ in _batches(data, settings.batch_size, device):
         for name in all_models:
-            pred, feats = evaluator.run(name, x, name in featured)
+            pred, feats, disagree = evaluator.run(name, x, name in featured)
             natural_preds[name].append(pred)
             if feats is not None:
                 natural_feats[name].append(feats)
+            if name in natural_disagree:
+                natural_disagree[name].append(disagree)
     natural = {name: torch.cat(p) for name, p in natural_preds.items()}
     natural_accuracy = {name: _number(accuracy(pred, y)) for name, pred in natural.items()}
+    natural_correct = {name: int((pred == y).sum()) for name, pred in natural.items()}
     natural_features = {name: torch.cat(f) for name, f in natural_feats.items()}
+    natural_flags = {name: _cat_disagreement(parts) for name, parts in natural_disagree.items()}
     candidates = n
     if only_correct:
         keep = torch.stack([pred == y for pred in natural.values()]).all(dim=0)
@@ -536,7 +563,9 @@ def evaluate_transfer(
         y, n = y[kept], len(kept)
         natural = {name: pred[kept] for name, pred in natural.items()}
         natural_features = {name: z[kept] for name, z in natural_features.items()}
+        natural_flags = {name: (flag[kept], score[kept]) for name, (flag, score) in natural_flags.items()}
         say(f"only_correct: {n} of {candidates} samples are classified correctly by every model")
+    fingerprint = samples_fingerprint(*((data.images, data.labels) if isinstance(data, ImageSplit) else data))
     timing["natural_s"] += time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -566,12 +595,14 @@ def evaluate_transfer(
     for eps in settings.eps:
         preds: dict[str, dict[str, Tensor]] = {}
         adv_sets: dict[str, dict[str, _FeatureSet]] = {}
+        adv_flags: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
         for k, src in enumerate(sources):
             say(f"{settings.attack} {settings.norm} eps {eps:g}: attacking {src} ({k + 1}/{len(sources)})")
             partners = {b if a == src else a for a, b in feature_pairs if src in (a, b)}
             want = {src} | partners if partners else set()
             collected: dict[str, list[Tensor]] = {name: [] for name in evaluated_on[src]}
             collected_feats: dict[str, list[Tensor]] = {name: [] for name in want}
+            collected_disagree: dict[str, list[tuple]] = {name: [] for name in ensembles}
             for index, (x, yb) in enumerate(_batches(data, settings.batch_size, device)):
                 tick = time.perf_counter()
                 generator = attack_generator(settings.seed, src, eps, index)
@@ -579,28 +610,45 @@ def evaluate_transfer(
                 timing["attack_s"] += time.perf_counter() - tick
                 tick = time.perf_counter()
                 for name in evaluated_on[src]:
-                    pred, feats = evaluator.run(name, x_adv, name in want)
+                    pred, feats, disagree = evaluator.run(name, x_adv, name in want)
                     collected[name].append(pred)
                     if feats is not None:
                         collected_feats[name].append(feats)
+                    if name in collected_disagree:
+                        collected_disagree[name].append(disagree)
                 timing["evaluate_s"] += time.perf_counter() - tick
             preds[src] = {name: torch.cat(p) for name, p in collected.items()}
             adv_sets[src] = {name: _FeatureSet(torch.cat(f)) for name, f in collected_feats.items()}
-        by_eps.append(_eps_record(eps, settings, input_shape, sources, target_names, preds, y, pair_records,
-                                  feature_pairs, adv_sets, notes, timing))
+            adv_flags[src] = {name: _cat_disagreement(parts) for name, parts in collected_disagree.items()}
+        record = _eps_record(eps, settings, input_shape, sources, target_names, preds, y, pair_records,
+                             feature_pairs, adv_sets, notes, timing)
+        record["detection"] = {
+            src: {ens: detection_summary(*natural_flags[ens], *adv_flags[src][ens], preds[src][ens] != y)
+                  for ens in ensembles}
+            for src in sources
+        } if ensembles else {}
+        by_eps.append(record)
 
     roles = {name: "target+source" if name in sources else "target" for name in targets}
     roles.update({name: "source" for name in surrogates})
     model_records = {}
     for name in all_models:
         record = {"role": roles[name], "arch": archs.get(name), "feature_layer": feature_layers.get(name),
-                  "natural_accuracy": natural_accuracy[name]}
+                  "natural_accuracy": natural_accuracy[name], "natural_correct": natural_correct[name],
+                  "natural_accuracy_ci95": _interval(natural_correct[name], candidates)}
+        model = all_models[name]
+        if isinstance(model, Ensemble):
+            record.update({"arch": archs.get(name) or "ensemble", **model.describe()})
+            if model.rule == "vote" and name in sources:
+                notes.add(f"ensemble {name} predicts by majority vote, which has no gradient; it is attacked "
+                          "white-box on the prob rule's loss, CE of log(mean softmax)")
         record.update(dict((model_info or {}).get(name, {})))
         model_records[name] = record
     timing["total_s"] = time.perf_counter() - started
     settings_record = settings.to_dict(input_shape)
     settings_record.update({"num_samples": n, "input_shape": list(input_shape), "features": features,
-                            "only_correct": only_correct, "num_candidates": candidates})
+                            "only_correct": only_correct, "num_candidates": candidates,
+                            "samples_sha256": fingerprint})
     return {
         "format": FORMAT,
         "settings": settings_record,
@@ -629,8 +677,11 @@ def _eps_record(
     timing: dict[str, float],
 ) -> dict[str, Any]:
     """Metrics of one epsilon from every source's and target's labels on the sources' examples."""
+    n = len(y)
     white_box = {src: _number(accuracy(preds[src][src], y)) for src in sources}
+    white_box_correct = {src: int((preds[src][src] == y).sum()) for src in sources}
     acc = {src: {tgt: _number(accuracy(preds[src][tgt], y)) for tgt in targets} for src in sources}
+    correct = {src: {tgt: int((preds[src][tgt] == y).sum()) for tgt in targets} for src in sources}
     matrix: dict[str, dict[str, float | None]] = {}
     transferred: dict[str, dict[str, int | None]] = {}
     fooled: dict[str, int] = {}
@@ -666,11 +717,18 @@ def _eps_record(
         "eps": eps,
         "attack_eps": eps * settings.scale(input_shape),
         "white_box_accuracy": white_box,
+        "white_box_accuracy_ci95": {src: _interval(white_box_correct[src], n) for src in sources},
+        "white_box_correct": white_box_correct,
         "accuracy": acc,
+        "accuracy_ci95": {src: {tgt: _interval(correct[src][tgt], n) for tgt in targets} for src in sources},
+        "correct": correct,
         "transfer": matrix,
+        "transfer_ci95": {src: {tgt: None if transferred[src][tgt] is None else
+                                _interval(transferred[src][tgt], fooled[src]) for tgt in targets} for src in sources},
         "source_fooled": fooled,
         "transferred": transferred,
         "pairs": pairs,
+        "fooled": {src: {name: pack_outcomes((p != y).numpy()) for name, p in preds[src].items()} for src in sources},
     }
 
 
@@ -684,17 +742,32 @@ def evaluate_checkpoints(
     *,
     surrogates: Sequence[str | os.PathLike] = (),
     device: torch.device | str = "cpu",
+    ensembles: Sequence[str] = (),
+    surrogate_ensembles: Sequence[str] = (),
+    ensemble_rule: str = "prob",
     **kwargs: Any,
 ) -> dict[str, Any]:
     """:func:`evaluate_transfer` on the models of checkpoints (targets) and surrogate checkpoints.
 
+    ``ensembles`` (targets) and ``surrogate_ensembles`` (sources attacked on the members' mean CE) are
+    ``NAME=SPEC,SPEC`` strings (:func:`decorr.ensembles.load_ensembles`), combined by ``ensemble_rule``.
     Checks that every model takes the data's input shape; ``kwargs`` go to ``evaluate_transfer``.
     """
-    models, entries = load_named_models(paths, device)
+    models, entries = load_named_models(paths, device) if paths else ({}, {})
     surrogate_models, surrogate_entries = load_named_models(surrogates, device) if surrogates else ({}, {})
+    ensemble_models, ensemble_info = load_ensembles(ensembles, rule=ensemble_rule, device=device)
+    surrogate_ensemble_models, surrogate_ensemble_info = load_ensembles(
+        surrogate_ensembles, rule=ensemble_rule, objective="mean_ce", device=device)
+    for name in list(ensemble_models) + list(surrogate_ensemble_models):
+        if name in models or name in surrogate_models or (name in ensemble_models and name in surrogate_ensemble_models):
+            raise DecorrError(f"ensemble name {name!r} is taken by another model; choose another NAME")
+    models.update(ensemble_models)
+    surrogate_models.update(surrogate_ensemble_models)
+    ensemble_info.update(surrogate_ensemble_info)
     entries = {**entries, **surrogate_entries}
     shape = tuple(data.images.shape[1:]) if isinstance(data, ImageSplit) else tuple(data[0].shape[1:])
-    for name, entry in entries.items():
+    members = {f"{ens}/{m}": e for ens, info in ensemble_info.items() for m, e in info["member_info"].items()}
+    for name, entry in {**entries, **members}.items():
         expected = model_spec(entry["arch"]).input_shape
         if expected is not None and tuple(expected) != shape and not entry["kwargs"]:
             raise DecorrError(f"model {name} ({entry['arch']}) takes inputs {tuple(expected)} but the data has "
@@ -702,9 +775,11 @@ def evaluate_checkpoints(
     return evaluate_transfer(
         models, data, surrogates=surrogate_models,
         feature_layers={k: e["feature_layer"] for k, e in entries.items()},
-        archs={k: e["arch"] for k, e in entries.items()}, device=device,
-        model_info={k: {"checkpoint": e["checkpoint"], "kwargs": e["kwargs"], "dataset": e["dataset"],
-                        "epoch": e["epoch"]} for k, e in entries.items()},
+        archs={**{k: e["arch"] for k, e in entries.items()}, **{k: "ensemble" for k in ensemble_info}}, device=device,
+        model_info={**{k: {"checkpoint": e["checkpoint"], "kwargs": e["kwargs"], "dataset": e["dataset"],
+                           "epoch": e["epoch"]} for k, e in entries.items()},
+                    **{k: {"member_specs": i["member_specs"], "member_info": i["member_info"]}
+                       for k, i in ensemble_info.items()}},
         **kwargs,
     )
 
