@@ -35,19 +35,42 @@ L2 attacks take epsilons (and the PGD step) in Linf-equivalent units, scaled by 
 ``sqrt-side`` (SPEC: ``eps * sqrt(d)``, d the image side, 28 for MNIST), ``sqrt-dim`` (d = C*H*W) or
 ``none``. The radius actually used is recorded as ``attack_eps``.
 
+Ensembles (:class:`decorr.ensembles.Ensemble`) are models like any other: as a target it predicts with
+its rule, as a source it is attacked on its ``attack_loss`` (CE of log(mean softmax) for ``prob`` and
+``vote``, CE of the mean logits for ``logit``, the members' mean CE for a surrogate ensemble). For every
+ensemble target and every source, ``detection`` holds the members' disagreement detection
+(:func:`decorr.detection.detection_summary`).
+
+Statistics: every accuracy and transfer rate has its count and a 95% Wilson interval ``[low, high]``
+(:func:`decorr.stats.wilson_interval`; null when the count is 0). ``fooled`` holds, per source and evaluated
+model, the per-image outcome "this model misclassifies the source's adversarial example" packed with
+:func:`decorr.compare.pack_outcomes`; with ``samples_sha256`` (:func:`decorr.compare.samples_fingerprint`
+of the evaluated images and labels) it lets :func:`decorr.compare.compare_results` test two runs paired.
+
 Result schema (``format`` ``decorr-transfer/1``)::
 
     {"format", "settings": {attack, norm, eps[], attack_eps[], l2_scale, steps, step_size,
                             attack_step_size, random_start, gamma, momentum, diversity, ti_kernel,
                             seed, batch_size, num_samples, input_shape, features, only_correct,
-                            num_candidates},
-     "models": {name: {role, arch, feature_layer, natural_accuracy, ...model_info[name]}},
+                            num_candidates, samples_sha256},
+     "models": {name: {role, arch, feature_layer, natural_accuracy, natural_correct, natural_accuracy_ci95,
+                       [ensembles: members, rule, attack_loss, member_specs, member_info],
+                       ...model_info[name]}},
      "sources": [name], "targets": [name],
      "pairs": [{a, b, same_arch, parameter_distance, natural_features}],
-     "by_eps": [{eps, attack_eps, white_box_accuracy: {src: acc}, accuracy: {src: {tgt: acc}},
-                 transfer: {src: {tgt: T}}, source_fooled: {src: n}, transferred: {src: {tgt: n}},
+     "by_eps": [{eps, attack_eps, white_box_accuracy: {src: acc}, white_box_accuracy_ci95: {src: [lo, hi]},
+                 white_box_correct: {src: n}, accuracy: {src: {tgt: acc}}, accuracy_ci95: {src: {tgt: [lo, hi]}},
+                 correct: {src: {tgt: n}}, transfer: {src: {tgt: T}}, transfer_ci95: {src: {tgt: [lo, hi]}},
+                 source_fooled: {src: n}, transferred: {src: {tgt: n}},
+                 fooled: {src: {model: packed bits}},
+                 detection: {src: {ensemble: {fpr, fpr_ci95, natural_flagged, num_natural, detection_rate,
+                             detection_rate_ci95, flagged, num_adversarial, detection_rate_fooled,
+                             detection_rate_fooled_ci95, flagged_fooled, fooled, score, auc, auc_fooled}}},
                  pairs: [{a, b, a_to_b, b_to_a, mean, on_adv_of_a, on_adv_of_b}]}],
      "notes": [str], "timing": {natural_s, attack_s, evaluate_s, features_s, total_s}}
+
+Denominators: natural accuracies count over ``num_candidates``, accuracies under attack over
+``num_samples``, a transfer rate over ``source_fooled``.
 
 ``natural_features`` is ``{r2, r2_reverse, pca_pearson, num_features, num_samples}``, ``on_adv_of_*``
 ``{r2, pca_pearson}``; both are null for pairs of different architectures. Numbers that do not exist
