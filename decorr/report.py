@@ -24,7 +24,9 @@ from decorr.training import write_json
 __all__ = [
     "RESULTS_FILE",
     "default_output_dir",
+    "detection_rows",
     "eps_text",
+    "format_comparison",
     "format_table",
     "format_transfer",
     "jsonable",
@@ -304,22 +306,38 @@ def format_transfer(result: Mapping[str, Any]) -> str:
     """The evaluation as text: models, one transfer matrix per epsilon, and the pairs."""
     settings = result["settings"]
     blocks = []
-    model_rows = [[name, m["role"], m.get("arch") or "-", m["natural_accuracy"]] for name, m in result["models"].items()]
+    model_rows = [[name, m["role"], _arch_text(m), m["natural_accuracy"], _ci_text(m.get("natural_accuracy_ci95")),
+                   _count_text(m.get("natural_correct"), settings.get("num_candidates"))]
+                  for name, m in result["models"].items()]
     samples = f"{settings['num_samples']} samples"
     if settings.get("only_correct"):
         # Natural accuracies stay over all candidates, so say both counts.
         samples = (f"{settings['num_samples']} of {settings['num_candidates']} samples (those every model "
                    "classifies correctly; natural acc over all)")
-    blocks.append(format_table(["model", "role", "arch", "natural acc"], model_rows,
+    blocks.append(format_table(["model", "role", "arch", "natural acc", "95% CI", "correct"], model_rows,
                                title=f"{samples}; {_attack_label(settings)}", left_columns=3))
     targets = result["targets"]
     for row in result["by_eps"]:
-        rows = [[src] + [row["transfer"][src][tgt] for tgt in targets] + [row["white_box_accuracy"][src]]
+        cis = row.get("transfer_ci95", {})
+        white_cis = row.get("white_box_accuracy_ci95", {})
+        rows = [[src] + [_with_ci(row["transfer"][src][tgt], cis.get(src, {}).get(tgt)) for tgt in targets]
+                + [row["source_fooled"][src], _with_ci(row["white_box_accuracy"][src], white_cis.get(src))]
                 for src in result["sources"]]
         blocks.append(format_table(
-            ["T(source -> target)"] + targets + ["white-box acc"], rows,
-            title=f"{_eps_label(row, settings)}: transfer rate (rows: sources, columns: targets)",
+            ["T(source -> target)"] + targets + ["source fooled", "white-box acc"], rows,
+            title=f"{_eps_label(row, settings)}: transfer rate [95% Wilson CI] (rows: sources, columns: targets; "
+                  "over the images that fool the source)",
         ))
+        detection = detection_rows(result, [row])
+        if detection:
+            blocks.append(format_table(
+                ["source", "ensemble", "FPR (natural)", "flagged (adv)", "flagged | fools ens", "fools ens", "AUC",
+                 "AUC | fools"],
+                [[r[4], r[5], _with_ci(r[6], [r[7], r[8]]), _with_ci(r[11], [r[12], r[13]]),
+                  _with_ci(r[16], [r[17], r[18]]), r[20], r[21], r[22]] for r in detection],
+                title=f"{_eps_label(row, settings)}: disagreement detection (flag: the members' labels differ; "
+                      "AUC of the mean total-variation score, natural vs adversarial)", left_columns=2,
+            ))
     if result["pairs"]:
         natural_rows = []
         for pair in result["pairs"]:
@@ -354,7 +372,19 @@ def format_transfer(result: Mapping[str, Any]) -> str:
 
 
 TRANSFER_CSV_HEADER = ["attack", "norm", "eps", "attack_eps", "source", "target", "transfer_rate", "source_fooled",
-                       "transferred", "target_adv_accuracy", "target_natural_accuracy", "source_white_box_accuracy"]
+                       "transferred", "target_adv_accuracy", "target_natural_accuracy", "source_white_box_accuracy",
+                       "transfer_ci95_low", "transfer_ci95_high", "num_samples", "target_adv_correct",
+                       "target_adv_accuracy_ci95_low", "target_adv_accuracy_ci95_high", "num_candidates",
+                       "target_natural_correct", "target_natural_accuracy_ci95_low",
+                       "target_natural_accuracy_ci95_high", "source_white_box_correct",
+                       "source_white_box_accuracy_ci95_low", "source_white_box_accuracy_ci95_high"]
+DETECTION_CSV_HEADER = ["attack", "norm", "eps", "attack_eps", "source", "ensemble", "fpr", "fpr_ci95_low",
+                        "fpr_ci95_high", "natural_flagged", "num_natural", "detection_rate", "detection_rate_ci95_low",
+                        "detection_rate_ci95_high", "flagged", "num_adversarial", "detection_rate_fooled",
+                        "detection_rate_fooled_ci95_low", "detection_rate_fooled_ci95_high", "flagged_fooled",
+                        "fooled", "auc", "auc_fooled", "score"]
+COMPARE_CSV_HEADER = ["source", "target", "eps", "transfer_a", "transfer_b", "difference", "error_a", "error_b",
+                      "only_a", "only_b", "p_value"]
 PAIRS_CSV_HEADER = ["attack", "norm", "eps", "attack_eps", "a", "b", "same_arch", "transfer_a_to_b",
                     "transfer_b_to_a", "transfer_mean", "r2_natural", "r2_natural_reverse", "pca_pearson_natural",
                     "r2_adv_of_a", "pca_pearson_adv_of_a", "r2_adv_of_b", "pca_pearson_adv_of_b",
@@ -371,8 +401,69 @@ def transfer_rows(result: Mapping[str, Any]) -> list[list[Any]]:
                 rows.append([settings["attack"], settings["norm"], row["eps"], row["attack_eps"], src, tgt,
                              row["transfer"][src][tgt], row["source_fooled"][src], row["transferred"][src][tgt],
                              row["accuracy"][src][tgt], models[tgt]["natural_accuracy"],
-                             row["white_box_accuracy"][src]])
+                             row["white_box_accuracy"][src], *_bounds(row["transfer_ci95"][src][tgt]),
+                             settings["num_samples"], row["correct"][src][tgt], *_bounds(row["accuracy_ci95"][src][tgt]),
+                             settings["num_candidates"], models[tgt]["natural_correct"],
+                             *_bounds(models[tgt]["natural_accuracy_ci95"]), row["white_box_correct"][src],
+                             *_bounds(row["white_box_accuracy_ci95"][src])])
     return rows
+
+
+def detection_rows(result: Mapping[str, Any], by_eps: Sequence[Mapping[str, Any]] | None = None) -> list[list[Any]]:
+    """One CSV row per epsilon, source and ensemble target (``DETECTION_CSV_HEADER``)."""
+    settings = result["settings"]
+    rows = []
+    for row in result["by_eps"] if by_eps is None else by_eps:
+        for src, per_ensemble in row.get("detection", {}).items():
+            for ens, d in per_ensemble.items():
+                rows.append([settings["attack"], settings["norm"], row["eps"], row["attack_eps"], src, ens, d["fpr"],
+                             *_bounds(d["fpr_ci95"]), d["natural_flagged"], d["num_natural"], d["detection_rate"],
+                             *_bounds(d["detection_rate_ci95"]), d["flagged"], d["num_adversarial"],
+                             d["detection_rate_fooled"], *_bounds(d["detection_rate_fooled_ci95"]),
+                             d["flagged_fooled"], d["fooled"], d["auc"], d["auc_fooled"], d["score"]])
+    return rows
+
+
+def compare_rows(comparison: Mapping[str, Any]) -> list[list[Any]]:
+    """One CSV row per (source, target, eps) of :func:`decorr.compare.compare_results` (``COMPARE_CSV_HEADER``)."""
+    return [[r[k] for k in COMPARE_CSV_HEADER] for r in comparison["rows"]]
+
+
+def format_comparison(comparison: Mapping[str, Any]) -> str:
+    """The paired comparison of two evaluations as a table."""
+    a, b = comparison["a"], comparison["b"]
+    rows = [[r["source"], r["target"], eps_text(r["eps"]), r["transfer_a"], r["transfer_b"], r["difference"],
+             r["error_a"], r["error_b"], r["only_a"], r["only_b"], f"{r['p_value']:.3g}"] for r in comparison["rows"]]
+    title = (f"A = {a}, B = {b}: {comparison['num_samples']} shared images; McNemar's exact test on the target's "
+             "per-image error (fooled in A only / B only)")
+    return format_table(["source", "target", "eps", "T A", "T B", "T B - A", "err A", "err B", "only A", "only B",
+                         "p"], rows, title=title, left_columns=3)
+
+
+def _bounds(interval: Sequence[float] | None) -> list[float | None]:
+    return [None, None] if interval is None else [interval[0], interval[1]]
+
+
+def _ci_text(interval: Sequence[float] | None) -> str:
+    return "-" if interval is None else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def _with_ci(value: float | None, interval: Sequence[float | None] | None) -> str | None:
+    if value is None:
+        return None
+    if interval is None or interval[0] is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def _count_text(k: int | None, n: int | None) -> str:
+    return "-" if k is None or n is None else f"{k}/{n}"
+
+
+def _arch_text(model: Mapping[str, Any]) -> str:
+    if "members" in model:
+        return f"ensemble ({model['rule']}) of {', '.join(model['members'])}"
+    return model.get("arch") or "-"
 
 
 def pair_rows(result: Mapping[str, Any]) -> list[list[Any]]:
@@ -457,13 +548,17 @@ def log_transfer_tensorboard(result: Mapping[str, Any], log_dir: str | os.PathLi
 def save_transfer_report(
     result: Mapping[str, Any], out: str | os.PathLike, *, plots: bool = True, tensorboard: bool = False
 ) -> list[Path]:
-    """Write results.json, transfer.csv, pairs.csv, table.txt, the plots and (optionally) TensorBoard."""
+    """Write results.json, transfer.csv, pairs.csv, (with ensembles) detection.csv, table.txt, the plots and
+    (optionally) TensorBoard."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [
         write_csv(out / "transfer.csv", TRANSFER_CSV_HEADER, transfer_rows(result)),
         write_csv(out / "pairs.csv", PAIRS_CSV_HEADER, pair_rows(result)),
     ]
+    detection = detection_rows(result)
+    if detection:
+        paths.append(write_csv(out / "detection.csv", DETECTION_CSV_HEADER, detection))
     table = out / "table.txt"
     table.write_text(format_transfer(result) + "\n")
     paths.append(table)

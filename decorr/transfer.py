@@ -35,19 +35,42 @@ L2 attacks take epsilons (and the PGD step) in Linf-equivalent units, scaled by 
 ``sqrt-side`` (SPEC: ``eps * sqrt(d)``, d the image side, 28 for MNIST), ``sqrt-dim`` (d = C*H*W) or
 ``none``. The radius actually used is recorded as ``attack_eps``.
 
+Ensembles (:class:`decorr.ensembles.Ensemble`) are models like any other: as a target it predicts with
+its rule, as a source it is attacked on its ``attack_loss`` (CE of log(mean softmax) for ``prob`` and
+``vote``, CE of the mean logits for ``logit``, the members' mean CE for a surrogate ensemble). For every
+ensemble target and every source, ``detection`` holds the members' disagreement detection
+(:func:`decorr.detection.detection_summary`).
+
+Statistics: every accuracy and transfer rate has its count and a 95% Wilson interval ``[low, high]``
+(:func:`decorr.stats.wilson_interval`; null when the count is 0). ``fooled`` holds, per source and evaluated
+model, the per-image outcome "this model misclassifies the source's adversarial example" packed with
+:func:`decorr.compare.pack_outcomes`; with ``samples_sha256`` (:func:`decorr.compare.samples_fingerprint`
+of the evaluated images and labels) it lets :func:`decorr.compare.compare_results` test two runs paired.
+
 Result schema (``format`` ``decorr-transfer/1``)::
 
     {"format", "settings": {attack, norm, eps[], attack_eps[], l2_scale, steps, step_size,
                             attack_step_size, random_start, gamma, momentum, diversity, ti_kernel,
                             seed, batch_size, sgm_exclude, num_samples, input_shape, features, only_correct,
-                            num_candidates},
-     "models": {name: {role, arch, feature_layer, natural_accuracy, ...model_info[name]}},
+                            num_candidates, samples_sha256},
+     "models": {name: {role, arch, feature_layer, natural_accuracy, natural_correct, natural_accuracy_ci95,
+                       [ensembles: members, rule, attack_loss, member_specs, member_info],
+                       ...model_info[name]}},
      "sources": [name], "targets": [name],
      "pairs": [{a, b, same_arch, parameter_distance, natural_features}],
-     "by_eps": [{eps, attack_eps, white_box_accuracy: {src: acc}, accuracy: {src: {tgt: acc}},
-                 transfer: {src: {tgt: T}}, source_fooled: {src: n}, transferred: {src: {tgt: n}},
+     "by_eps": [{eps, attack_eps, white_box_accuracy: {src: acc}, white_box_accuracy_ci95: {src: [lo, hi]},
+                 white_box_correct: {src: n}, accuracy: {src: {tgt: acc}}, accuracy_ci95: {src: {tgt: [lo, hi]}},
+                 correct: {src: {tgt: n}}, transfer: {src: {tgt: T}}, transfer_ci95: {src: {tgt: [lo, hi]}},
+                 source_fooled: {src: n}, transferred: {src: {tgt: n}},
+                 fooled: {src: {model: packed bits}},
+                 detection: {src: {ensemble: {fpr, fpr_ci95, natural_flagged, num_natural, detection_rate,
+                             detection_rate_ci95, flagged, num_adversarial, detection_rate_fooled,
+                             detection_rate_fooled_ci95, flagged_fooled, fooled, score, auc, auc_fooled}}},
                  pairs: [{a, b, a_to_b, b_to_a, mean, on_adv_of_a, on_adv_of_b}]}],
      "notes": [str], "timing": {natural_s, attack_s, evaluate_s, features_s, total_s}}
+
+Denominators: natural accuracies count over ``num_candidates``, accuracies under attack over
+``num_samples``, a transfer rate over ``source_fooled``.
 
 ``natural_features`` is ``{r2, r2_reverse, pca_pearson, num_features, num_samples}``, ``on_adv_of_*``
 ``{r2, pca_pearson}``; both are null for pairs of different architectures. Numbers that do not exist
@@ -72,12 +95,16 @@ from torch import Tensor
 from decorr.attacks import ce_loss, fgsm, pgd, residual_branches, skip_gradient
 from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES
 from decorr.checkpoint import load_checkpoint
+from decorr.compare import pack_outcomes, samples_fingerprint
 from decorr.data import ImageSplit, to_float
+from decorr.detection import detection_summary, disagreement
+from decorr.ensembles import Ensemble, load_ensembles
 from decorr.errors import DecorrError
 from decorr.features import record_features
 from decorr.loss import BatchTooSmallError, parameter_distance, pearson, r_squared
 from decorr.metrics import accuracy, transfer_rate
 from decorr.models.specs import SpecOptions, check_input_shape, load_specs, parse_spec, split_model_selector
+from decorr.stats import wilson_interval
 
 __all__ = [
     "ATTACKS",
@@ -214,7 +241,7 @@ def craft(source: nn.Module, x: Tensor, y: Tensor, settings: TransferSettings, e
           generator: torch.Generator | None) -> Tensor:
     """Adversarial examples of one batch against ``source`` (``eps`` in Linf-equivalent units)."""
     scale = settings.scale(tuple(x.shape[1:]))
-    loss = ce_loss(source)
+    loss = source.attack_loss if isinstance(source, Ensemble) else ce_loss(source)
     if settings.attack == "fgsm":
         return fgsm(loss, x, y, eps=eps * scale, norm=settings.norm)  # type: ignore[arg-type]
     kwargs = dict(
@@ -300,6 +327,16 @@ def _number(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
+def _interval(successes: int, n: int) -> list[float] | None:
+    """The 95% Wilson interval as ``[low, high]``; None when there is no sample."""
+    interval = wilson_interval(successes, n)
+    return None if interval is None else list(interval)
+
+
+def _cat_disagreement(parts: list[tuple]) -> tuple[Tensor, Tensor]:
+    return torch.cat([flag for flag, _ in parts]), torch.cat([score for _, score in parts])
+
+
 # ------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -347,11 +384,18 @@ class _Evaluator:
         self.label_max = int(num_classes_check.max()) if num_classes_check.numel() else 0
 
     @torch.no_grad()
-    def run(self, name: str, x: Tensor, want_features: bool) -> tuple[Tensor, Tensor | None]:
+    def run(self, name: str, x: Tensor, want_features: bool) -> tuple[Tensor, Tensor | None, tuple | None]:
+        """Labels, features (when asked) and, for an ensemble, its members' disagreement ``(flag, score)``."""
         model = self.models[name]
         layer = self.layers.get(name) if want_features else None
+        disagree = None
         with record_features(model, layer) if layer else nullcontext({}) as recorded:
-            logits = model(x)
+            if isinstance(model, Ensemble):
+                member_logits = model.member_logits(x)
+                logits = model.combine(member_logits)
+                disagree = disagreement(member_logits)
+            else:
+                logits = model(x)
         if not torch.is_tensor(logits) or logits.dim() != 2:
             shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
             raise DecorrError(f"model {name} outputs {shape}, not logits (N, classes); the transfer "
@@ -365,7 +409,7 @@ class _Evaluator:
                 raise DecorrError(f"feature layer {layer!r} of model {name} is not called in its forward "
                                   "pass; choose another feature layer")
             features = recorded[layer].flatten(1).float().cpu()
-        return logits.argmax(dim=1).cpu(), features
+        return logits.argmax(dim=1).cpu(), features, disagree
 
 
 def evaluate_transfer(
@@ -471,15 +515,21 @@ def evaluate_transfer(
     tick = time.perf_counter()
     natural_preds: dict[str, list[Tensor]] = {name: [] for name in all_models}
     natural_feats: dict[str, list[Tensor]] = {name: [] for name in featured}
+    ensembles = [name for name in target_names if isinstance(targets[name], Ensemble)]
+    natural_disagree: dict[str, list[tuple]] = {name: [] for name in ensembles}
     for x, _ in _batches(data, settings.batch_size, device):
         for name in all_models:
-            pred, feats = evaluator.run(name, x, name in featured)
+            pred, feats, disagree = evaluator.run(name, x, name in featured)
             natural_preds[name].append(pred)
             if feats is not None:
                 natural_feats[name].append(feats)
+            if name in natural_disagree:
+                natural_disagree[name].append(disagree)
     natural = {name: torch.cat(p) for name, p in natural_preds.items()}
     natural_accuracy = {name: _number(accuracy(pred, y)) for name, pred in natural.items()}
+    natural_correct = {name: int((pred == y).sum()) for name, pred in natural.items()}
     natural_features = {name: torch.cat(f) for name, f in natural_feats.items()}
+    natural_flags = {name: _cat_disagreement(parts) for name, parts in natural_disagree.items()}
     candidates = n
     if only_correct:
         keep = torch.stack([pred == y for pred in natural.values()]).all(dim=0)
@@ -491,7 +541,9 @@ def evaluate_transfer(
         y, n = y[kept], len(kept)
         natural = {name: pred[kept] for name, pred in natural.items()}
         natural_features = {name: z[kept] for name, z in natural_features.items()}
+        natural_flags = {name: (flag[kept], score[kept]) for name, (flag, score) in natural_flags.items()}
         say(f"only_correct: {n} of {candidates} samples are classified correctly by every model")
+    fingerprint = samples_fingerprint(*((data.images, data.labels) if isinstance(data, ImageSplit) else data))
     timing["natural_s"] += time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -521,12 +573,14 @@ def evaluate_transfer(
     for eps in settings.eps:
         preds: dict[str, dict[str, Tensor]] = {}
         adv_sets: dict[str, dict[str, _FeatureSet]] = {}
+        adv_flags: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
         for k, src in enumerate(sources):
             say(f"{settings.attack} {settings.norm} eps {eps:g}: attacking {src} ({k + 1}/{len(sources)})")
             partners = {b if a == src else a for a, b in feature_pairs if src in (a, b)}
             want = {src} | partners if partners else set()
             collected: dict[str, list[Tensor]] = {name: [] for name in evaluated_on[src]}
             collected_feats: dict[str, list[Tensor]] = {name: [] for name in want}
+            collected_disagree: dict[str, list[tuple]] = {name: [] for name in ensembles}
             for index, (x, yb) in enumerate(_batches(data, settings.batch_size, device)):
                 tick = time.perf_counter()
                 generator = attack_generator(settings.seed, src, eps, index)
@@ -534,28 +588,45 @@ def evaluate_transfer(
                 timing["attack_s"] += time.perf_counter() - tick
                 tick = time.perf_counter()
                 for name in evaluated_on[src]:
-                    pred, feats = evaluator.run(name, x_adv, name in want)
+                    pred, feats, disagree = evaluator.run(name, x_adv, name in want)
                     collected[name].append(pred)
                     if feats is not None:
                         collected_feats[name].append(feats)
+                    if name in collected_disagree:
+                        collected_disagree[name].append(disagree)
                 timing["evaluate_s"] += time.perf_counter() - tick
             preds[src] = {name: torch.cat(p) for name, p in collected.items()}
             adv_sets[src] = {name: _FeatureSet(torch.cat(f)) for name, f in collected_feats.items()}
-        by_eps.append(_eps_record(eps, settings, input_shape, sources, target_names, preds, y, pair_records,
-                                  feature_pairs, adv_sets, notes, timing))
+            adv_flags[src] = {name: _cat_disagreement(parts) for name, parts in collected_disagree.items()}
+        record = _eps_record(eps, settings, input_shape, sources, target_names, preds, y, pair_records,
+                             feature_pairs, adv_sets, notes, timing)
+        record["detection"] = {
+            src: {ens: detection_summary(*natural_flags[ens], *adv_flags[src][ens], preds[src][ens] != y)
+                  for ens in ensembles}
+            for src in sources
+        } if ensembles else {}
+        by_eps.append(record)
 
     roles = {name: "target+source" if name in sources else "target" for name in targets}
     roles.update({name: "source" for name in surrogates})
     model_records = {}
     for name in all_models:
         record = {"role": roles[name], "arch": archs.get(name), "feature_layer": feature_layers.get(name),
-                  "natural_accuracy": natural_accuracy[name]}
+                  "natural_accuracy": natural_accuracy[name], "natural_correct": natural_correct[name],
+                  "natural_accuracy_ci95": _interval(natural_correct[name], candidates)}
+        model = all_models[name]
+        if isinstance(model, Ensemble):
+            record.update({"arch": archs.get(name) or "ensemble", **model.describe()})
+            if model.rule == "vote" and name in sources:
+                notes.add(f"ensemble {name} predicts by majority vote, which has no gradient; it is attacked "
+                          "white-box on the prob rule's loss, CE of log(mean softmax)")
         record.update(dict((model_info or {}).get(name, {})))
         model_records[name] = record
     timing["total_s"] = time.perf_counter() - started
     settings_record = settings.to_dict(input_shape)
     settings_record.update({"num_samples": n, "input_shape": list(input_shape), "features": features,
-                            "only_correct": only_correct, "num_candidates": candidates})
+                            "only_correct": only_correct, "num_candidates": candidates,
+                            "samples_sha256": fingerprint})
     return {
         "format": FORMAT,
         "settings": settings_record,
@@ -584,8 +655,11 @@ def _eps_record(
     timing: dict[str, float],
 ) -> dict[str, Any]:
     """Metrics of one epsilon from every source's and target's labels on the sources' examples."""
+    n = len(y)
     white_box = {src: _number(accuracy(preds[src][src], y)) for src in sources}
+    white_box_correct = {src: int((preds[src][src] == y).sum()) for src in sources}
     acc = {src: {tgt: _number(accuracy(preds[src][tgt], y)) for tgt in targets} for src in sources}
+    correct = {src: {tgt: int((preds[src][tgt] == y).sum()) for tgt in targets} for src in sources}
     matrix: dict[str, dict[str, float | None]] = {}
     transferred: dict[str, dict[str, int | None]] = {}
     fooled: dict[str, int] = {}
@@ -621,11 +695,18 @@ def _eps_record(
         "eps": eps,
         "attack_eps": eps * settings.scale(input_shape),
         "white_box_accuracy": white_box,
+        "white_box_accuracy_ci95": {src: _interval(white_box_correct[src], n) for src in sources},
+        "white_box_correct": white_box_correct,
         "accuracy": acc,
+        "accuracy_ci95": {src: {tgt: _interval(correct[src][tgt], n) for tgt in targets} for src in sources},
+        "correct": correct,
         "transfer": matrix,
+        "transfer_ci95": {src: {tgt: None if transferred[src][tgt] is None else
+                                _interval(transferred[src][tgt], fooled[src]) for tgt in targets} for src in sources},
         "source_fooled": fooled,
         "transferred": transferred,
         "pairs": pairs,
+        "fooled": {src: {name: pack_outcomes((p != y).numpy()) for name, p in preds[src].items()} for src in sources},
     }
 
 
@@ -640,28 +721,44 @@ def evaluate_checkpoints(
     surrogates: Sequence[str | os.PathLike] = (),
     device: torch.device | str = "cpu",
     spec_options: SpecOptions | None = None,
+    ensembles: Sequence[str] = (),
+    surrogate_ensembles: Sequence[str] = (),
+    ensemble_rule: str = "prob",
     **kwargs: Any,
 ) -> dict[str, Any]:
     """:func:`evaluate_transfer` on the models of ``specs`` (targets) and ``surrogates``.
 
     Specs are checkpoints (``PATH``, ``PATH:MODEL``) or ``ARCH=WEIGHTS[@KEY=VALUE,...]``
-    (``decorr.models.specs``; ``spec_options`` are the global options of the latter). Checks that every
-    model takes the data's input shape; ``kwargs`` go to ``evaluate_transfer``. Each model's load record
-    goes to its ``models`` entry in the result.
+    (``decorr.models.specs``; ``spec_options`` are the global options of the latter). ``ensembles``
+    (targets) and ``surrogate_ensembles`` (sources attacked on the members' mean CE) are
+    ``NAME=SPEC,SPEC`` strings (:func:`decorr.ensembles.load_ensembles`), combined by ``ensemble_rule``.
+    Checks that every model (every ensemble member too) takes the data's input shape; ``kwargs`` go to
+    ``evaluate_transfer``. Each model's load record goes to its ``models`` entry in the result.
     """
-    targets = load_specs(specs, spec_options, device=device)
+    targets = load_specs(specs, spec_options, device=device) if specs else {}
     sources = load_specs(surrogates, spec_options, device=device) if surrogates else {}
+    ensemble_models, ensemble_info, ensemble_members = load_ensembles(
+        ensembles, rule=ensemble_rule, device=device, options=spec_options)
+    surrogate_ensemble_models, surrogate_ensemble_info, surrogate_members = load_ensembles(
+        surrogate_ensembles, rule=ensemble_rule, objective="mean_ce", device=device, options=spec_options)
+    for name in list(ensemble_models) + list(surrogate_ensemble_models):
+        if name in targets or name in sources or (name in ensemble_models and name in surrogate_ensemble_models):
+            raise DecorrError(f"ensemble name {name!r} is taken by another model; choose another NAME")
     loaded = {**sources, **targets}
     shape = tuple(data.images.shape[1:]) if isinstance(data, ImageSplit) else tuple(data[0].shape[1:])
-    check_input_shape(loaded, shape)
-    models = {n: m.module for n, m in targets.items()}
-    surrogate_models = {n: m.module for n, m in sources.items()}
+    check_input_shape({**loaded, **ensemble_members, **surrogate_members}, shape)
+    models = {**{n: m.module for n, m in targets.items()}, **ensemble_models}
+    surrogate_models = {**{n: m.module for n, m in sources.items()}, **surrogate_ensemble_models}
+    ensemble_info = {**ensemble_info, **surrogate_ensemble_info}
     return evaluate_transfer(
         models, data, surrogates=surrogate_models,
         feature_layers={k: m.info["feature_layer"] for k, m in loaded.items()},
-        archs={k: m.info["arch"] for k, m in loaded.items()}, device=device,
-        model_info={k: {key: v for key, v in m.info.items() if key not in ("arch", "feature_layer")}
-                    for k, m in loaded.items()},
+        archs={**{k: m.info["arch"] for k, m in loaded.items()}, **{k: "ensemble" for k in ensemble_info}},
+        device=device,
+        model_info={**{k: {key: v for key, v in m.info.items() if key not in ("arch", "feature_layer")}
+                       for k, m in loaded.items()},
+                    **{k: {"member_specs": i["member_specs"], "member_info": i["member_info"]}
+                       for k, i in ensemble_info.items()}},
         **kwargs,
     )
 

@@ -22,7 +22,8 @@ import sys
 
 from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES
 from decorr.data import load_dataset
-from decorr.errors import cli_entry, pixel_value
+from decorr.ensembles import ENSEMBLE_RULES, parse_ensemble_spec
+from decorr.errors import DecorrError, cli_entry, pixel_value
 from decorr.models.specs import SPEC_HELP, add_spec_arguments, spec_options
 from decorr.report import default_output_dir, format_transfer, prepare_output_dir, save_transfer_report, staged_output_dir
 from decorr.validation import check_seed, check_subset, resolve_device, set_threads
@@ -39,7 +40,13 @@ from decorr.transfer import (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", metavar="SPEC", help="target models: checkpoints or ARCH=WEIGHTS specs")
+    p.add_argument("checkpoints", nargs="*", metavar="SPEC", help="target models: checkpoints or ARCH=WEIGHTS specs")
+    p.add_argument("--ensemble", action="append", default=[], metavar="NAME=SPEC,SPEC",
+                   help="a target that combines its members (repeatable); attacked white-box like every target")
+    p.add_argument("--ensemble-rule", choices=ENSEMBLE_RULES, default="prob",
+                   help="ensembles predict with the mean softmax (prob), the mean logits or a majority vote")
+    p.add_argument("--surrogate-ensemble", action="append", default=[], metavar="NAME=SPEC,SPEC",
+                   help="a source attacked on its members' mean cross-entropy (Liu et al. 2017; repeatable)")
     p.add_argument("--surrogate", nargs="+", default=[], metavar="SPEC",
                    help="source-only models whose adversarial examples are evaluated on every target")
     p.add_argument("--attack-targets", action="store_true",
@@ -91,13 +98,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     TransferSettings(eps=tuple(args.eps), **attack_settings)  # bad settings fail before any work
     options = spec_options(args)
+    member_specs = [spec for text in args.ensemble + args.surrogate_ensemble for spec in parse_ensemble_spec(text)[1]]
+    if not args.checkpoints and not args.ensemble:
+        raise DecorrError("no target models; pass checkpoints or specs (SPEC ...) or --ensemble NAME=SPEC,SPEC")
     out = prepare_output_dir(args.out or default_output_dir(), overwrite=args.overwrite)  # before any work
-    dataset = load_dataset(args.dataset or checkpoint_dataset(args.checkpoints + args.surrogate), args.data_root)
+    dataset = load_dataset(args.dataset or checkpoint_dataset(args.checkpoints + args.surrogate + member_specs), args.data_root)
     split = dataset.test
     if args.num_samples is not None and args.num_samples < len(split):
         split = split.subset(args.num_samples)
     result = evaluate_checkpoints(
         args.checkpoints, split, surrogates=args.surrogate, device=device, spec_options=options,
+        ensembles=args.ensemble, surrogate_ensembles=args.surrogate_ensemble, ensemble_rule=args.ensemble_rule,
         attack_targets=True if args.attack_targets else None, eps_list=args.eps, features=not args.no_features,
         only_correct=args.only_correct, **attack_settings,
         log=lambda message: print(message, file=sys.stderr, flush=True),

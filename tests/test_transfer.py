@@ -14,12 +14,14 @@ import torch.nn.functional as F
 
 from decorr.attacks import ce_loss, fgsm, pgd, skip_gradient
 from decorr.checkpoint import model_entry, save_checkpoint
+from decorr.compare import unpack_outcomes
 from decorr.data import iterate_batches, to_float
 from decorr.errors import DecorrError
 from decorr.features import get_features
 from decorr.loss import parameter_distance, pca_pearson, pearson, r_squared
 from decorr.models import create_model
 from decorr.report import PAIRS_CSV_HEADER, TRANSFER_CSV_HEADER
+from decorr.stats import wilson_interval
 from decorr.transfer import (
     TransferSettings,
     attack_generator,
@@ -270,7 +272,20 @@ def test_script_writes_results_and_refuses_overwrite(checkpoints, tmp_path, caps
     assert results["format"] == "decorr-transfer/1"
     assert results["settings"]["eps"] == [0.05, 0.1] and results["settings"]["dataset"] == "mnist"
     assert set(results["by_eps"][0]) == {"eps", "attack_eps", "white_box_accuracy", "accuracy", "transfer",
-                                         "source_fooled", "transferred", "pairs"}
+                                         "source_fooled", "transferred", "pairs", "white_box_accuracy_ci95",
+                                         "white_box_correct", "accuracy_ci95", "correct", "transfer_ci95", "fooled",
+                                         "detection"}
+    assert len(results["settings"]["samples_sha256"]) == 64
+    row, model = results["by_eps"][0], results["models"]["fc_pair/model0"]
+    assert model["natural_accuracy"] == model["natural_correct"] / 50
+    assert model["natural_accuracy_ci95"] == pytest.approx(list(wilson_interval(model["natural_correct"], 50)))
+    src, tgt = "fc_pair/model0", "fc_pair/model1"
+    assert row["transfer_ci95"][src][src] is None and row["detection"] == {}
+    assert row["transfer_ci95"][src][tgt] == pytest.approx(
+        list(wilson_interval(row["transferred"][src][tgt], row["source_fooled"][src])))
+    assert row["accuracy_ci95"][src][tgt] == pytest.approx(list(wilson_interval(row["correct"][src][tgt], 50)))
+    assert row["white_box_accuracy_ci95"][src] == pytest.approx(list(wilson_interval(row["white_box_correct"][src], 50)))
+    assert unpack_outcomes(row["fooled"][src][src], 50).sum() == row["source_fooled"][src]
     assert set(results["pairs"][0]) == {"a", "b", "same_arch", "parameter_distance", "natural_features"}
     lines = (out / "transfer.csv").read_text().splitlines()
     assert lines[0].split(",") == TRANSFER_CSV_HEADER and len(lines) == 1 + 2 * 2 * 2

@@ -10,7 +10,7 @@ serves a single model, an ensemble or an autoencoder plus classifier. Typical tr
 """
 
 from decorr.attacks.fgsm import fgsm
-from decorr.attacks.losses import LossFn, ce_loss, ensemble_ce_loss
+from decorr.attacks.losses import LossFn, ce_loss, ensemble_ce_loss, mean_ce_loss
 from decorr.attacks.pgd import eps_sweep, pgd
 from decorr.attacks.skip_gradient import register_residual_branch, residual_branches, skip_gradient
 from decorr.attacks.transforms import gaussian_kernel, input_diversity, smooth_gradient
@@ -23,6 +23,7 @@ __all__ = [
     "fgsm",
     "gaussian_kernel",
     "input_diversity",
+    "mean_ce_loss",
     "pgd",
     "register_residual_branch",
     "residual_branches",

@@ -35,7 +35,7 @@ def ce_loss(model: nn.Module) -> LossFn:
 
 
 def ensemble_ce_loss(models: Sequence[nn.Module]) -> LossFn:
-    """Mean cross-entropy of the ensemble's averaged logits."""
+    """Mean cross-entropy of the ensemble's averaged logits (logit fusion; see also :func:`mean_ce_loss`)."""
     models = list(models)
     if not models:
         raise DecorrError("ensemble_ce_loss needs at least one model; pass a non-empty list")
@@ -43,5 +43,23 @@ def ensemble_ce_loss(models: Sequence[nn.Module]) -> LossFn:
     def loss_fn(x: Tensor, y: Tensor) -> Tensor:
         logits = torch.stack([model(x) for model in models]).mean(dim=0)
         return F.cross_entropy(logits, y)
+
+    return loss_fn
+
+
+def mean_ce_loss(models: Sequence[nn.Module]) -> LossFn:
+    """Mean over the models of each one's mean cross-entropy: the loss-averaging ensemble attack of
+    Liu et al. (ICLR 2017) as the transfer evaluation's ``--surrogate-ensemble`` uses it.
+
+    ``sum(CE_k) / K``, so one model gives exactly :func:`ce_loss`. Every model sees the same input
+    (after DI, when the attack applies it); SGM's ``skip_gradient`` on a module holding the models
+    decays the residual branches of each.
+    """
+    models = list(models)
+    if not models:
+        raise DecorrError("mean_ce_loss needs at least one model; pass a non-empty list")
+
+    def loss_fn(x: Tensor, y: Tensor) -> Tensor:
+        return sum(F.cross_entropy(model(x), y) for model in models) / len(models)
 
     return loss_fn
