@@ -73,7 +73,9 @@ class GlobalBatchNorm(_BatchNorm):
         local = torch.cat([x.sum(dim=dims), x.new_full((1,), float(per_channel))])
         totals = all_reduce_sum_with_grad(local)
         count = totals[-1].detach()
-        if float(count) <= 1:
+        # The check needs the global count on the host (a device synchronisation) only when this
+        # process alone holds fewer than two values per channel.
+        if per_channel < 2 and float(count) <= 1:
             raise ValueError(f"batch norm needs more than one value per channel in the global batch, got {int(count)}")
         mean = totals[:-1] / count
         shape = [1, -1] + [1] * (x.dim() - 2)
@@ -83,8 +85,8 @@ class GlobalBatchNorm(_BatchNorm):
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                if self.momentum is None:  # cumulative moving average, as in _BatchNorm
-                    factor = 1.0 / float(self.num_batches_tracked)
+                if self.momentum is None:  # cumulative moving average, as in _BatchNorm (no host read)
+                    factor = (1.0 / self.num_batches_tracked).to(self.running_mean.dtype)
                 else:
                     factor = self.momentum
                 unbiased = var * (count / (count - 1))

@@ -38,7 +38,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         local_len = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
         lengths = [torch.zeros_like(local_len) for _ in range(n_world)]
         dist.all_gather(lengths, local_len)
-        sizes = [int(n.item()) for n in lengths]
+        sizes = torch.cat(lengths).tolist()  # one host read for all ranks' lengths
         longest = max(sizes)
         padded = x.new_zeros((longest, *x.shape[1:]))
         padded[: x.shape[0]] = x
