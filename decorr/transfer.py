@@ -41,7 +41,8 @@ Result schema (``format`` ``decorr-transfer/1``)::
                             attack_step_size, random_start, gamma, momentum, diversity, ti_kernel,
                             seed, batch_size, sgm_exclude, num_samples, input_shape, features, only_correct,
                             num_candidates},
-     "models": {name: {role, arch, feature_layer, natural_accuracy, ...model_info[name]}},
+     "models": {name: {role, arch, feature_layer, natural_accuracy, [active_features, effective_rank,]
+                       ...model_info[name]}},
      "sources": [name], "targets": [name],
      "pairs": [{a, b, same_arch, parameter_distance, natural_features}],
      "by_eps": [{eps, attack_eps, white_box_accuracy: {src: acc}, accuracy: {src: {tgt: acc}},
@@ -49,7 +50,10 @@ Result schema (``format`` ``decorr-transfer/1``)::
                  pairs: [{a, b, a_to_b, b_to_a, mean, on_adv_of_a, on_adv_of_b}]}],
      "notes": [str], "timing": {natural_s, attack_s, evaluate_s, features_s, total_s}}
 
-``natural_features`` is ``{r2, r2_reverse, pca_pearson, num_features, num_samples}``, ``on_adv_of_*``
+A model whose features are evaluated (a member of a feature pair) also has ``active_features`` (feature
+columns that vary over the natural samples) and ``effective_rank`` in its ``models`` entry
+(``decorr.features.feature_diagnostics``). ``natural_features`` is ``{r2, r2_reverse, pca_pearson,
+num_features, num_samples}``, ``on_adv_of_*``
 ``{r2, pca_pearson}``; both are null for pairs of different architectures. Numbers that do not exist
 (a transfer rate whose source is never fooled, R^2 with too few samples) are null, never NaN.
 """
@@ -74,7 +78,7 @@ from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES
 from decorr.checkpoint import load_checkpoint
 from decorr.data import ImageSplit, to_float
 from decorr.errors import DecorrError
-from decorr.features import record_features
+from decorr.features import feature_diagnostics, record_features
 from decorr.loss import BatchTooSmallError, parameter_distance, pearson, r_squared
 from decorr.metrics import accuracy, transfer_rate
 from decorr.models.specs import SpecOptions, check_input_shape, load_specs, parse_spec, split_model_selector
@@ -551,6 +555,10 @@ def evaluate_transfer(
         record = {"role": roles[name], "arch": archs.get(name), "feature_layer": feature_layers.get(name),
                   "natural_accuracy": natural_accuracy[name]}
         record.update(dict((model_info or {}).get(name, {})))
+        if len(natural_features.get(name, ())):  # dead columns and effective rank of the natural features
+            diagnostics = feature_diagnostics(natural_features[name])
+            record.update(active_features=diagnostics["active_features"],
+                          effective_rank=_number(diagnostics["effective_rank"]))
         model_records[name] = record
     timing["total_s"] = time.perf_counter() - started
     settings_record = settings.to_dict(input_shape)
