@@ -6,6 +6,7 @@ layer is looked up in ``model.named_modules()`` (a ``module.`` prefix added by D
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -14,7 +15,7 @@ import torch.nn as nn
 
 from decorr.errors import DecorrError
 
-__all__ = ["find_module", "record_features", "get_features"]
+__all__ = ["find_module", "record_features", "get_features", "feature_diagnostics"]
 
 
 def find_module(model: nn.Module, name: str) -> nn.Module:
@@ -62,3 +63,49 @@ def get_features(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
     if layer not in recorded:
         raise DecorrError(f"module {layer!r} was not called in the forward pass; choose another feature layer")
     return recorded[layer]
+
+
+def feature_diagnostics(z: torch.Tensor) -> dict[str, float | int]:
+    """How many feature columns are alive and how many directions the features really use.
+
+    ``z`` (N, ...) is flattened to an (N, M) matrix (N samples, M features) and read in float64:
+
+    - ``active_features``: the number of columns that vary over the N samples (max > min); a dead ReLU
+      unit or channel is constant. ``active_fraction`` = ``active_features / M``.
+    - ``effective_rank`` (Roy & Vetterli, "The effective rank: a measure of effective dimensionality",
+      EUSIPCO 2007): with s the singular values of the column-centred (N, M) matrix, p = s / sum(s),
+      ``effective_rank = exp(-sum_i p_i log p_i)`` (0 log 0 = 0). It lies in [1, rank]: k equal
+      singular values give k, a rank-k matrix at most k. Singular values at or below
+      ``max(N, M) * machine epsilon * s_max`` (the rounding floor, as ``torch.linalg.matrix_rank``)
+      count as zero. A constant matrix (no active column, s = 0) has effective rank **0** by convention
+      (the formula is 0/0 there): no direction of variation at all, so a dead layer reads 0, not 1.
+      NaN when ``z`` holds NaN or inf (the active count then ignores the columns with NaN).
+
+    Only the active columns enter the SVD (constant ones are exactly zero once centred); cost is one
+    float64 SVD (singular values only) of N x active_features.
+    """
+    if z.dim() < 1 or z.shape[0] == 0:
+        raise DecorrError(f"feature_diagnostics needs at least one sample, got shape {tuple(z.shape)}")
+    z = z.detach().reshape(z.shape[0], -1).double()
+    width = z.shape[1]
+    if width == 0:
+        raise DecorrError("feature_diagnostics needs at least one feature column, got none")
+    active = z.amax(dim=0) > z.amin(dim=0)
+    count = int(active.sum())
+    result: dict[str, float | int] = {"active_features": count, "active_fraction": count / width}
+    if not bool(torch.isfinite(z).all()):
+        result["effective_rank"] = math.nan
+        return result
+    x = z[:, active]
+    if count == 0:
+        result["effective_rank"] = 0.0
+        return result
+    x = x - x.mean(dim=0, keepdim=True)
+    s = torch.linalg.svdvals(x.cpu())
+    s = s[s > s.max() * max(x.shape) * torch.finfo(torch.float64).eps]
+    if s.numel() == 0:  # varying only at the rounding level
+        result["effective_rank"] = 0.0
+        return result
+    p = s / s.sum()
+    result["effective_rank"] = float(torch.exp(-(p * p.log()).sum()))
+    return result

@@ -14,11 +14,16 @@ explicit dependence on the data remains):
 
 with ``r`` the residual and ``beta`` the fitted coefficients. That is several times cheaper than the
 paper's route (see ``benchmarks/correlation_loss.py``) and is exact, not an approximation.
+
+For an ensemble, :func:`pairwise_correlation_loss` sums the loss over pairs of members, factorising
+each member once and reusing its orthonormal basis for every pair in which it is the regressor
+(``benchmarks/ensemble_loss.py``); with two members and one direction it is ``correlation_loss``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -29,6 +34,7 @@ from decorr.errors import DecorrError
 __all__ = [
     "BatchTooSmallError",
     "correlation_loss",
+    "pairwise_correlation_loss",
     "r_squared",
     "regression_sums",
     "pearson",
@@ -54,6 +60,11 @@ def _check_batch(n: int, m1: int) -> None:
             f"(plus the intercept); use a (global) batch of at least {m1 + 2} samples, or a narrower "
             f"feature layer"
         )
+
+
+def _centre(z: torch.Tensor) -> torch.Tensor:
+    """Columns minus their means: regressing on [z, 1] is regressing on the centred z (and SStot is its norm)."""
+    return z - z.mean(dim=0, keepdim=True)
 
 
 def _kept_qr(x_centred: torch.Tensor, z1: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,8 +93,8 @@ class _CorrelationLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z1: torch.Tensor, z2: torch.Tensor, eta: float, eps: float) -> torch.Tensor:  # type: ignore[override]
         n, m2 = z2.shape
-        x = z1 - z1.mean(dim=0, keepdim=True)
-        y = z2 - z2.mean(dim=0, keepdim=True)
+        x = _centre(z1)
+        y = _centre(z2)
         ss_tot = y.square().sum()
         a, tau, keep = _kept_qr(x, z1, eta)
         k = int(keep.sum())
@@ -121,23 +132,33 @@ class _CorrelationLoss(torch.autograd.Function):
         return grad_z1, grad_z2, None, None
 
 
-def _prepare(z1: torch.Tensor, z2: torch.Tensor, gather: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if z1.shape[0] != z2.shape[0]:
-        raise DecorrError(f"z1 and z2 must have the same batch size, got {z1.shape[0]} and {z2.shape[0]}")
+def _prepare_features(zs: list[torch.Tensor], names: list[str], gather: bool | None) -> list[torch.Tensor]:
+    """Gather (under torch.distributed), flatten and upcast feature sets; refuse empty or non-finite ones."""
+    for name, z in zip(names[1:], zs[1:]):
+        if z.shape[0] != zs[0].shape[0]:
+            raise DecorrError(f"{names[0]} and {name} must have the same batch size, got {zs[0].shape[0]} and {z.shape[0]}")
     if gather is None:
         gather = is_distributed()
     if gather:
-        z1, z2 = all_gather_with_grad(z1), all_gather_with_grad(z2)
-    z1, z2 = _flatten_float(z1), _flatten_float(z2)
-    if z1.dtype != z2.dtype:
-        z1, z2 = z1.double(), z2.double()
-    for name, z in (("z1", z1), ("z2", z2)):
+        zs = [all_gather_with_grad(z) for z in zs]
+    zs = [_flatten_float(z) for z in zs]
+    if any(z.dtype != zs[0].dtype for z in zs):
+        zs = [z.double() for z in zs]
+    for name, z in zip(names, zs):
         if z.shape[1] == 0:
             raise DecorrError(f"{name} has no features (shape {tuple(z.shape)}); pick a feature layer that outputs values")
-    # One host read for both: NaN columns would otherwise be dropped as if constant, silently.
-    if not bool(torch.isfinite(z1).all() & torch.isfinite(z2).all()):
+    # One host read for all: NaN columns would otherwise be dropped as if constant, silently.
+    finite = torch.isfinite(zs[0]).all()
+    for z in zs[1:]:
+        finite = finite & torch.isfinite(z).all()
+    if not bool(finite):
         raise DecorrError("the features hold NaN or inf (a diverged model or bad inputs); the correlation loss "
                           "and R^2 are undefined: check the inputs and the model's weights")
+    return zs
+
+
+def _prepare(z1: torch.Tensor, z2: torch.Tensor, gather: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+    z1, z2 = _prepare_features([z1, z2], ["z1", "z2"], gather)
     return z1, z2
 
 
@@ -171,6 +192,174 @@ def correlation_loss(
         return _CorrelationLoss.apply(z1, z2, eta, eps)
 
 
+# ------------------------------------------------------------------------------------------------
+# All pairs of an ensemble
+
+
+class _Regressor:
+    """One member's centred features factorised once, reused for every pair in which it regresses.
+
+    ``q`` holds an orthonormal basis: with ``full`` the whole n x n Q of the QR (kept columns first, then
+    the orthogonal complement), so that ``q^T y`` gives the fitted coordinates ``c`` (first k rows) and
+    the residual's coordinates ``d`` in one product and the residual is ``q_perp d`` (no cancellation);
+    otherwise the thin n x k Q and the residual ``y - q c`` is formed explicitly. The full basis is
+    cheaper per pair when the batch is not much larger than the width (1000 x 784), the thin one when
+    it is (n >= ~2k).
+    """
+
+    def __init__(self, x: torch.Tensor, z: torch.Tensor, eta: float) -> None:
+        n = x.shape[0]
+        a, tau, keep = _kept_qr(x, z, eta)
+        self.keep = keep
+        self.k = k = int(keep.sum())
+        self.all_kept = k == keep.shape[0]
+        self.full = 0 < k and n * n + 2 * (n - k) * k < 3 * n * k
+        if k == 0:
+            self.q = x.new_zeros((n, 0))
+        elif self.full:
+            self.q = torch.linalg.householder_product(torch.cat([a, a.new_zeros((n, n - k))], dim=1), tau)
+        else:
+            self.q = torch.linalg.householder_product(a, tau)
+        self.r_factor = a[:k].triu()
+
+    def regress(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c, residual or its complement coordinates d, SSres) of y regressed on this member."""
+        if self.full:
+            cd = self.q.T @ y
+            c, rest = cd[: self.k], cd[self.k :]
+        else:
+            c = self.q.T @ y
+            rest = torch.addmm(y, self.q, c, alpha=-1)
+        return c, rest, rest.square().sum()
+
+
+class _PairwiseCorrelationLoss(torch.autograd.Function):
+    """The vector of correlation losses of ``pairs`` (regressor i, response j), with exact gradients.
+
+    Same closed-form gradient as :class:`_CorrelationLoss`, accumulated over pairs: for pair p with
+    weight g_p, alpha_p = 2 g_p / (SStot_j + eps), beta_p = 2 g_p / (SSres_p + eps)::
+
+        dL/dZ_j += alpha_p y_j - beta_p r_p          dL/dZ_i[:, kept] += beta_p r_p c_p^T R_i^-T
+
+    The products r_p c_p^T are summed over a regressor's pairs before its one triangular solve.
+    """
+
+    @staticmethod
+    def forward(ctx, pairs: tuple[tuple[int, int], ...], eta: float, eps: float, *zs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ys = [_centre(z) for z in zs]
+        regressors = {i: _Regressor(ys[i], zs[i], eta) for i in sorted({i for i, _ in pairs})}
+        responses = sorted({j for _, j in pairs})
+        ss_tot = {j: ys[j].square().sum() for j in responses}
+        fits = [regressors[i].regress(ys[j]) for i, j in pairs]
+        ss_tot_p = torch.stack([ss_tot[j] for _, j in pairs])
+        ss_res_p = torch.stack([fit[2] for fit in fits])
+        ctx.pairs, ctx.eps = pairs, eps
+        ctx.ys, ctx.regressors, ctx.fits = ys, regressors, fits
+        ctx.save_for_backward(ss_tot_p, ss_res_p)
+        return torch.log(ss_tot_p + eps) - torch.log(ss_res_p + eps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        ss_tot_p, ss_res_p = ctx.saved_tensors
+        pairs, ys, regressors, fits = ctx.pairs, ctx.ys, ctx.regressors, ctx.fits
+        needs = ctx.needs_input_grad[3:]
+        alpha = 2.0 * grad_out / (ss_tot_p + ctx.eps)
+        beta = 2.0 * grad_out / (ss_res_p + ctx.eps)
+        grads: list[torch.Tensor | None] = [None] * len(ys)
+        # Responses: alpha y_j (summed over the pairs of j) minus beta r for each pair.
+        for j in sorted({j for _, j in pairs}):
+            if needs[j]:
+                grads[j] = ys[j] * sum(alpha[p] for p, (_, jj) in enumerate(pairs) if jj == j)
+        sums: dict[int, torch.Tensor] = {}
+        for p, (i, j) in enumerate(pairs):
+            reg = regressors[i]
+            c, rest, _ = fits[p]
+            want_i = needs[i] and reg.k > 0
+            if reg.full:
+                scaled = rest * beta[p]  # beta d: small ((n - k) x m)
+                if needs[j]:
+                    grads[j].addmm_(reg.q[:, reg.k :], scaled, alpha=-1)
+                if want_i:
+                    sums[i] = scaled @ c.T if i not in sums else sums[i].addmm_(scaled, c.T)
+            else:
+                if needs[j]:
+                    grads[j].addcmul_(rest, beta[p], value=-1)
+                if want_i:
+                    scaled_c = c * beta[p]
+                    sums[i] = rest @ scaled_c.T if i not in sums else sums[i].addmm_(rest, scaled_c.T)
+        for i, total in sums.items():
+            reg = regressors[i]
+            if reg.full:
+                total = reg.q[:, reg.k :] @ total
+            # total R^-T: solve X R^T = total.
+            grad_kept = torch.linalg.solve_triangular(reg.r_factor.T, total, upper=False, left=False)
+            if reg.all_kept:
+                grads[i] = grad_kept if grads[i] is None else grads[i].add_(grad_kept)
+            else:  # dropped (dependent or constant) columns get no gradient, as in _CorrelationLoss
+                if grads[i] is None:
+                    grads[i] = ys[i].new_zeros(ys[i].shape)
+                grads[i][:, reg.keep] += grad_kept
+        for m, y in enumerate(ys):
+            if needs[m] and grads[m] is None:
+                grads[m] = torch.zeros_like(y)
+        return (None, None, None, *grads)
+
+
+DIRECTIONS = ("one-way", "both")
+REDUCTIONS = ("mean", "sum")
+
+
+def pairwise_correlation_loss(
+    features: Sequence[torch.Tensor],
+    direction: str = "one-way",
+    reduction: str = "mean",
+    *,
+    eta: float = 5e-4,
+    eps: float = 1e-3,
+    gather: bool | None = None,
+) -> torch.Tensor:
+    """The correlation loss summed or averaged over the pairs of an ensemble's members.
+
+    ``features`` holds N >= 2 tensors (batch, ...), one per member, flattened after the batch
+    dimension. ``direction="one-way"`` regresses member j on member i for every i < j (N (N - 1) / 2
+    pairs; for N = 2 exactly ``correlation_loss(features[0], features[1])``, the paper's term);
+    ``"both"`` takes every ordered pair i != j (N (N - 1) pairs). ``reduction="mean"`` divides the sum by
+    the number of pairs. Each term is ``correlation_loss(features[i], features[j], eta=eta, eps=eps)``.
+
+    Each member's centred features are QR-factorised once per call and reused for every pair in which
+    it is the regressor, and the gradient is exact (the closed form of :func:`correlation_loss`). Same
+    conventions and refusals as :func:`correlation_loss`: float32 (float64 if given) even under
+    autocast; under ``torch.distributed`` (``gather=None``) each member's features are gathered once,
+    with gradient, so the loss is that of the global batch; the batch must exceed every regressor's
+    width plus one; NaN/inf or empty features are an error. A constant member (a dead layer) explains
+    nothing and contributes zero terms, with finite gradients.
+    """
+    _check_constants(eta, eps)
+    if direction not in DIRECTIONS:
+        raise DecorrError(f"unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
+    if reduction not in REDUCTIONS:
+        raise DecorrError(f"unknown reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}")
+    if isinstance(features, torch.Tensor) or not all(isinstance(z, torch.Tensor) for z in features):
+        raise DecorrError("features must be a sequence (list or tuple) of tensors, one (batch, ...) tensor per member")
+    zs = list(features)
+    if len(zs) < 2:
+        raise DecorrError(f"the pairwise correlation loss needs at least 2 members, got {len(zs)}")
+    zs = _prepare_features(zs, [f"features[{m}]" for m in range(len(zs))], gather)
+    count = len(zs)
+    if direction == "one-way":
+        pairs = tuple((i, j) for i in range(count) for j in range(i + 1, count))
+    else:
+        pairs = tuple((i, j) for i in range(count) for j in range(count) if i != j)
+    for i in sorted({i for i, _ in pairs}):
+        _check_batch(zs[i].shape[0], zs[i].shape[1])
+    with torch.autocast(device_type=zs[0].device.type, enabled=False):
+        if len(pairs) == 1:  # nothing to share: the paper's term itself, bit for bit
+            return _CorrelationLoss.apply(zs[0], zs[1], eta, eps)
+        losses = _PairwiseCorrelationLoss.apply(pairs, eta, eps, *zs)
+        return losses.sum() if reduction == "sum" else losses.mean()
+
+
 def regression_sums(
     z1: torch.Tensor, z2: torch.Tensor, *, eta: float = 5e-4, gather: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,8 +368,8 @@ def regression_sums(
     z1, z2 = _prepare(z1, z2, gather)
     _check_batch(z1.shape[0], z1.shape[1])
     with torch.no_grad(), torch.autocast(device_type=z1.device.type, enabled=False):
-        x = z1 - z1.mean(dim=0, keepdim=True)
-        y = z2 - z2.mean(dim=0, keepdim=True)
+        x = _centre(z1)
+        y = _centre(z2)
         a, tau, keep = _kept_qr(x, z1, eta)
         k = int(keep.sum())
         qty = torch.ormqr(a, tau, y, left=True, transpose=True) if k else y

@@ -26,7 +26,7 @@ from decorr.checkpoint import model_entry
 from decorr.data import ImageSplit, iterate_batches, last_batch_too_small, load_dataset, num_batches
 from decorr.distributed import all_gather_with_grad, all_reduce_sum, global_mean
 from decorr.errors import DecorrError
-from decorr.features import record_features
+from decorr.features import feature_diagnostics, record_features
 from decorr.loss import correlation_loss, pca_pearson, parameter_distance, r_squared
 from decorr.models import create_model, model_spec
 from decorr.validation import check_at_least, check_finite, check_positive, check_seed, check_subset
@@ -168,6 +168,9 @@ def evaluate_models(
 ) -> dict[str, Any]:
     """Test accuracy of every model and, for each pair of models, the feature R^2 and 1-D PCA Pearson.
 
+    Per model also ``active_features_<name>`` (the fraction of feature columns that vary over the split)
+    and ``effective_rank_<name>`` (of the centred features, see :func:`decorr.features.feature_diagnostics`).
+
     Each process evaluates its shard; features and counts are gathered so every process gets the
     numbers of the whole split.
     """
@@ -190,9 +193,12 @@ def evaluate_models(
     result: dict[str, Any] = {f"acc_{n}": float(all_reduce_sum(correct[n]) / total) for n in names}
     gathered = {n: all_gather_with_grad(torch.cat(features[n]).to(device)).cpu() for n in names}
     for n in names:
-        # Fraction of feature columns that vary over the split: 0 means a dead (constant) layer.
+        # Fraction of feature columns that vary over the split (0: a dead, constant layer), and the
+        # effective rank of the centred features (decorr.features.feature_diagnostics).
         z = gathered[n]
-        result[f"active_features_{n}"] = float((z.amax(dim=0) > z.amin(dim=0)).double().mean()) if len(z) else math.nan
+        diagnostics = feature_diagnostics(z) if len(z) else {"active_fraction": math.nan, "effective_rank": math.nan}
+        result[f"active_features_{n}"] = float(diagnostics["active_fraction"])
+        result[f"effective_rank_{n}"] = float(diagnostics["effective_rank"])
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             za, zb = gathered[a], gathered[b]

@@ -54,6 +54,7 @@ Result schema (``format`` ``decorr-transfer/1``)::
                             seed, batch_size, sgm_exclude, num_samples, input_shape, features, only_correct,
                             num_candidates, samples_sha256},
      "models": {name: {role, arch, feature_layer, natural_accuracy, natural_correct, natural_accuracy_ci95,
+                       [active_features, effective_rank,]
                        [ensembles: members, rule, attack_loss, member_specs, member_info],
                        ...model_info[name]}},
      "sources": [name], "targets": [name],
@@ -72,7 +73,10 @@ Result schema (``format`` ``decorr-transfer/1``)::
 Denominators: natural accuracies count over ``num_candidates``, accuracies under attack over
 ``num_samples``, a transfer rate over ``source_fooled``.
 
-``natural_features`` is ``{r2, r2_reverse, pca_pearson, num_features, num_samples}``, ``on_adv_of_*``
+A model whose features are evaluated (a member of a feature pair) also has ``active_features`` (feature
+columns that vary over the natural samples) and ``effective_rank`` in its ``models`` entry
+(``decorr.features.feature_diagnostics``). ``natural_features`` is ``{r2, r2_reverse, pca_pearson,
+num_features, num_samples}``, ``on_adv_of_*``
 ``{r2, pca_pearson}``; both are null for pairs of different architectures. Numbers that do not exist
 (a transfer rate whose source is never fooled, R^2 with too few samples) are null, never NaN.
 """
@@ -100,7 +104,7 @@ from decorr.data import ImageSplit, to_float
 from decorr.detection import detection_summary, disagreement
 from decorr.ensembles import Ensemble, load_ensembles
 from decorr.errors import DecorrError
-from decorr.features import record_features
+from decorr.features import feature_diagnostics, record_features
 from decorr.loss import BatchTooSmallError, parameter_distance, pearson, r_squared
 from decorr.metrics import accuracy, transfer_rate
 from decorr.models.specs import SpecOptions, check_input_shape, load_specs, parse_spec, split_model_selector
@@ -621,6 +625,10 @@ def evaluate_transfer(
                 notes.add(f"ensemble {name} predicts by majority vote, which has no gradient; it is attacked "
                           "white-box on the prob rule's loss, CE of log(mean softmax)")
         record.update(dict((model_info or {}).get(name, {})))
+        if len(natural_features.get(name, ())):  # dead columns and effective rank of the natural features
+            diagnostics = feature_diagnostics(natural_features[name])
+            record.update(active_features=diagnostics["active_features"],
+                          effective_rank=_number(diagnostics["effective_rank"]))
         model_records[name] = record
     timing["total_s"] = time.perf_counter() - started
     settings_record = settings.to_dict(input_shape)

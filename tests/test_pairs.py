@@ -84,6 +84,7 @@ def test_dead_feature_layer_is_detected_and_explained(mnist):
     layers = {"model0": "features.pool2", "model1": "features.pool2"}
     result = evaluate_models({"model0": alive, "model1": dead}, mnist.test.subset(900), layers, batch_size=300)
     assert result["active_features_model1"] == 0.0 and result["active_features_model0"] > 0.5
+    assert result["effective_rank_model1"] == 0.0 and result["effective_rank_model0"] > 1.0
     z = torch.zeros(900, 784)
     assert float(correlation_loss(torch.randn(900, 784), z)) == pytest.approx(0.0, abs=1e-6)
     message = dead_features_warning("model1", "features.pool2", 0.0, PairConfig(mode="dec"))

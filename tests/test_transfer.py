@@ -17,7 +17,7 @@ from decorr.checkpoint import model_entry, save_checkpoint
 from decorr.compare import unpack_outcomes
 from decorr.data import iterate_batches, to_float
 from decorr.errors import DecorrError
-from decorr.features import get_features
+from decorr.features import feature_diagnostics, get_features
 from decorr.loss import parameter_distance, pca_pearson, pearson, r_squared
 from decorr.models import create_model
 from decorr.report import PAIRS_CSV_HEADER, TRANSFER_CSV_HEADER
@@ -182,6 +182,11 @@ def test_feature_statistics_match_decorr_loss(checkpoints, mnist):
     assert natural["pca_pearson"] == pytest.approx(pca_pearson(za, zb), rel=1e-6)
     assert natural["num_features"] == 200 and natural["num_samples"] == 260
     assert record["parameter_distance"] == pytest.approx(distance, rel=1e-6)
+    for name, z in ((a, za), (b, zb)):  # per-model diagnostics of the natural features
+        expected = feature_diagnostics(z)
+        assert result["models"][name]["active_features"] == expected["active_features"]
+        assert result["models"][name]["effective_rank"] == pytest.approx(expected["effective_rank"], rel=1e-6)
+    assert "effective_rank" not in result["models"][c]  # its features are not evaluated (no partner)
     x_adv = fgsm(ce_loss(models[a]), x, y, eps=0.1)
     with torch.no_grad():
         za_adv, zb_adv = get_features(models[a], x_adv, layers[a]), get_features(models[b], x_adv, layers[b])
