@@ -124,7 +124,7 @@ def main() -> None:
                      "step_size": args.step_size, "batch_size": args.batch_size, "workers": args.workers,
                      "attack": "pgd linf, resnet18 source, vgg11 target (random weights, 3 classes)",
                      "note": "sized to finish in about 5 minutes on one CPU thread (the issue's 200 images, PGD-10 "
-                             "would take far longer); the ratio does not depend on the count"},
+                             "would take far longer); 16 images, PGD-10, batch 8"},
         "split": streamed, "decoded_set_mb": round(size, 2), "memory_budget_mb": budget,
         "ours_s": round(ours_s, 2), "bare_s": round(bare_s, 2),
         "ours_s_per_image": round(ours_s / n, 4), "bare_s_per_image": round(bare_s / n, 4),
