@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from decorr.batchnorm import convert_sync_batchnorm
 from decorr.checkpoint import model_entry
-from decorr.data import ImageDataset, dataset_augment, iterate_batches, load_dataset, num_batches
+from decorr.data import ImageDataset, dataset_augment, iterate_batches, load_dataset, require_training_images, num_batches
 from decorr.distributed import global_mean
 from decorr.errors import DecorrError
 from decorr.models import create_model, model_spec
@@ -191,6 +191,7 @@ def classifier_objective(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.T
 
 def _load_data(config: ClassifierConfig, data_root: str | None) -> ImageDataset:
     dataset = load_dataset(config.dataset, data_root)
+    require_training_images(dataset)
     if config.train_subset or config.test_subset:
         dataset = dataset.subset(train=config.train_subset, test=config.test_subset)
     return dataset

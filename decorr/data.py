@@ -18,7 +18,7 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ __all__ = [
     "num_batches",
     "read_idx",
     "register_dataset",
+    "require_training_images",
     "search_roots",
     "to_float",
 ]
@@ -111,6 +112,17 @@ class ImageSplit:
         """The same split on ``device`` (e.g. to keep a small dataset on the GPU)."""
         return ImageSplit(self.images.to(device), self.labels.to(device))
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image (a streamed split, ``decorr.datasets.StreamedSplit``, has it too)."""
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """uint8 images and labels in order, ``batch_size`` at a time (as a streamed split gives them)."""
+        for start in range(0, len(self.labels), batch_size):
+            yield self.images[start : start + batch_size], self.labels[start : start + batch_size]
+
 
 @dataclass(repr=False)
 class ImageDataset:
@@ -124,17 +136,15 @@ class ImageDataset:
     source: str = ""
 
     def __post_init__(self) -> None:
-        if self.train.images.shape[1:] != self.test.images.shape[1:]:
+        if self.train.image_shape != self.test.image_shape:
             raise ValueError(
-                f"train images {tuple(self.train.images.shape[1:])} and test images "
-                f"{tuple(self.test.images.shape[1:])} differ in shape"
+                f"train images {self.train.image_shape} and test images {self.test.image_shape} differ in shape"
             )
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image."""
-        c, h, w = self.train.images.shape[1:]
-        return int(c), int(h), int(w)
+        return self.test.image_shape
 
     def __repr__(self) -> str:
         return (
@@ -150,6 +160,15 @@ class ImageDataset:
             self.test if test is None else self.test.subset(test),
             self.num_classes,
             self.source,
+        )
+
+
+def require_training_images(dataset: ImageDataset) -> None:
+    """One-line DecorrError when ``dataset`` has no training split (an image folder is evaluation data)."""
+    if len(dataset.train) == 0:
+        raise DecorrError(
+            f"dataset {dataset.name!r} ({dataset.source}) has no training images: an image folder is evaluation "
+            "data (its images are the test split); train on a registered dataset or an .npz with x_train, y_train"
         )
 
 
@@ -353,8 +372,13 @@ def _registered_name(name: str) -> str | None:
     return normalised if normalised in _DATASETS else None
 
 
-def load_dataset(name: str, root: PathLike | None = None, *, download: bool = True) -> ImageDataset:
-    """Load a registered dataset (``list_datasets()``) or a ``.npz`` file into memory.
+def load_dataset(name: str, root: PathLike | None = None, *, download: bool = True,
+                 **folder_options: Any) -> ImageDataset:
+    """Load a registered dataset (``list_datasets()``), a ``.npz`` file, or an image folder.
+
+    A folder (or a labels ``.csv``/``.tsv``) is read by :func:`decorr.datasets.load_image_folder`, which
+    takes ``folder_options`` (``image_size``, ``resize``, ``class_map``, ``label_offset``,
+    ``memory_budget_mb``, ``workers``); its images are the test split, the train split is empty.
 
     Local copies are found in ``root``, then the folders in ``$DECORR_DATA_ROOT``, then ``./data``, then
     system folders. If none is found and ``download`` is true, torchvision downloads it into
@@ -363,6 +387,15 @@ def load_dataset(name: str, root: PathLike | None = None, *, download: bool = Tr
     ``main_process_first()``, so that they do not download into the same folder at once.
     """
     key = _registered_name(name)
+    folder = None if key is not None else _find_folder(name, root)
+    if folder is not None:
+        from decorr.datasets.folder import load_image_folder
+
+        return load_image_folder(folder, **folder_options)
+    given = sorted(k for k, v in folder_options.items() if v not in (None, 0))
+    if given:
+        raise DecorrError(f"{', '.join('--' + k.replace('_', '-') for k in given)} only apply to image folders; "
+                          f"{name!r} is not a folder (nor a .csv/.tsv labels file)")
     if key is not None:
         dataset = _DATASETS[key].loader(None if root is None else Path(root), download=download)
         if not isinstance(dataset, ImageDataset):
@@ -374,8 +407,16 @@ def load_dataset(name: str, root: PathLike | None = None, *, download: bool = Tr
         return load_npz_dataset(_find_npz(name, root))
     raise DecorrError(
         f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}, or give the path of a .npz "
-        "file with x_train, y_train, x_test, y_test"
+        "file with x_train, y_train, x_test, y_test, or of an image folder"
     )
+
+
+def _find_folder(name: str, root: PathLike | None) -> Path | None:
+    from decorr.datasets.folder import is_image_dataset
+
+    path = Path(os.path.expanduser(name))
+    candidates = [path] + ([r / path for r in search_roots(root)] if not path.is_absolute() else [])
+    return next((p for p in candidates if is_image_dataset(p)), None)
 
 
 def dataset_augment(dataset: str | ImageDataset) -> Augment | None:

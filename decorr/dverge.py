@@ -50,7 +50,7 @@ from torch import Tensor
 
 from decorr.attacks import ce_loss, pgd
 from decorr.attacks.losses import LossFn
-from decorr.data import ImageSplit, iterate_batches, load_dataset, num_batches, to_float
+from decorr.data import ImageSplit, iterate_batches, load_dataset, require_training_images, num_batches, to_float
 from decorr.distributed import global_mean
 from decorr.errors import DecorrError
 from decorr.features import find_module
@@ -516,6 +516,7 @@ def train_dverge(
             find_module(models[n], layer)  # a DecorrError naming the layer if a model lacks it
 
     dataset = load_dataset(dataset_name, data_root)
+    require_training_images(dataset)
     check_input_shape({n: NamedModel(n, models[n], {}, entries[n]) for n in names}, dataset.test.images.shape[1:])
     for model in models.values():
         model.train()

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from decorr.checkpoint import model_entry
-from decorr.data import ImageSplit, iterate_batches, last_batch_too_small, load_dataset, num_batches
+from decorr.data import ImageSplit, iterate_batches, last_batch_too_small, load_dataset, require_training_images, num_batches
 from decorr.distributed import all_gather_with_grad, all_reduce_sum, global_mean
 from decorr.errors import DecorrError
 from decorr.features import feature_diagnostics, record_features
@@ -290,6 +290,7 @@ def train_pair(
 ) -> dict[str, Any]:
     """Train a pair as configured, checkpointing after every epoch; return the last epoch's metrics."""
     dataset = load_dataset(config.dataset, data_root)
+    require_training_images(dataset)
     if config.train_subset or config.test_subset:
         dataset = dataset.subset(train=config.train_subset, test=config.test_subset)
     layer = config.feature_layer

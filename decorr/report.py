@@ -270,7 +270,7 @@ def tensorboard_writer(log_dir: str | os.PathLike) -> Any:
 
 def _attack_label(settings: Mapping[str, Any]) -> str:
     label = f"{settings['attack'].upper()} {settings['norm']}"
-    if settings["attack"] != "fgsm":
+    if settings["attack"] != "fgsm" and settings.get("steps") is not None:
         label += f", {settings['steps']} steps of {eps_text(settings['step_size'])}"
         extras = []
         if settings["attack"] == "sgm":

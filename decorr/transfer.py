@@ -345,11 +345,15 @@ def _cat_disagreement(parts: list[tuple]) -> tuple[Tensor, Tensor]:
 # Evaluation
 
 
+def _is_split(data: Data) -> bool:
+    """An ``ImageSplit`` or a split like it (``decorr.datasets.StreamedSplit``: ``batches``, ``image_shape``)."""
+    return not isinstance(data, (tuple, list))
+
+
 def _batches(data: Data, batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    if isinstance(data, ImageSplit):
-        images, labels = data.images, data.labels
-        for start in range(0, len(labels), batch_size):
-            yield to_float(images[start : start + batch_size]).to(device), labels[start : start + batch_size].to(device)
+    if _is_split(data):
+        for images, labels in data.batches(batch_size):
+            yield to_float(images).to(device), labels.to(device)
     else:
         x, y = data
         for start in range(0, len(y), batch_size):
@@ -357,8 +361,8 @@ def _batches(data: Data, batch_size: int, device: torch.device) -> Iterator[tupl
 
 
 def _check_data(data: Data) -> tuple[int, tuple[int, ...], Tensor]:
-    if isinstance(data, ImageSplit):
-        return len(data), tuple(data.images.shape[1:]), data.labels
+    if _is_split(data):
+        return len(data), tuple(data.image_shape), data.labels
     x, y = data
     if not (torch.is_tensor(x) and torch.is_tensor(y)) or x.dim() < 2 or y.shape != x.shape[:1]:
         raise DecorrError("data must be an ImageSplit or a pair (x (N, C, H, W) in [0, 1], y (N,))")
@@ -443,6 +447,7 @@ def evaluate_transfer(
     device: torch.device | str | None = None,
     model_info: Mapping[str, Mapping[str, Any]] | None = None,
     log: Callable[[str], None] | None = None,
+    on_adversarial: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Transfer matrix, accuracies and feature statistics of ``models`` (see the module docstring).
 
@@ -456,7 +461,10 @@ def evaluate_transfer(
     that every model (targets and surrogates) classifies correctly, the protocol of SGM's paper, where
     a target's error on the adversarial examples is the attack's success rate; natural accuracies are
     still those of all samples. Models are moved to ``device`` (default: where the first model is) and
-    put in eval mode. ``log`` receives progress lines.
+    put in eval mode. ``log`` receives progress lines. ``on_adversarial(source, eps, indices, x_adv, y,
+    source_pred)`` is called after every attacked batch (``indices``: the samples' positions in ``data``;
+    ``source_pred``: the source's labels on ``x_adv``), e.g. ``decorr.datasets.adversarial.AdversarialWriter``.
+    ``data`` may also be a streamed split (``decorr.datasets.StreamedSplit``), read batch by batch.
     """
     started = time.perf_counter()
     settings = TransferSettings(
@@ -535,14 +543,15 @@ def evaluate_transfer(
     natural_features = {name: torch.cat(f) for name, f in natural_feats.items()}
     natural_flags = {name: _cat_disagreement(parts) for name, parts in natural_disagree.items()}
     candidates = n
+    positions = torch.arange(n)
     if only_correct:
         keep = torch.stack([pred == y for pred in natural.values()]).all(dim=0)
         kept = keep.nonzero().flatten()
         if len(kept) == 0:
             raise DecorrError(f"none of the {n} samples is classified correctly by every model; "
                               "drop --only-correct or evaluate more samples")
-        data = data.subset(kept) if isinstance(data, ImageSplit) else (data[0][kept], data[1][kept])
-        y, n = y[kept], len(kept)
+        data = data.subset(kept) if _is_split(data) else (data[0][kept], data[1][kept])
+        y, n, positions = y[kept], len(kept), kept
         natural = {name: pred[kept] for name, pred in natural.items()}
         natural_features = {name: z[kept] for name, z in natural_features.items()}
         natural_flags = {name: (flag[kept], score[kept]) for name, (flag, score) in natural_flags.items()}
@@ -599,6 +608,11 @@ def evaluate_transfer(
                     if name in collected_disagree:
                         collected_disagree[name].append(disagree)
                 timing["evaluate_s"] += time.perf_counter() - tick
+                if on_adversarial is not None:
+                    tick = time.perf_counter()
+                    start = index * settings.batch_size
+                    on_adversarial(src, eps, positions[start : start + len(yb)], x_adv, yb, collected[src][-1])
+                    timing["save_s"] = timing.get("save_s", 0.0) + time.perf_counter() - tick
             preds[src] = {name: torch.cat(p) for name, p in collected.items()}
             adv_sets[src] = {name: _FeatureSet(torch.cat(f)) for name, f in collected_feats.items()}
             adv_flags[src] = {name: _cat_disagreement(parts) for name, parts in collected_disagree.items()}
@@ -753,7 +767,7 @@ def evaluate_checkpoints(
         if name in targets or name in sources or (name in ensemble_models and name in surrogate_ensemble_models):
             raise DecorrError(f"ensemble name {name!r} is taken by another model; choose another NAME")
     loaded = {**sources, **targets}
-    shape = tuple(data.images.shape[1:]) if isinstance(data, ImageSplit) else tuple(data[0].shape[1:])
+    shape = tuple(data.image_shape) if _is_split(data) else tuple(data[0].shape[1:])
     check_input_shape({**loaded, **ensemble_members, **surrogate_members}, shape)
     models = {**{n: m.module for n, m in targets.items()}, **ensemble_models}
     surrogate_models = {**{n: m.module for n, m in sources.items()}, **surrogate_ensemble_models}

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from decorr.batchnorm import convert_sync_batchnorm
 from decorr.checkpoint import build_model, load_checkpoint, model_entry, resolve_checkpoint
-from decorr.data import Augment, ImageDataset, ImageSplit, dataset_augment, iterate_batches, load_dataset
+from decorr.data import Augment, ImageDataset, ImageSplit, dataset_augment, iterate_batches, load_dataset, require_training_images
 from decorr.distributed import all_gather_with_grad
 from decorr.errors import DecorrError
 from decorr.loss import correlation_loss, r_squared
@@ -369,6 +369,7 @@ def accumulated_step(
 
 def _load_data(config: DnaConfig, data_root: str | None) -> ImageDataset:
     dataset = load_dataset(config.dataset, data_root)
+    require_training_images(dataset)
     if config.train_subset or config.test_subset:
         dataset = dataset.subset(train=config.train_subset, test=config.test_subset)
     if dataset.input_shape != config.input_shape:

@@ -10,6 +10,9 @@ targets, or the --surrogate models) is attacked once per epsilon and every targe
 its adversarial examples. Prints the tables and writes results.json, transfer.csv, pairs.csv,
 table.txt, heatmap_<attack>_<norm>_eps<eps>.png, transfer_vs_eps_<attack>_<norm>.png (and with
 --tensorboard a tensorboard/ folder) to --out (default runs/eval/<timestamp>).
+--dataset also takes an image folder (class subfolders, or images with a labels .csv; --image-size N
+resizes and centre-crops); --save-adversarial DIR writes the examples as 8-bit PNGs with an index.csv, and
+--adversarial DIR evaluates the targets on such a folder instead of attacking (docs/transfer.md).
 Epsilons and the PGD step are in pixel units ([0, 1]); for --norm l2 in Linf-equivalent units,
 scaled by --l2-scale (SPEC: eps * sqrt(image side)). The schema is in decorr/transfer.py.
 """
@@ -22,6 +25,7 @@ import sys
 
 from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES
 from decorr.data import load_dataset
+from decorr.datasets.adversarial import AdversarialWriter, evaluate_adversarial_specs
 from decorr.ensembles import ENSEMBLE_RULES, parse_ensemble_spec
 from decorr.errors import DecorrError, cli_entry, pixel_value
 from decorr.models.specs import SPEC_HELP, add_spec_arguments, spec_options
@@ -51,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="source-only models whose adversarial examples are evaluated on every target")
     p.add_argument("--attack-targets", action="store_true",
                    help="with --surrogate: attack the targets too (without --surrogate they always are)")
-    p.add_argument("--dataset", default=None, help="dataset name or .npz (default: the checkpoints' dataset)")
+    p.add_argument("--dataset", default=None,
+                   help="dataset name, .npz, or image folder / labels .csv (default: the checkpoints' dataset)")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files (else $DECORR_DATA_ROOT)")
     p.add_argument("--num-samples", type=int, default=None, help="first N test images (default: all)")
     p.add_argument("--only-correct", action="store_true",
@@ -73,6 +78,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds the random starts (per source, eps and batch)")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--no-features", action="store_true", help="skip feature R^2 / PCA Pearson of same-arch pairs")
+    g = p.add_argument_group("image folders and adversarial files (docs/transfer.md)")
+    g.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="folder images: resize (shorter side) and centre-crop to N x N, as torchvision's Resize + CenterCrop")
+    g.add_argument("--resize", type=int, default=None, metavar="R",
+                   help="with --image-size: resize the shorter side to R before the N x N crop (e.g. 256 for 224)")
+    g.add_argument("--class-map", default=None, help="folder labels: JSON or text file mapping label names to indices")
+    g.add_argument("--label-offset", type=int, default=0, help="added to a labels .csv's integer labels (NIPS 2017: -1)")
+    g.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="decoded folder images up to this size stay in memory, larger sets are streamed (default 4096)")
+    g.add_argument("--workers", type=int, default=None, help="DataLoader workers decoding streamed images")
+    g.add_argument("--save-adversarial", default=None, metavar="DIR",
+                   help="write every source's adversarial examples per eps as PNG (round(255 x)) + DIR/index.csv")
+    g.add_argument("--save-float", action="store_true", help="with --save-adversarial: also a float32 .npy per image")
+    g.add_argument("--adversarial", default=None, metavar="DIR",
+                   help="evaluate the targets (and named --surrogate sources) on the saved examples in DIR; no attack")
+    g.add_argument("--adversarial-float", action="store_true",
+                   help="with --adversarial: evaluate the float copies (8-bit results given beside them)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (e.g. 1 on a shared machine)")
     p.add_argument("--out", default=None, help="output folder (default: runs/eval/<timestamp>)")
@@ -102,18 +124,42 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.checkpoints and not args.ensemble:
         raise DecorrError("no target models; pass checkpoints or specs (SPEC ...) or --ensemble NAME=SPEC,SPEC")
     out = prepare_output_dir(args.out or default_output_dir(), overwrite=args.overwrite)  # before any work
-    dataset = load_dataset(args.dataset or checkpoint_dataset(args.checkpoints + args.surrogate + member_specs), args.data_root)
-    split = dataset.test
-    if args.num_samples is not None and args.num_samples < len(split):
-        split = split.subset(args.num_samples)
-    result = evaluate_checkpoints(
-        args.checkpoints, split, surrogates=args.surrogate, device=device, spec_options=options,
-        ensembles=args.ensemble, surrogate_ensembles=args.surrogate_ensemble, ensemble_rule=args.ensemble_rule,
-        attack_targets=True if args.attack_targets else None, eps_list=args.eps, features=not args.no_features,
-        only_correct=args.only_correct, **attack_settings,
-        log=lambda message: print(message, file=sys.stderr, flush=True),
-    )
-    result["settings"].update({"dataset": dataset.name, "device": str(device), "command": sys.argv[1:] if argv is None else list(argv)})
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    folder_options = {k: v for k, v in dict(
+        image_size=args.image_size, resize=args.resize, class_map=args.class_map, label_offset=args.label_offset,
+        memory_budget_mb=args.memory_budget_mb, workers=args.workers).items() if v not in (None, 0)}
+    if args.adversarial:
+        if args.save_adversarial:
+            raise DecorrError("--adversarial evaluates saved examples and --save-adversarial saves new ones; use one")
+        if args.ensemble or args.surrogate_ensemble:
+            raise DecorrError("--adversarial evaluates single models on saved examples; drop --ensemble/--surrogate-ensemble")
+        result = evaluate_adversarial_specs(
+            args.checkpoints, args.adversarial, surrogates=args.surrogate, device=device, spec_options=options,
+            use_float=args.adversarial_float, batch_size=args.batch_size, log=log,
+            memory_budget_mb=args.memory_budget_mb, workers=args.workers)
+        dataset_name = None
+    else:
+        if args.adversarial_float:
+            raise DecorrError("--adversarial-float needs --adversarial DIR")
+        writer = AdversarialWriter(args.save_adversarial, save_float=args.save_float) if args.save_adversarial else None
+        if args.save_float and writer is None:
+            raise DecorrError("--save-float needs --save-adversarial DIR")
+        dataset = load_dataset(args.dataset or checkpoint_dataset(args.checkpoints + args.surrogate + member_specs),
+                               args.data_root, **folder_options)
+        split = dataset.test
+        if args.num_samples is not None and args.num_samples < len(split):
+            split = split.subset(args.num_samples)
+        result = evaluate_checkpoints(
+            args.checkpoints, split, surrogates=args.surrogate, device=device, spec_options=options,
+            ensembles=args.ensemble, surrogate_ensembles=args.surrogate_ensemble, ensemble_rule=args.ensemble_rule,
+            attack_targets=True if args.attack_targets else None, eps_list=args.eps, features=not args.no_features,
+            only_correct=args.only_correct, **attack_settings, log=log, on_adversarial=writer,
+        )
+        dataset_name = dataset.name
+        if writer is not None:
+            writer.close(result["settings"])
+            result["settings"]["save_adversarial"] = str(args.save_adversarial)
+    result["settings"].update({"dataset": dataset_name, "device": str(device), "command": sys.argv[1:] if argv is None else list(argv)})
     with staged_output_dir(out, overwrite=args.overwrite) as staging:
         save_transfer_report(result, staging, plots=not args.no_plots, tensorboard=args.tensorboard)
     print(format_transfer(result))

@@ -3,10 +3,8 @@ computations from the members' softmax, detection records, the script's options 
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import numpy as np

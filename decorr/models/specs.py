@@ -6,6 +6,8 @@ Grammar (``SPEC_HELP`` is the same text for ``--help``)::
     CKPT     := a decorr run directory or checkpoint directory (every model; :MODEL picks one)
     ARCH     := a registry name (decorr.models.list_models()) | torchvision.NAME | timm.NAME
     WEIGHTS  := a .safetensors file | a .pt/.pth/.bin state dict (read with weights_only=True)
+              | with torchvision.NAME: a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), downloaded
+                by torchvision (needs internet once; cached), with its mean and std in front of the model
     OPTIONS  := KEY=VALUE[,KEY=VALUE...]   KEY one of num_classes, mean, std, input_size, feature_layer,
                                             match_by_order, name
                 mean/std: one value per channel separated by "/" (0.485/0.456/0.406); input_size: 224 or
@@ -54,7 +56,9 @@ __all__ = [
 SPEC_HELP = """model specs (positional models, --surrogate, --init):
   CKPT | CKPT:MODEL            a decorr run or checkpoint directory (all its models, or one)
   ARCH=WEIGHTS[@KEY=VALUE,...] ARCH: a registry name, torchvision.NAME or timm.NAME; WEIGHTS: .safetensors
-                               or a .pt/.pth/.bin state dict (never unpickles code)
+                               or a .pt/.pth/.bin state dict (never unpickles code), or for torchvision.NAME
+                               a torchvision weights name: torchvision.resnet152=DEFAULT (downloads; ImageNet
+                               mean/std put in front unless given)
   per-spec KEYs: num_classes, mean, std (values joined by /), input_size (224 or HxW), feature_layer,
   match_by_order (1/0), name; e.g.
   torchvision.resnet18=r18.pth@num_classes=10,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,input_size=224
@@ -211,7 +215,8 @@ def load_specs(specs: Sequence[str | os.PathLike], options: SpecOptions | None =
     if len(set(keys)) != len(keys):
         raise DecorrError("the same checkpoint is given twice; list each checkpoint once")
     labels = dict(zip(directories, _unique_labels([_run_name(d) for d in directories.values()])))
-    stems = {i: Path(p.weights).with_suffix("") for i, p in enumerate(parsed) if p.weights is not None}
+    stems = {i: Path(p.arch[len("torchvision."):]) if _names_pretrained(p) else Path(p.weights).with_suffix("")
+             for i, p in enumerate(parsed) if p.weights is not None}
     stem_labels = dict(zip(stems, _unique_labels(list(stems.values()))))
     loaded: dict[str, NamedModel] = {}
     for i, spec in enumerate(parsed):
@@ -249,13 +254,56 @@ def _load_checkpoint_models(directory: Path, only: str | None, label: str) -> li
     return models
 
 
+_WEIGHTS_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
+
+
+def _pretrained_state(arch: str, name: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """torchvision's pretrained weights ``name`` of ``torchvision.NAME``: the state dict and the weights enum."""
+    import socket
+
+    import torchvision
+
+    model = arch[len("torchvision."):]
+    try:
+        weights = torchvision.models.get_model_weights(model)[name]
+    except (KeyError, ValueError):
+        raise DecorrError(f"torchvision has no weights {name!r} for {model}; use DEFAULT or one of its "
+                          "*_Weights names (e.g. IMAGENET1K_V1), or a weights file") from None
+    previous = socket.getdefaulttimeout()
+    try:
+        if previous is None:
+            socket.setdefaulttimeout(20.0)
+        state = weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as err:  # noqa: BLE001 - URLError, timeouts, hash mismatch: all "no weights"
+        text = " ".join(str(err).split())[:160]
+        raise DecorrError(f"cannot download torchvision weights {weights} for {model} ({type(err).__name__}: {text}); "
+                          "this needs internet once (torch hub caches them), or give a weights file") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    return state, weights
+
+
+def _names_pretrained(spec: ParsedSpec) -> bool:
+    """``torchvision.NAME=DEFAULT``-style: a torchvision weights name rather than a file (named after NAME)."""
+    return (spec.arch or "").startswith("torchvision.") and bool(_WEIGHTS_NAME.fullmatch(spec.weights or "")) \
+        and not Path(spec.weights).exists()
+
+
 def _load_weights_spec(spec: ParsedSpec, defaults: SpecOptions, label: str, say: Callable[[str], None]) -> NamedModel:
     arch, path = spec.arch, Path(spec.weights)
+    pretrained = None
+    if _names_pretrained(spec):
+        state, pretrained = _pretrained_state(arch, spec.weights)
     foreign = arch.startswith(FOREIGN_PREFIXES)
     if not foreign and arch not in list_models():
         build_architecture(arch)  # the one-line error naming the known architectures
     options = _effective(spec, defaults, registry=not foreign)
-    state = read_state_dict(path)
+    if pretrained is not None:
+        if options.mean is None:
+            transform = pretrained.transforms()
+            options = replace(options, mean=tuple(transform.mean), std=tuple(transform.std))
+    else:
+        state = read_state_dict(path)
     kwargs: dict[str, Any] = {}
     if options.match_by_order and path.suffix.lower() == ".safetensors":
         raise DecorrError(f"{path}: --match-by-order needs a .pt/.pth/.bin state dict (safetensors files do not keep "
@@ -265,6 +313,8 @@ def _load_weights_spec(spec: ParsedSpec, defaults: SpecOptions, label: str, say:
         num_classes = classifier_width(arch, state, options.match_by_order)
     if num_classes is not None and accepts_num_classes(arch):
         kwargs["num_classes"] = num_classes
+    if pretrained is not None and arch == "torchvision.inception_v3":
+        kwargs.update(aux_logits=True, transform_input=True, init_weights=False)  # as torchvision builds it
     net = build_architecture(arch, kwargs)
     fit_state_dict(net, state, by_order=options.match_by_order, source=str(path), arch=arch, log=say)
     preprocess = {k: list(v) for k, v in (("mean", options.mean), ("std", options.std),
@@ -279,7 +329,8 @@ def _load_weights_spec(spec: ParsedSpec, defaults: SpecOptions, label: str, say:
     module = Preprocessed(net, **preprocess) if preprocess else net
     full_layer = f"net.{layer}" if preprocess and layer else layer
     entry = {"arch": arch, "kwargs": kwargs, "feature_layer": full_layer, **({"preprocess": preprocess} if preprocess else {})}
-    info = {"arch": arch, "spec": spec.text, "weights": str(path), "sha256": sha256_of(path),
+    info = {"arch": arch, "spec": spec.text, "weights": f"torchvision:{pretrained}" if pretrained else str(path),
+            "sha256": None if pretrained else sha256_of(path),
             "num_classes": kwargs.get("num_classes"), "mean": preprocess.get("mean"), "std": preprocess.get("std"),
             "input_size": preprocess.get("input_size"), "feature_layer": full_layer,
             "match_by_order": options.match_by_order}
