@@ -40,10 +40,28 @@ COMPARE_FORMAT = "decorr-transfer-compare/1"
 
 def samples_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     """sha256 (hex) of the evaluated samples: dtype, shape and bytes of the images, then the int64 labels."""
-    digest = hashlib.sha256()
     images = images.detach().cpu().contiguous()
-    digest.update(f"{images.dtype}|{tuple(images.shape)}|".encode())
-    digest.update(memoryview(images.numpy()).cast("B"))
+    return _fingerprint(images.dtype, tuple(images.shape), [images], labels)
+
+
+def data_fingerprint(data: Any) -> str:
+    """:func:`samples_fingerprint` of an ``(x, y)`` pair, an ``ImageSplit`` or a streamed split (batch by
+    batch, the same digest as the split held in memory)."""
+    if isinstance(data, tuple):
+        return samples_fingerprint(*data)
+    from decorr.data import ImageSplit
+
+    if isinstance(data, ImageSplit):
+        return samples_fingerprint(data.images, data.labels)
+    shape = (len(data), *data.image_shape)
+    return _fingerprint(torch.uint8, shape, (images for images, _ in data.batches(256)), data.labels)
+
+
+def _fingerprint(dtype: torch.dtype, shape: tuple, parts: Any, labels: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{dtype}|{shape}|".encode())
+    for part in parts:
+        digest.update(memoryview(part.detach().cpu().contiguous().numpy()).cast("B"))
     digest.update(memoryview(labels.detach().cpu().to(torch.int64).contiguous().numpy()).cast("B"))
     return digest.hexdigest()
 

@@ -99,7 +99,7 @@ from torch import Tensor
 from decorr.attacks import ce_loss, fgsm, pgd, residual_branches, skip_gradient
 from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES
 from decorr.checkpoint import load_checkpoint
-from decorr.compare import pack_outcomes, samples_fingerprint
+from decorr.compare import data_fingerprint, pack_outcomes
 from decorr.data import ImageSplit, to_float
 from decorr.detection import detection_summary, disagreement
 from decorr.ensembles import Ensemble, load_ensembles
@@ -556,7 +556,7 @@ def evaluate_transfer(
         natural_features = {name: z[kept] for name, z in natural_features.items()}
         natural_flags = {name: (flag[kept], score[kept]) for name, (flag, score) in natural_flags.items()}
         say(f"only_correct: {n} of {candidates} samples are classified correctly by every model")
-    fingerprint = samples_fingerprint(*((data.images, data.labels) if isinstance(data, ImageSplit) else data))
+    fingerprint = data_fingerprint(data)
     timing["natural_s"] += time.perf_counter() - tick
 
     tick = time.perf_counter()

@@ -128,6 +128,7 @@ def test_a_set_over_the_budget_is_streamed_with_the_same_results(tmp_path):
     a = evaluate_transfer(models, memory.test, **kwargs)
     b = evaluate_transfer(models, streamed.test, **kwargs)
     assert a["by_eps"] == b["by_eps"] and a["models"] == b["models"]
+    assert a["settings"]["samples_sha256"] == b["settings"]["samples_sha256"]  # streamed digest = in memory
     a = evaluate_transfer(models, memory.test, only_correct=True, **kwargs)
     b = evaluate_transfer(models, streamed.test, only_correct=True, **kwargs)
     assert a["by_eps"] == b["by_eps"]

@@ -39,6 +39,7 @@ from decorr.datasets.decode import probe_images
 from decorr.datasets.stream import file_split
 from decorr.errors import DecorrError
 from decorr.metrics import accuracy, transfer_rate
+from decorr.stats import wilson_interval
 
 __all__ = ["INDEX_FILE", "INDEX_HEADER", "AdversarialWriter", "evaluate_adversarial_folder",
            "evaluate_adversarial_specs", "read_index"]
@@ -225,7 +226,8 @@ def evaluate_adversarial_folder(
     target_names = list(targets)
     settings = {**{k: v for k, v in saved.items() if k not in ("num_samples", "num_candidates")},
                 "eps": eps_list, "adversarial": str(folder), "images": "float" if use_float else "8-bit PNG",
-                "batch_size": batch_size, "num_samples": max(len(g["files"]) for g in groups.values())}
+                "batch_size": batch_size, "num_samples": max(len(g["files"]) for g in groups.values()),
+                "num_candidates": None}
     settings.setdefault("attack", "external")
     settings.setdefault("norm", "linf")
     settings.setdefault("steps", None)
@@ -233,7 +235,7 @@ def evaluate_adversarial_folder(
     for name in models:
         role = "target+source" if name in targets and name in sources else "target" if name in targets else "source"
         model_records[name] = {"role": role, "arch": (model_info or {}).get(name, {}).get("arch"), "feature_layer": None,
-                               "natural_accuracy": None,
+                               "natural_accuracy": None, "natural_correct": None, "natural_accuracy_ci95": None,
                                **{k: v for k, v in (model_info or {}).get(name, {}).items() if k != "arch"}}
     return {"format": "decorr-transfer/1", "kind": "adversarial-files", "settings": settings, "models": model_records,
             "sources": sources, "targets": target_names,
@@ -264,9 +266,16 @@ def _attack_eps(saved: Mapping[str, Any], eps: float) -> float:
 
 
 def _empty(sources: list[str], targets: list[str]) -> dict[str, Any]:
-    return {"white_box_accuracy": {s: None for s in sources}, "accuracy": {s: {t: None for t in targets} for s in sources},
-            "transfer": {s: {t: None for t in targets} for s in sources}, "source_fooled": {s: None for s in sources},
-            "transferred": {s: {t: None for t in targets} for s in sources}}
+    per_target = lambda: {s: {t: None for t in targets} for s in sources}  # noqa: E731
+    return {"white_box_accuracy": {s: None for s in sources}, "white_box_correct": {s: None for s in sources},
+            "white_box_accuracy_ci95": {s: None for s in sources}, "accuracy": per_target(), "correct": per_target(),
+            "accuracy_ci95": per_target(), "transfer": per_target(), "transfer_ci95": per_target(),
+            "source_fooled": {s: None for s in sources}, "transferred": per_target()}
+
+
+def _count(pred: Tensor, y: Tensor) -> tuple[int, tuple[float, float] | None]:
+    correct = int((pred == y).sum())
+    return correct, wilson_interval(correct, len(y))
 
 
 def _number(value: float) -> float | None:
@@ -277,13 +286,17 @@ def _fill(record: dict[str, Any], src: str, targets: list[str], preds: Mapping[s
           src_pred: Tensor | None, y: Tensor) -> None:
     if src in preds:
         record["white_box_accuracy"][src] = _number(accuracy(preds[src], y))
+        record["white_box_correct"][src], record["white_box_accuracy_ci95"][src] = _count(preds[src], y)
     for tgt in targets:
         record["accuracy"][src][tgt] = _number(accuracy(preds[tgt], y))
+        record["correct"][src][tgt], record["accuracy_ci95"][src][tgt] = _count(preds[tgt], y)
         if src_pred is not None:
             result = transfer_rate(src_pred, preds[tgt], y)
             record["source_fooled"][src] = result.source_fooled
             if tgt != src:
                 record["transfer"][src][tgt], record["transferred"][src][tgt] = _number(result.rate), result.transferred
+                if result.source_fooled:
+                    record["transfer_ci95"][src][tgt] = wilson_interval(result.transferred, result.source_fooled)
     if src_pred is not None and not targets:
         record["source_fooled"][src] = int((src_pred != y).sum())
 
