@@ -15,8 +15,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
@@ -27,15 +26,17 @@ from decorr.data import ImageSplit, iterate_batches, last_batch_too_small, load_
 from decorr.distributed import all_gather_with_grad, all_reduce_sum, global_mean
 from decorr.errors import DecorrError
 from decorr.features import record_features
+from decorr.loop import Built, Task, fit, prefixed
 from decorr.loss import correlation_loss, pca_pearson, parameter_distance, r_squared
 from decorr.models import create_model, model_spec
+from decorr.modes import eval_mode
 from decorr.validation import check_at_least, check_finite, check_positive, check_seed, check_subset
-from decorr.training import TrainingRun, mean_terms, releases_run_lock, unwrap
+from decorr.training import TrainingRun, releases_run_lock, unwrap
 
 MODES = ("cor", "dec", "param")
 MODEL_NAMES = ("model0", "model1")
 
-__all__ = ["PairConfig", "train_pair", "train_epoch", "pair_objective", "evaluate_models", "feature_width", "MODES"]
+__all__ = ["PairConfig", "PairTask", "train_pair", "pair_objective", "evaluate_models", "feature_width", "MODES"]
 
 
 @dataclass
@@ -116,11 +117,8 @@ def dead_features_warning(name: str, layer: str, active: float, config: PairConf
 
 def feature_width(model: nn.Module, layer: str, input_shape: tuple[int, ...]) -> int:
     """Number of features (after flattening) that ``layer`` produces for one input."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), record_features(model, layer) as feats:
+    with eval_mode(model), torch.no_grad(), record_features(model, layer) as feats:
         model(torch.zeros(1, *input_shape))
-    model.train(was_training)
     return int(feats[layer][0].numel())
 
 
@@ -173,9 +171,13 @@ def evaluate_models(
     """
     names = list(models)
     plain = {name: unwrap(models[name]) for name in names}
-    training = {name: m.training for name, m in plain.items()}
-    for m in plain.values():
-        m.eval()
+    with eval_mode(*plain.values()):
+        return _evaluate(plain, split, layers, batch_size, device, shard)
+
+
+def _evaluate(plain: dict[str, nn.Module], split: ImageSplit, layers: dict[str, str], batch_size: int,
+              device: torch.device | str, shard: tuple[int, int]) -> dict[str, Any]:
+    names = list(plain)
     correct = {name: torch.zeros((), device=device) for name in names}
     features: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     count = torch.zeros((), device=device)
@@ -201,47 +203,8 @@ def evaluate_models(
             else:
                 result[f"r2_{a}_{b}"] = math.nan
             result[f"pca_pearson_{a}_{b}"] = pca_pearson(za, zb)
-    for name, m in plain.items():
-        m.train(training[name])
     return result
 
-
-
-def train_epoch(
-    model0: nn.Module,
-    model1: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    config: PairConfig,
-    *,
-    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
-    lambda_corr: float | None = None,
-    where: str = "",
-) -> dict[str, float]:
-    """One pass over ``batches`` with the pair objective; returns the mean of each loss term.
-
-    ``lambda_corr`` overrides the config's correlation weight (see :func:`pair_objective`); ``where``
-    names the epoch in the error raised for a non-finite loss.
-    """
-    layer = config.feature_layer
-    assert layer is not None
-    model0.train()
-    model1.train()
-    step_terms: list[dict[str, torch.Tensor]] = []
-    for x, y in batches:
-        if x.dim() == 4:
-            # Channels-last convolutions are ~1.6x faster with oneDNN on CPU for these small CNNs.
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            with record_features(unwrap(model0), layer) as f0, record_features(unwrap(model1), layer) as f1:
-                logits = (model0(x), model1(x))
-            loss, terms = pair_objective(logits, (f0[layer], f1[layer]), y, config, (model0, model1), lambda_corr)
-        optimizer.zero_grad(set_to_none=True)
-        backward(loss)
-        optimizer.step()
-        step_terms.append(terms)
-    return mean_terms(step_terms, where)
 
 
 def _check_batches(config: PairConfig, dataset: Any, kwargs: dict[str, Any]) -> bool:
@@ -298,28 +261,52 @@ def train_pair(
     drop_last = _check_batches(config, dataset, kwargs)  # before any work (the run writes its directory)
     run = TrainingRun(None if run_dir is None else Path(run_dir), run_config, seed=config.seed, resume=resume,
                       mixed_precision=mixed_precision, cpu=cpu, log=log, default_name=f"{config.arch}_{config.mode}")
-    models = {n: create_model(config.arch, **kwargs).to(memory_format=torch.channels_last) for n in MODEL_NAMES}
-    optimizer = torch.optim.Adam([p for m in models.values() for p in m.parameters()], lr=config.lr)
-    start_epoch = run.restore(models, optimizer)
-    model0, model1, optimizer = run.prepare(models["model0"], models["model1"], optimizer)
-    prepared = {"model0": model0, "model1": model1}
-    layers = {n: layer for n in MODEL_NAMES}
-    steps = num_batches(len(dataset.train), config.batch_size, drop_last)
-    metrics: dict[str, Any] = run.history[-1] if run.history else {}
-    for epoch in range(start_epoch, config.epochs):
-        batches = iterate_batches(dataset.train, config.batch_size, shuffle=True, seed=config.seed,
-                                  epoch=epoch, shard=run.shard, device=run.device, drop_last=drop_last)
-        batches = run.progress(batches, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}")
-        train_terms = train_epoch(model0, model1, optimizer, batches, config,
-                                  backward=run.accelerator.backward, autocast=run.accelerator.autocast,
-                                  lambda_corr=config.lambda_at(epoch), where=f"epoch {epoch + 1}")
-        evaluation = evaluate_models(prepared, dataset.test, layers, batch_size=config.eval_batch_size,
-                                     device=run.device, shard=run.shard)
-        metrics = {**{f"train/{k}": v for k, v in train_terms.items()}, **{f"test/{k}": v for k, v in evaluation.items()}}
+    return fit(run, PairTask(config, dataset, kwargs, drop_last, run))
+
+
+class PairTask(Task):
+    """Two models, one Adam, the pair objective on the same batches (SPEC section 2)."""
+
+    def __init__(self, config: PairConfig, dataset: Any, kwargs: dict[str, Any], drop_last: bool,
+                 run: TrainingRun) -> None:
+        self.config, self.dataset, self.kwargs, self.drop_last, self.run = config, dataset, kwargs, drop_last, run
+        self.epochs = config.epochs
+        self.layer: str = config.feature_layer  # type: ignore[assignment]
+
+    def build(self, run: TrainingRun) -> Built:
+        models = {n: create_model(self.config.arch, **self.kwargs).to(memory_format=torch.channels_last)
+                  for n in MODEL_NAMES}
+        return Built(models, torch.optim.Adam([p for m in models.values() for p in m.parameters()], lr=self.config.lr))
+
+    def steps_per_epoch(self) -> int:
+        return num_batches(len(self.dataset.train), self.config.batch_size, self.drop_last)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.lambda_corr = self.config.lambda_at(epoch)
+
+    def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        return iterate_batches(self.dataset.train, self.config.batch_size, shuffle=True, seed=self.config.seed,
+                               epoch=epoch, shard=self.run.shard, device=self.run.device, drop_last=self.drop_last)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y = batch
+        if x.dim() == 4:
+            # Channels-last convolutions are ~1.6x faster with oneDNN on CPU for these small CNNs.
+            x = x.contiguous(memory_format=torch.channels_last)
+        model0, model1 = self.models["model0"], self.models["model1"]
+        layer = self.layer
+        with record_features(unwrap(model0), layer) as f0, record_features(unwrap(model1), layer) as f1:
+            logits = (model0(x), model1(x))
+        return pair_objective(logits, (f0[layer], f1[layer]), y, self.config, (model0, model1), self.lambda_corr)
+
+    def end_epoch(self, epoch: int, terms: dict[str, float], seconds: float) -> dict[str, Any]:
+        config, run = self.config, self.run
+        evaluation = evaluate_models(self.models, self.dataset.test, {n: self.layer for n in MODEL_NAMES},
+                                     batch_size=config.eval_batch_size, device=run.device, shard=run.shard)
+        metrics = {**prefixed("train", terms), **prefixed("test", evaluation)}
         if config.mode == "param" or epoch + 1 == config.epochs:
             with torch.no_grad():
-                metrics["parameter_distance"] = float(parameter_distance(unwrap(model0), unwrap(model1)))
-        run.log_scalars(metrics, step=epoch + 1)
+                metrics["parameter_distance"] = float(parameter_distance(*(unwrap(self.models[n]) for n in MODEL_NAMES)))
         run.print(
             f"epoch {epoch + 1:3d}/{config.epochs}  loss {metrics['train/loss']:.4f}  "
             f"acc {evaluation['acc_model0']:.4f} / {evaluation['acc_model1']:.4f}  "
@@ -327,7 +314,5 @@ def train_pair(
         )
         for name in MODEL_NAMES:
             if evaluation[f"active_features_{name}"] < DEAD_FEATURES_BELOW:
-                run.print(dead_features_warning(name, layer, evaluation[f"active_features_{name}"], config))
-        run.save(epoch + 1, prepared, optimizer, metrics)
-    run.finish()
-    return metrics
+                run.print(dead_features_warning(name, self.layer, evaluation[f"active_features_{name}"], config))
+        return metrics
