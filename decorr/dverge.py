@@ -54,15 +54,20 @@ from decorr.data import ImageSplit, iterate_batches, load_dataset, num_batches, 
 from decorr.distributed import global_mean
 from decorr.errors import DecorrError
 from decorr.features import find_module
+from decorr.loop import Built, Task, fit, prefixed, train_step
+from decorr.modes import eval_mode
 from decorr.models.specs import NamedModel, SpecOptions, check_input_shape, load_specs
 from decorr.validation import check_at_least, check_finite, check_positive, check_seed, check_subset
-from decorr.training import TrainingRun, default_run_dir, mean_terms, releases_run_lock, unwrap, write_json
+from decorr.training import TrainingRun, default_run_dir, releases_run_lock, unwrap, write_json
 
 __all__ = [
     "DvergeConfig",
     "TARGET_SEED_OFFSET",
     "choose_layer",
     "dverge_objective",
+    "DvergeTask",
+    "distil_batch",
+    "dverge_loss",
     "dverge_step",
     "evaluate_epoch",
     "feature_distillation",
@@ -72,7 +77,6 @@ __all__ = [
     "load_init_models",
     "stream_generator",
     "train_dverge",
-    "train_epoch",
 ]
 
 #: Added to the run's seed for the target batches' shuffle: ``SeedSequence([seed + 2**32, epoch])``
@@ -292,6 +296,51 @@ def dverge_objective(
     return total, terms
 
 
+def distil_batch(
+    models: Sequence[nn.Module],
+    xs: Tensor,
+    ys: Tensor,
+    xt: Tensor,
+    config: DvergeConfig,
+    layers: Sequence[str],
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[list[Tensor], list[Tensor] | None]:
+    """Every model's distilled batch (model i at ``layers[i]``) and, plus adversarial, its own PGD
+    examples; computed in eval mode (each model's mode is restored after)."""
+    plain = [unwrap(m) for m in models]
+    distilled: list[Tensor] = []
+    adversarial: list[Tensor] | None = [] if config.plus_adv else None
+    with eval_mode(*plain):
+        for i, m in enumerate(plain):
+            x_d = feature_distillation(m, xs, xt, layer=layers[i], eps=config.eps, steps=config.steps,
+                                       step_size=config.step_size, random_start=config.random_start,
+                                       momentum=config.momentum, generator=generator)
+            distilled.append(x_d)
+            if adversarial is not None:
+                adversarial.append(pgd(ce_loss(m), xs, ys, eps=config.adv_eps, steps=config.adv_steps,
+                                       step_size=config.adv_step_size, random_start=True, generator=generator))
+    return distilled, adversarial
+
+
+def dverge_loss(
+    models: Sequence[nn.Module],
+    xs: Tensor,
+    ys: Tensor,
+    xt: Tensor,
+    config: DvergeConfig,
+    layers: Sequence[str],
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Distil ``xs`` toward ``xt`` with every model, then :func:`dverge_objective` with the models in
+    train mode (the training forward)."""
+    distilled, adversarial = distil_batch(models, xs, ys, xt, config, layers, generator=generator)
+    for m in models:
+        m.train()
+    return dverge_objective(models, distilled, ys, adversarial=adversarial, adv_weight=config.adv_weight)
+
+
 def dverge_step(
     models: Sequence[nn.Module],
     optimizer: torch.optim.Optimizer,
@@ -305,52 +354,11 @@ def dverge_step(
     backward: Callable[[Tensor], None] = Tensor.backward,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> dict[str, Tensor]:
-    """Distil ``xs`` toward ``xt`` with every model (model i at ``layers[i]``), then one optimiser step
-    on :func:`dverge_objective`. Returns its loss terms (detached)."""
-    plain = [unwrap(m) for m in models]
-    for m in plain:
-        m.eval()
-    distilled: list[Tensor] = []
-    adversarial: list[Tensor] | None = [] if config.plus_adv else None
-    with autocast():
-        for i, m in enumerate(plain):
-            x_d = feature_distillation(m, xs, xt, layer=layers[i], eps=config.eps, steps=config.steps,
-                                       step_size=config.step_size, random_start=config.random_start,
-                                       momentum=config.momentum, generator=generator)
-            distilled.append(x_d)
-            if adversarial is not None:
-                adversarial.append(pgd(ce_loss(m), xs, ys, eps=config.adv_eps, steps=config.adv_steps,
-                                       step_size=config.adv_step_size, random_start=True, generator=generator))
-    for m in models:
-        m.train()
-    with autocast():
-        loss, step_terms = dverge_objective(models, distilled, ys, adversarial=adversarial,
-                                            adv_weight=config.adv_weight)
-    optimizer.zero_grad(set_to_none=True)
-    backward(loss)
-    optimizer.step()
-    return step_terms
-
-
-def train_epoch(
-    models: Sequence[nn.Module],
-    optimizer: torch.optim.Optimizer,
-    batches: Iterable[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]],
-    config: DvergeConfig,
-    layers: Sequence[str],
-    *,
-    generator: torch.Generator | None = None,
-    backward: Callable[[Tensor], None] = Tensor.backward,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
-    where: str = "",
-) -> dict[str, float]:
-    """One pass of :func:`dverge_step` over ``((xs, ys), (xt, yt))`` batches; mean of each term
-    (a non-finite one is a NonFiniteError naming the step and ``where``)."""
-    collected: list[dict[str, Tensor]] = []
-    for (xs, ys), (xt, _yt) in batches:
-        collected.append(dverge_step(models, optimizer, xs, ys, xt, config, layers, generator=generator,
-                                     backward=backward, autocast=autocast))
-    return mean_terms(collected, where)
+    """One optimiser step on :func:`dverge_loss` (:func:`decorr.loop.train_step`); returns its loss
+    terms (detached)."""
+    return train_step(optimizer, [None],
+                      lambda _: dverge_loss(models, xs, ys, xt, config, layers, generator=generator),
+                      backward=backward, autocast=autocast)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,9 +411,8 @@ def evaluate_epoch(
             scalars[f"acc/{name}"] = result["models"][name]["natural_accuracy"]
     else:
         x, y = to_float(accuracy_split.images).to(device), accuracy_split.labels.to(device)
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(*plain.values()):
             for name, m in plain.items():
-                m.eval()
                 scalars[f"acc/{name}"] = accuracy(predict(m, x, batch_size=config.eval_batch_size), y)
     return scalars, result
 
@@ -529,69 +536,93 @@ def train_dverge(
                                                                  for o in origins]}}
     run = TrainingRun(run_dir, run_config, seed=config.seed, resume=resume, mixed_precision=mixed_precision,
                       cpu=cpu, log=log)
-    optimizer = torch.optim.Adam([p for n in names for p in models[n].parameters()], lr=config.lr)
-    start_epoch = run.restore(models, optimizer) if resume else 0
-    prepared_list = run.prepare(*[models[n] for n in names], optimizer)
-    *wrapped, optimizer = prepared_list
-    prepared = dict(zip(names, wrapped))
-    archs = {n: entries[n]["arch"] for n in names}
-    feature_layers = {n: entries[n]["feature_layer"] for n in names}
-
     record: dict[str, Any] = {"format": "decorr-dverge/1", "run_dir": str(run_dir), "init": origins,
                               "dataset": dataset_name, "config": asdict(config),
                               "eval_samples": len(eval_split), "train_samples": len(train_split),
                               "accuracy_samples": len(eval_split if accuracy_split is None else accuracy_split),
                               "epochs": []}
-    if resume and json_path.exists():
-        import json
+    task = DvergeTask(config, models, entries, run, record, json_path, train_split, eval_split, accuracy_split)
+    return fit(run, task)
 
-        previous = json.loads(json_path.read_text())
-        record["epochs"] = [e for e in previous.get("epochs", []) if e["epoch"] <= start_epoch]
 
-    def evaluate(epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
-        tick = time.perf_counter()
-        scalars, result = evaluate_epoch(prepared, eval_split, config, feature_layers=feature_layers,
-                                         archs=archs, accuracy_split=accuracy_split, device=run.device)
-        scalars["time/eval_s"] = time.perf_counter() - tick
-        metrics = {**extra, **scalars}
-        run.log_scalars(metrics, step=epoch)
-        record["epochs"].append({"epoch": epoch, "metrics": metrics,
-                                 "transfer": {"by_eps": result["by_eps"], "pairs": result["pairs"],
-                                              "models": result["models"], "settings": result["settings"]}})
-        if run.is_main:
-            write_json(json_path, record)
-        rates = "  ".join(f"eps {e:g}: {metrics[f'transfer/eps{e:g}/mean']:.3f}" for e in config.eval_eps)
-        accs = " / ".join(f"{metrics[f'acc/{n}']:.4f}" for n in names)
-        run.print(f"epoch {epoch:3d}/{config.epochs}  transfer {rates}  acc {accs}")
-        return metrics
+class DvergeTask(Task):
+    """N models, one Adam, every batch distilled by each model and learnt by the others."""
 
-    if not run.history:  # a fresh run: measure the starting point and save it as epoch 0
-        metrics = evaluate(0, {})
-        run.save(0, prepared, optimizer, metrics)
-    steps_per_epoch = num_batches(len(train_split), config.batch_size)
-    if config.batches_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, config.batches_per_epoch)
-    for epoch in range(start_epoch, config.epochs):
-        layer = choose_layer(config.layers, config.seed, epoch)
-        layers = [layer or default_layers[i] for i in range(len(names))]
-        sources = iterate_batches(train_split, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
+    def __init__(self, config: DvergeConfig, models: dict[str, nn.Module], entries: Mapping[str, Mapping[str, Any]],
+                 run: TrainingRun, record: dict[str, Any], json_path: Path, train_split: ImageSplit,
+                 eval_split: ImageSplit, accuracy_split: ImageSplit | None) -> None:
+        self.config, self.plain, self.run, self.record, self.json_path = config, models, run, record, json_path
+        self.train_split, self.eval_split, self.accuracy_split = train_split, eval_split, accuracy_split
+        self.epochs = config.epochs
+        self.names = list(models)
+        self.archs = {n: entries[n]["arch"] for n in self.names}
+        self.feature_layers = {n: entries[n]["feature_layer"] for n in self.names}
+        self.default_layers = [self.feature_layers[n] for n in self.names]
+
+    def build(self, run: TrainingRun) -> Built:
+        parameters = [p for n in self.names for p in self.plain[n].parameters()]
+        return Built(dict(self.plain), torch.optim.Adam(parameters, lr=self.config.lr))
+
+    def start(self, models: dict[str, nn.Module], optimizer: torch.optim.Optimizer, start_epoch: int) -> None:
+        super().start(models, optimizer, start_epoch)
+        self.wrapped = [models[n] for n in self.names]
+        if self.run.resume and self.json_path.exists():
+            import json
+
+            previous = json.loads(self.json_path.read_text())
+            self.record["epochs"] = [e for e in previous.get("epochs", []) if e["epoch"] <= start_epoch]
+
+    def steps_per_epoch(self) -> int:
+        steps = num_batches(len(self.train_split), self.config.batch_size)
+        return steps if self.config.batches_per_epoch is None else min(steps, self.config.batches_per_epoch)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.layer = choose_layer(self.config.layers, self.config.seed, epoch)
+        self.layers = [self.layer or self.default_layers[i] for i in range(len(self.names))]
+        self.generator = stream_generator(self.config.seed, epoch, STREAM_DISTILL)
+
+    def batches(self, epoch: int) -> Iterable[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
+        config, run = self.config, self.run
+        sources = iterate_batches(self.train_split, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
                                   shard=run.shard, device=run.device)
-        targets = iterate_batches(train_split, config.batch_size, shuffle=True,
+        targets = iterate_batches(self.train_split, config.batch_size, shuffle=True,
                                   seed=config.seed + TARGET_SEED_OFFSET, epoch=epoch, shard=run.shard,
                                   device=run.device)
-        batches = run.progress(islice(zip(sources, targets), steps_per_epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}")
+        return islice(zip(sources, targets), self.steps_per_epoch())
+
+    def loss(self, batch: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, dict[str, Tensor]]:
+        (xs, ys), (xt, _yt) = batch
+        return dverge_loss(self.wrapped, xs, ys, xt, self.config, self.layers, generator=self.generator)
+
+    def evaluate(self, epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
         tick = time.perf_counter()
-        terms = train_epoch(wrapped, optimizer, batches, config, layers,
-                            generator=stream_generator(config.seed, epoch, STREAM_DISTILL),
-                            backward=run.accelerator.backward, autocast=run.accelerator.autocast,
-                            where=f"epoch {epoch + 1}")
-        train_s = time.perf_counter() - tick
-        extra = {**{f"train/{k}": v for k, v in terms.items()}, "time/train_s": train_s}
-        metrics = evaluate(epoch + 1, extra)
-        metrics["layer"] = layer if layer is not None else ",".join(sorted(set(default_layers)))
-        record["epochs"][-1]["layer"] = metrics["layer"]
-        if run.is_main:
-            write_json(json_path, record)
-        run.save(epoch + 1, prepared, optimizer, metrics)
-    run.finish()
-    return record
+        scalars, result = evaluate_epoch(self.models, self.eval_split, self.config, feature_layers=self.feature_layers,
+                                         archs=self.archs, accuracy_split=self.accuracy_split, device=self.run.device)
+        scalars["time/eval_s"] = time.perf_counter() - tick
+        metrics = {**extra, **scalars}
+        self.record["epochs"].append({"epoch": epoch, "metrics": metrics,
+                                      "transfer": {"by_eps": result["by_eps"], "pairs": result["pairs"],
+                                                   "models": result["models"], "settings": result["settings"]}})
+        rates = "  ".join(f"eps {e:g}: {metrics[f'transfer/eps{e:g}/mean']:.3f}" for e in self.config.eval_eps)
+        accs = " / ".join(f"{metrics[f'acc/{n}']:.4f}" for n in self.names)
+        self.run.print(f"epoch {epoch:3d}/{self.config.epochs}  transfer {rates}  acc {accs}")
+        return metrics
+
+    def evaluate_before(self) -> dict[str, Any]:
+        metrics = self.evaluate(0, {})
+        self._write_record()
+        return metrics
+
+    def end_epoch(self, epoch: int, terms: dict[str, float], seconds: float) -> dict[str, Any]:
+        metrics = self.evaluate(epoch + 1, {**prefixed("train", terms), "time/train_s": seconds})
+        metrics["layer"] = self.layer if self.layer is not None else ",".join(sorted(set(self.default_layers)))
+        self.record["epochs"][-1]["layer"] = metrics["layer"]
+        self._write_record()
+        return metrics
+
+    def _write_record(self) -> None:
+        if self.run.is_main:
+            write_json(self.json_path, self.record)
+
+    def result(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return self.record
