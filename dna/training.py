@@ -26,13 +26,13 @@ sees is then one micro-batch across all processes, and it must still exceed the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from itertools import chain
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -43,15 +43,19 @@ from decorr.checkpoint import build_model, load_checkpoint, model_entry, resolve
 from decorr.data import Augment, ImageDataset, ImageSplit, dataset_augment, iterate_batches, load_dataset
 from decorr.distributed import all_gather_with_grad
 from decorr.errors import DecorrError
+from decorr.loop import Built, Task, fit, prefixed, train_step
 from decorr.loss import correlation_loss, r_squared
 from decorr.models import create_model, model_spec
+from decorr.modes import eval_mode
 from decorr.validation import check_at_least, check_finite, check_positive, check_seed, check_subset
-from decorr.training import TrainingRun, default_run_dir, mean_terms, releases_run_lock, unwrap
+from decorr.training import TrainingRun, default_run_dir, releases_run_lock, unwrap
 from dna.models import forward_with_latents
 from dna.objectives import autoencoder_loss_from_errors, dna_accuracy, reconstruction_errors
 
 __all__ = [
+    "AutoencoderTask",
     "DnaConfig",
+    "ReconstructionClassifierTask",
     "FAMILIES",
     "MODEL_KINDS",
     "PAPER_DEFAULTS",
@@ -237,10 +241,8 @@ def classifier_objective(
 def latent_width(autoencoder: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Number of features of one path's latent (64 for MNIST, 448 for CIFAR-10)."""
     model = unwrap(autoencoder)
-    was_training = model.training
-    model.eval()
-    _, latents = forward_with_latents(model, torch.zeros(1, *input_shape, device=_device_of(model)))
-    model.train(was_training)
+    with eval_mode(model):
+        _, latents = forward_with_latents(model, torch.zeros(1, *input_shape, device=_device_of(model)))
     return int(latents[0][0].numel())
 
 
@@ -266,10 +268,14 @@ def evaluate_autoencoder(
     the numbers of the whole split.
     """
     models = [unwrap(autoencoder)] + ([unwrap(classifier)] if classifier is not None else [])
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
+    with eval_mode(*models):
+        return _evaluate_autoencoder(models, split, batch_size, device, shard)
+
+
+def _evaluate_autoencoder(models: list[nn.Module], split: ImageSplit, batch_size: int, device: torch.device | str,
+                          shard: tuple[int, int]) -> dict[str, float]:
     ae = models[0]
+    classifier = models[1] if len(models) > 1 else None
     errors, labels, preds, natural = [], [], [], []
     latents: list[list[torch.Tensor]] = []
     for x, y in iterate_batches(split, batch_size, shuffle=False, shard=shard, device=device):
@@ -295,8 +301,6 @@ def evaluate_autoencoder(
         p_all = all_gather_with_grad(torch.cat(preds, dim=1).T.contiguous()).T
         result.update({f"acc_{k}": v for k, v in dna_accuracy(p_all, y_all).items()})
         result["acc_natural"] = float((all_gather_with_grad(torch.cat(natural)) == y_all).float().mean())
-    for m, mode in zip(models, modes):
-        m.train(mode)
     return result
 
 
@@ -304,10 +308,8 @@ def evaluate_autoencoder(
 def reconstruction_grid(autoencoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Images for TensorBoard: the inputs, then each path's reconstructions (one row each)."""
     model = unwrap(autoencoder)
-    was_training = model.training
-    model.eval()
-    recons = model(x)
-    model.train(was_training)
+    with eval_mode(model):
+        recons = model(x)
     return torch.cat([x, *recons]).float()
 
 
@@ -349,22 +351,12 @@ def accumulated_step(
 ) -> dict[str, torch.Tensor]:
     """One optimiser step over ``micro_batches``; returns the loss terms averaged over them.
 
-    ``run.accelerator.backward`` divides each micro-batch's loss by the number of accumulation steps,
-    and the data-parallel gradient all-reduce runs once, on the last micro-batch.
+    :func:`decorr.loop.train_step`: each micro-batch in ``accelerator.accumulate``, so
+    ``accelerator.backward`` divides its loss by the number of accumulation steps, and the
+    data-parallel gradient all-reduce and the optimiser step run once, on the last micro-batch.
     """
-    totals: dict[str, torch.Tensor] = {}
-    for i, (x, y) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else run.accelerator.no_sync(model):
-            with run.accelerator.autocast():
-                loss, terms = objective(x, y)
-            run.accelerator.backward(loss)
-        for key, value in terms.items():
-            totals[key] = totals.get(key, 0) + value.float()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {k: v / len(micro_batches) for k, v in totals.items()}
-
+    return train_step(optimizer, micro_batches, lambda batch: objective(*batch), accelerator=run.accelerator,
+                      models=[model])
 
 
 def _load_data(config: DnaConfig, data_root: str | None) -> ImageDataset:
@@ -436,39 +428,54 @@ def train_autoencoder(
     entry = model_entry(config.autoencoder_arch, config.autoencoder_kwargs)
     run = _training_run(config, run_dir, _run_config(config, 1, {"autoencoder": entry}), resume=resume,
                         mixed_precision=mixed_precision, cpu=cpu, log=log)
-    autoencoder = create_model(config.autoencoder_arch, **config.autoencoder_kwargs)
-    _check_batch(config, latent_width(autoencoder, config.input_shape), stage=1)
-    autoencoder = _maybe_sync_bn(autoencoder, config)
-    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=config.lr)
-    start_epoch = run.restore({"autoencoder": autoencoder}, optimizer)
-    model, optimizer = run.prepare(autoencoder, optimizer)
-    augment = dataset_augment(dataset) if config.augment else None
-    steps = _steps_per_epoch(len(dataset.train), config, 1)
-    if steps == 0:
-        raise DecorrError(f"--batch-size {config.batch_size} exceeds the {len(dataset.train)} training images")
-    grid_images = _grid_images(dataset, config, run)
-    metrics: dict[str, Any] = run.history[-1] if run.history else {}
-    for epoch in range(start_epoch, config.epochs):
-        model.train()
-        step_terms = []
-        batches = optimizer_steps(dataset.train, config, 1, epoch, augment, run)
-        for group in run.progress(batches, total=steps, desc=f"autoencoder {epoch + 1}/{config.epochs}"):
-            step_terms.append(accumulated_step(
-                run, model, optimizer, group, lambda x, y: autoencoder_objective(model, x, config.lambda_corr)))
-        evaluation = evaluate_autoencoder(model, dataset.test, batch_size=config.eval_batch_size,
+    return fit(run, AutoencoderTask(config, dataset, run))
+
+
+class AutoencoderTask(Task):
+    """Stage 1: the autoencoder alone (reconstruction errors + correlation of the latents)."""
+
+    label = "autoencoder"
+
+    def __init__(self, config: DnaConfig, dataset: ImageDataset, run: TrainingRun) -> None:
+        self.config, self.dataset, self.run = config, dataset, run
+        self.epochs = config.epochs
+        self.augment = dataset_augment(dataset) if config.augment else None
+        self.steps = _steps_per_epoch(len(dataset.train), config, 1)
+
+    def build(self, run: TrainingRun) -> Built:
+        config = self.config
+        autoencoder = create_model(config.autoencoder_arch, **config.autoencoder_kwargs)
+        _check_batch(config, latent_width(autoencoder, config.input_shape), stage=1)
+        autoencoder = _maybe_sync_bn(autoencoder, config)
+        if self.steps == 0:
+            raise DecorrError(f"--batch-size {config.batch_size} exceeds the {len(self.dataset.train)} training images")
+        return Built({"autoencoder": autoencoder}, torch.optim.Adam(autoencoder.parameters(), lr=config.lr))
+
+    def start(self, models: dict[str, nn.Module], optimizer: torch.optim.Optimizer, start_epoch: int) -> None:
+        super().start(models, optimizer, start_epoch)
+        self.grid_images = _grid_images(self.dataset, self.config, self.run)
+
+    def steps_per_epoch(self) -> int:
+        return self.steps
+
+    def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        return chain.from_iterable(optimizer_steps(self.dataset.train, self.config, 1, epoch, self.augment, self.run))
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return autoencoder_objective(self.models["autoencoder"], batch[0], self.config.lambda_corr)
+
+    def end_epoch(self, epoch: int, terms: dict[str, float], seconds: float) -> dict[str, Any]:
+        config, run, model = self.config, self.run, self.models["autoencoder"]
+        evaluation = evaluate_autoencoder(model, self.dataset.test, batch_size=config.eval_batch_size,
                                           device=run.device, shard=run.shard)
-        metrics = {**{f"train/{k}": v for k, v in mean_terms(step_terms, f"autoencoder epoch {epoch + 1}").items()},
-                   **{f"test/{k}": v for k, v in evaluation.items()}}
-        run.log_scalars(metrics, step=epoch + 1)
-        if grid_images is not None:
-            run.log_images("reconstructions/input_then_paths", reconstruction_grid(model, grid_images), epoch + 1)
+        metrics = {**prefixed("train", terms), **prefixed("test", evaluation)}
+        if self.grid_images is not None:
+            run.log_images("reconstructions/input_then_paths", reconstruction_grid(model, self.grid_images), epoch + 1)
         r2 = f"  bottleneck R^2 {evaluation['bottleneck_r2']:.3f}" if "bottleneck_r2" in evaluation else ""
         corr = f"  corr {metrics['train/corr']:.3f}" if "train/corr" in metrics else ""
         run.print(f"autoencoder epoch {epoch + 1:3d}/{config.epochs}  loss {metrics['train/loss']:.5f}{corr}  "
                   f"test MSE {evaluation['mse']:.5f}{r2}")
-        run.save(epoch + 1, {"autoencoder": model}, optimizer, metrics)
-    run.finish()
-    return metrics
+        return metrics
 
 
 def _grid_images(dataset: ImageDataset, config: DnaConfig, run: TrainingRun) -> torch.Tensor | None:
@@ -523,41 +530,58 @@ def train_classifier(
                "classifier": model_entry(config.classifier_arch)}
     run = _training_run(config, run_dir, _run_config(config, 2, entries, autoencoder_from=source), resume=resume,
                         mixed_precision=mixed_precision, cpu=cpu, log=log)
-    classifier = _maybe_sync_bn(create_model(config.classifier_arch), config)
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=config.classifier_lr)
-    frozen = {k: v.clone() for k, v in autoencoder.state_dict().items()}
-    start_epoch = run.restore({"autoencoder": autoencoder, "classifier": classifier}, optimizer)
-    if any(not torch.equal(v, frozen[k]) for k, v in autoencoder.state_dict().items()):
-        raise DecorrError(
-            f"the classifier in {run_dir} was trained on another autoencoder than the one now in {source['path']} "
-            f"(stage 1 was changed since); delete {run_dir} to train the classifier again"
-        )
-    autoencoder = autoencoder.to(run.device).eval().requires_grad_(False)
-    model, optimizer = run.prepare(classifier, optimizer)
-    augment = dataset_augment(dataset) if config.augment else None
-    steps = _steps_per_epoch(len(dataset.train), config, 2)
-    if steps == 0:
-        raise DecorrError(f"--classifier-batch-size {config.classifier_batch_size} exceeds the "
-                          f"{len(dataset.train)} training images")
-    metrics: dict[str, Any] = run.history[-1] if run.history else {}
-    for epoch in range(start_epoch, config.classifier_epochs):
-        model.train()
-        step_terms = []
-        batches = optimizer_steps(dataset.train, config, 2, epoch, augment, run)
-        for group in run.progress(batches, total=steps, desc=f"classifier {epoch + 1}/{config.classifier_epochs}"):
-            step_terms.append(accumulated_step(
-                run, model, optimizer, group, lambda x, y: classifier_objective(autoencoder, model, x, y)))
-        evaluation = evaluate_autoencoder(autoencoder, dataset.test, classifier=model,
+    return fit(run, ReconstructionClassifierTask(config, dataset, run, autoencoder, source, run_dir))
+
+
+class ReconstructionClassifierTask(Task):
+    """Stage 2: the classifier on every path's reconstruction, the autoencoder frozen."""
+
+    label = "classifier"
+
+    def __init__(self, config: DnaConfig, dataset: ImageDataset, run: TrainingRun, autoencoder: nn.Module,
+                 source: dict[str, Any], run_dir: str | Path) -> None:
+        self.config, self.dataset, self.run, self.autoencoder = config, dataset, run, autoencoder
+        self.source, self.run_dir = source, run_dir
+        self.epochs = config.classifier_epochs
+        self.augment = dataset_augment(dataset) if config.augment else None
+        self.steps = _steps_per_epoch(len(dataset.train), config, 2)
+
+    def build(self, run: TrainingRun) -> Built:
+        classifier = _maybe_sync_bn(create_model(self.config.classifier_arch), self.config)
+        optimizer = torch.optim.Adam(classifier.parameters(), lr=self.config.classifier_lr)
+        self.frozen = {k: v.clone() for k, v in self.autoencoder.state_dict().items()}
+        return Built({"autoencoder": self.autoencoder, "classifier": classifier}, optimizer, trained=("classifier",))
+
+    def start(self, models: dict[str, nn.Module], optimizer: torch.optim.Optimizer, start_epoch: int) -> None:
+        super().start(models, optimizer, start_epoch)
+        if any(not torch.equal(v, self.frozen[k]) for k, v in self.autoencoder.state_dict().items()):
+            raise DecorrError(
+                f"the classifier in {self.run_dir} was trained on another autoencoder than the one now in "
+                f"{self.source['path']} (stage 1 was changed since); delete {self.run_dir} to train the classifier again"
+            )
+        self.autoencoder.to(self.run.device).eval().requires_grad_(False)
+        if self.steps == 0:
+            raise DecorrError(f"--classifier-batch-size {self.config.classifier_batch_size} exceeds the "
+                              f"{len(self.dataset.train)} training images")
+
+    def steps_per_epoch(self) -> int:
+        return self.steps
+
+    def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        return chain.from_iterable(optimizer_steps(self.dataset.train, self.config, 2, epoch, self.augment, self.run))
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return classifier_objective(self.autoencoder, self.models["classifier"], *batch)
+
+    def end_epoch(self, epoch: int, terms: dict[str, float], seconds: float) -> dict[str, Any]:
+        config, run = self.config, self.run
+        evaluation = evaluate_autoencoder(self.autoencoder, self.dataset.test, classifier=self.models["classifier"],
                                           batch_size=config.eval_batch_size, device=run.device, shard=run.shard)
-        metrics = {**{f"train/{k}": v for k, v in mean_terms(step_terms, f"classifier epoch {epoch + 1}").items()},
-                   **{f"test/{k}": v for k, v in evaluation.items()}}
-        run.log_scalars(metrics, step=epoch + 1)
+        metrics = {**prefixed("train", terms), **prefixed("test", evaluation)}
         paths = "  ".join(f"{k[4:]} {v:.4f}" for k, v in evaluation.items() if k.startswith("acc_path"))
         run.print(f"classifier epoch {epoch + 1:3d}/{config.classifier_epochs}  ce {metrics['train/ce']:.4f}  "
                   f"acc either {evaluation['acc_either']:.4f}  {paths}  natural {evaluation['acc_natural']:.4f}")
-        run.save(epoch + 1, {"autoencoder": autoencoder, "classifier": model}, optimizer, metrics)
-    run.finish()
-    return metrics
+        return metrics
 
 
 # ------------------------------------------------------------------------------------------------
