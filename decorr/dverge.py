@@ -53,7 +53,7 @@ from decorr.attacks.losses import LossFn
 from decorr.data import ImageSplit, iterate_batches, load_dataset, num_batches, to_float
 from decorr.distributed import global_mean
 from decorr.errors import DecorrError
-from decorr.features import find_module
+from decorr.features import find_module, layer_output
 from decorr.loop import Built, Task, fit, prefixed, train_step
 from decorr.modes import eval_mode
 from decorr.models.specs import NamedModel, SpecOptions, check_input_shape, load_specs
@@ -91,34 +91,6 @@ DEFAULT_EVAL_EPS = (0.05, 0.10, 0.15)
 
 # ------------------------------------------------------------------------------------------------
 # Feature distillation
-
-
-class _StopForward(Exception):
-    """Raised by a forward hook once the wanted layer has run: the rest of the forward is skipped."""
-
-
-def layer_output(model: nn.Module, x: Tensor, layer: str) -> Tensor:
-    """The output of module ``layer`` for input ``x``, computing nothing after it.
-
-    A forward hook records the output and raises, so the layers above ``layer`` never run (about
-    half the cost of ``mnist_cnn`` at ``features.pool2``). The output keeps its autograd graph.
-    """
-    recorded: list[Tensor] = []
-
-    def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-        recorded.append(output)
-        raise _StopForward
-
-    handle = find_module(model, layer).register_forward_hook(hook)
-    try:
-        model(x)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not recorded:
-        raise DecorrError(f"module {layer!r} was not called in the forward pass; choose another --layer")
-    return recorded[0]
 
 
 def feature_matching_loss(model: nn.Module, layer: str, target_features: Tensor) -> LossFn:
