@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from decorr.batchnorm import convert_sync_batchnorm
 from decorr.checkpoint import model_entry
+from decorr.config import opt
 from decorr.data import ImageDataset, dataset_augment, iterate_batches, load_dataset, num_batches
 from decorr.distributed import global_mean
 from decorr.errors import DecorrError
@@ -71,23 +72,25 @@ class ClassifierConfig:
     """Hyperparameters of one classifier run; the defaults suit the CIFAR-size models of
     :mod:`decorr.models.cifar` on a few thousand images."""
 
-    arch: str = "resnet20"
-    dataset: str = "cifar10"
-    epochs: int = 15
-    batch_size: int = 128
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    augment: bool = True
-    sync_bn: bool = False
-    feature_layer: str | None = None
-    seed: int = 0
-    train_subset: int | None = None
-    test_subset: int | None = None
-    eval_batch_size: int = 1000
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    arch: str = opt("resnet20", "registry model name (resnet20, vgg_small, densenet_small, resnet18_small, "
+                                "mnist_cnn, ...)")
+    dataset: str = opt("cifar10", "dataset name or path to an .npz")
+    epochs: int = opt(15, "number of epochs")
+    batch_size: int = opt(128, "global batch size")
+    lr: float = opt(0.05, "(peak) learning rate")
+    optimizer: str = opt("sgd", "sgd (with momentum) or adam", choices=OPTIMIZERS)
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(5e-4, "L2 weight decay")
+    schedule: str = opt("cosine", "cosine: decay the learning rate to 0 over the run, per step", choices=SCHEDULES)
+    augment: bool = opt(True, "no training augmentation (default: the dataset's; colour images: random crop + flip)")
+    sync_bn: bool = opt(False, "with several processes: batch norm statistics of the global batch")
+    feature_layer: str | None = opt(None, "module name recorded as the feature layer (default: the model's)")
+    seed: int = opt(0, "seed of the initialisation and the batches")
+    train_subset: int | None = opt(None, "use only the first N training images")
+    test_subset: int | None = opt(None, "use only the first N test images")
+    eval_batch_size: int = opt(1000, "batch size of the evaluation after every epoch")
+    model_kwargs: dict[str, Any] = opt({}, "keyword arguments for the registry model, e.g. "
+                                           "'{\"mean\": [0], \"std\": [1]}' (raw pixels)")
 
     def __post_init__(self) -> None:
         spec = model_spec(self.arch)  # an unknown architecture is a DecorrError listing the known ones

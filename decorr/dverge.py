@@ -50,9 +50,10 @@ from torch import Tensor
 
 from decorr.attacks import ce_loss, pgd
 from decorr.attacks.losses import LossFn
+from decorr.config import opt
 from decorr.data import ImageSplit, iterate_batches, load_dataset, num_batches, to_float
 from decorr.distributed import global_mean
-from decorr.errors import DecorrError
+from decorr.errors import DecorrError, pixel_value
 from decorr.features import find_module, layer_output
 from decorr.loop import Built, Task, fit, prefixed, train_step
 from decorr.modes import eval_mode
@@ -150,32 +151,34 @@ class DvergeConfig:
     ``accuracy_subset`` the natural accuracy (None: all); ``eval_features`` adds the pairs' feature R^2.
     """
 
-    epochs: int = 10
-    batch_size: int = 1000
-    lr: float = 5e-3
-    layers: tuple[str, ...] = ()
-    eps: float = 0.15
-    steps: int = 20
-    step_size: float = 3 / 255
-    random_start: bool = False
-    momentum: float = 0.0
-    plus_adv: bool = False
-    adv_weight: float = 1.0
-    adv_eps: float | None = None
-    adv_steps: int = 10
-    adv_step_size: float | None = None
-    seed: int = 0
-    dataset: str | None = None
-    train_subset: int | None = None
-    batches_per_epoch: int | None = None
-    eval_subset: int | None = None
-    eval_eps: tuple[float, ...] = DEFAULT_EVAL_EPS
-    eval_steps: int = 40
-    eval_step_size: float = 3 / 255
-    eval_batch_size: int = 1000
-    eval_seed: int = 0
-    eval_features: bool = True
-    accuracy_subset: int | None = None
+    epochs: int = opt(10, "number of epochs")
+    batch_size: int = opt(1000, "global batch size")
+    lr: float = opt(5e-3, "Adam learning rate")
+    layers: tuple[str, ...] = opt((), "distillation layer; several: one drawn at random every epoch (default: each "
+                                      "model's feature layer)", flag="--layer", metavar="MODULE")
+    eps: float = opt(0.15, "distillation Linf radius (pixel units)", type=pixel_value)
+    steps: int = opt(20, "distillation steps")
+    step_size: float = opt(3 / 255, "distillation step (pixel units)", type=pixel_value)
+    random_start: bool = opt(False, "start the distillation at a random point of the ball")
+    momentum: float = opt(0.0, "MI momentum of the distillation")
+    plus_adv: bool = opt(False, "also train each model on its own PGD examples")
+    adv_weight: float = opt(1.0, "weight of the plus-adv cross-entropy")
+    adv_eps: float | None = opt(None, "plus-adv PGD radius (default: --eps)", type=pixel_value)
+    adv_steps: int = opt(10, "plus-adv PGD steps")
+    adv_step_size: float | None = opt(None, "plus-adv PGD step (default: --step-size)", type=pixel_value)
+    seed: int = opt(0, "seed of the batches, the layer draws and the random starts")
+    dataset: str | None = opt(None, "dataset name or .npz (default: the checkpoints' dataset)")
+    train_subset: int | None = opt(None, "train on the first N training images")
+    batches_per_epoch: int | None = opt(None, "stop every epoch after N batches of its shuffle (a shorter epoch; "
+                                              "default: all)")
+    eval_subset: int | None = opt(None, "transfer rates on the first N test images (default all)")
+    eval_eps: tuple[float, ...] = opt(DEFAULT_EVAL_EPS, "epsilons of the PGD transfer evaluation", type=pixel_value)
+    eval_steps: int = opt(40, "PGD steps of the transfer evaluation")
+    eval_step_size: float = opt(3 / 255, "PGD step of the transfer evaluation", type=pixel_value)
+    eval_batch_size: int = opt(1000, "batch size of the evaluation")
+    eval_seed: int = opt(0, "seed of the evaluation's PGD random starts")
+    eval_features: bool = opt(True, "skip the pairs' feature R^2 in the evaluation", flag="--no-features")
+    accuracy_subset: int | None = opt(None, "natural accuracy on the first N test images (default all)")
 
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from decorr.checkpoint import model_entry
+from decorr.config import opt
 from decorr.data import ImageSplit, iterate_batches, last_batch_too_small, load_dataset, num_batches
 from decorr.distributed import all_gather_with_grad, all_reduce_sum, global_mean
 from decorr.errors import DecorrError
@@ -43,29 +44,32 @@ __all__ = ["PairConfig", "PairTask", "train_pair", "pair_objective", "evaluate_m
 class PairConfig:
     """Hyperparameters of a pair run; the defaults are the paper's MNIST setting."""
 
-    arch: str = "mnist_cnn"
-    mode: str = "dec"
-    dataset: str = "mnist"
-    epochs: int = 20
-    batch_size: int = 1000
-    lr: float = 5e-3
-    lambda_corr: float = 0.05
-    target_distance: float = 1000.0
-    distance_weight: float = 1e-5
-    feature_layer: str | None = None
+    arch: str = opt("mnist_cnn", "registry model name (mnist_cnn, mnist_fc, ...)")
+    mode: str = opt("dec", "cor: independent, dec: decorrelated, param: parameter distance", choices=MODES)
+    dataset: str = opt("mnist", "dataset name or path to an .npz")
+    epochs: int = opt(20, "number of epochs")
+    batch_size: int = opt(1000, "global batch size")
+    lr: float = opt(5e-3, "Adam learning rate")
+    lambda_corr: float = opt(0.05, "weight of the correlation loss (mode dec)")
+    target_distance: float = opt(1000.0, "D of the parametric-distance pairs (mode param)")
+    distance_weight: float = opt(1e-5, "weight of the distance term (mode param)")
+    feature_layer: str | None = opt(None, "module name of the decorrelated layer (default: the model's)")
     #: The paper regresses model1's features on model0's only; "both" averages the loss over the two
     #: directions, since the one-way loss leaves model0's features explained by model1's.
-    corr_direction: str = "forward"
+    corr_direction: str = opt("forward", "regress model1 on model0 (the paper) or average both directions",
+                              choices=("forward", "both"))
     #: Epochs of cross-entropy alone before the correlation term is switched on (the paper: 0). The
     #: loss has a trivial minimum, a model whose feature layer is constant (L_corr = 0 exactly), which a
     #: freshly initialised model can fall into within the first steps and never leave; a short warm-up
     #: lets both models build features first.
-    corr_warmup_epochs: int = 0
-    seed: int = 0
-    train_subset: int | None = None
-    test_subset: int | None = None
-    eval_batch_size: int = 1000
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    corr_warmup_epochs: int = opt(0, "epochs of cross-entropy alone before the correlation loss starts (paper: 0); "
+                                     "guards against a model collapsing to constant features")
+    seed: int = opt(0, "seed of the initialisation and the batches")
+    train_subset: int | None = opt(None, "use only the first N training images")
+    test_subset: int | None = opt(None, "use only the first N test images")
+    eval_batch_size: int = opt(1000, "batch size of the evaluation after every epoch")
+    model_kwargs: dict[str, Any] = opt({}, "keyword arguments for the registry model, e.g. "
+                                           "'{\"mean\": [0], \"std\": [1]}' (raw pixels)")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from itertools import chain
@@ -39,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from decorr.batchnorm import convert_sync_batchnorm
+from decorr.config import add_config_arguments, add_run_arguments, config_kwargs, env_int, opt
 from decorr.checkpoint import build_model, load_checkpoint, model_entry, resolve_checkpoint
 from decorr.data import Augment, ImageDataset, ImageSplit, dataset_augment, iterate_batches, load_dataset
 from decorr.distributed import all_gather_with_grad
@@ -94,28 +94,30 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
 class DnaConfig:
     """Hyperparameters of a DNA / AE run. Use :meth:`paper` for the paper's setting of a family."""
 
-    family: str = "mnist"
-    model: str = "dna"
-    dataset: str = "mnist"
-    unshared: int = 2
+    family: str = opt("mnist", "mnist or cifar (set by the script)", choices=FAMILIES)
+    model: str = opt("dna", "dual-neck (dna) or plain autoencoder (ae)", choices=MODEL_KINDS)
+    dataset: str = opt("mnist", "dataset name or path to an .npz")
+    unshared: int = opt(2, "layers per path that are not shared (DNA only): 2 = the DNA, 6 = two autoencoders",
+                        choices=(2, 4, 6))
     # stage 1: the autoencoder
-    epochs: int = 40
-    batch_size: int = 500
-    lr: float = 5e-4
-    lambda_corr: float = 0.05
+    epochs: int = opt(40, "stage-1 epochs")
+    batch_size: int = opt(500, "stage-1 global batch per optimiser step (all processes and accumulation steps)")
+    lr: float = opt(5e-4, "stage-1 Adam learning rate")
+    lambda_corr: float = opt(0.05, "weight of the correlation loss")
     # stage 2: the classifier on the reconstructions
-    classifier_epochs: int = 10
-    classifier_batch_size: int = 100
-    classifier_lr: float = 1e-3
+    classifier_epochs: int = opt(10, "stage-2 epochs")
+    classifier_batch_size: int = opt(100, "stage-2 global batch of images per optimiser step")
+    classifier_lr: float = opt(1e-3, "stage-2 Adam learning rate")
     # both stages
-    augment: bool = True
-    sync_bn: bool = False
-    gradient_accumulation_steps: int = 1
-    seed: int = 0
-    train_subset: int | None = None
-    test_subset: int | None = None
-    eval_batch_size: int = 1000
-    image_samples: int = 16
+    augment: bool = opt(True, "no training augmentation (default: the dataset's, CIFAR-10: random crop pad 4 + flip)")
+    sync_bn: bool = opt(False, "batch norm statistics over the global batch of all processes (any device)")
+    gradient_accumulation_steps: int = opt(1, "split each batch into this many micro-batches (the correlation loss "
+                                              "sees one micro-batch)")
+    seed: int = opt(0, "seed of the initialisation and the batches")
+    train_subset: int | None = opt(None, "use only the first N training images")
+    test_subset: int | None = opt(None, "use only the first N test images")
+    eval_batch_size: int = opt(1000, "batch size of the evaluation after every epoch")
+    image_samples: int = opt(16, "test images whose reconstructions are logged to TensorBoard every epoch (0: none)")
 
     @classmethod
     def paper(cls, family: str, **overrides: Any) -> DnaConfig:
@@ -666,59 +668,24 @@ def resolve_dna_checkpoint(path: str | Path) -> Path:
 
 def parse_args(family: str, argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
     """The training scripts' options; defaults are the paper's setting of ``family``."""
-    defaults = asdict(DnaConfig.paper(family))
+    defaults = {**asdict(DnaConfig.paper(family)),
+                "gradient_accumulation_steps": env_int("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", 1)}
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default=None,
-                   help="where both stages' checkpoints and TensorBoard logs go (default: a new runs/<model>_<family>/<timestamp>)")
-    p.add_argument("--model", choices=MODEL_KINDS, default="dna", help="dual-neck (dna) or plain autoencoder (ae)")
     p.add_argument("--stage", choices=("1", "2", "both"), default="both",
                    help="1: autoencoder, 2: classifier on the frozen autoencoder, both: one after the other")
     p.add_argument("--from", dest="init_from", default=None,
                    help="stage-1 checkpoint whose autoencoder stage 2 uses (default: RUN_DIR/stage1)")
-    p.add_argument("--resume", action="store_true", help="continue the stages in --run-dir from their checkpoints")
-    p.add_argument("--dataset", default=defaults["dataset"], help="dataset name or path to an .npz")
-    p.add_argument("--data-root", default=None, help="folder holding the dataset files (else $DECORR_DATA_ROOT, ./data)")
-    p.add_argument("--unshared", type=int, choices=(2, 4, 6), default=2,
-                   help="layers per path that are not shared (DNA only): 2 = the DNA, 6 = two autoencoders")
-    p.add_argument("--epochs", type=int, default=defaults["epochs"], help="stage-1 epochs")
-    p.add_argument("--batch-size", type=int, default=defaults["batch_size"],
-                   help="stage-1 global batch per optimiser step (all processes and accumulation steps)")
-    p.add_argument("--lr", type=float, default=defaults["lr"], help="stage-1 Adam learning rate")
-    p.add_argument("--lambda-corr", type=float, default=defaults["lambda_corr"], help="weight of the correlation loss")
-    p.add_argument("--classifier-epochs", type=int, default=defaults["classifier_epochs"])
-    p.add_argument("--classifier-batch-size", type=int, default=defaults["classifier_batch_size"])
-    p.add_argument("--classifier-lr", type=float, default=defaults["classifier_lr"])
-    p.add_argument("--no-augment", action="store_true",
-                   help="no training augmentation (default: the dataset's, CIFAR-10: random crop pad 4 + flip)")
-    p.add_argument("--sync-bn", action="store_true",
-                   help="batch norm statistics over the global batch of all processes (any device)")
-    p.add_argument("--gradient-accumulation-steps", type=int,
-                   default=int(os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", 1)),
-                   help="split each batch into this many micro-batches (the correlation loss sees one micro-batch)")
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
-                   default=None,
-                   help="autocast the models; the correlation loss is always computed in float32 "
-                        "(default: accelerate launch's --mixed_precision, else no)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--test-subset", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--eval-batch-size", type=int, default=defaults["eval_batch_size"])
-    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    p.add_argument("--no-tensorboard", action="store_true")
+    add_config_arguments(p, DnaConfig, exclude=("family",), defaults=defaults)
+    add_run_arguments(p, run_dir_help="where both stages' checkpoints and TensorBoard logs go (default: a new "
+                                      "runs/<model>_<family>/<timestamp>)",
+                      resume_help="continue the stages in --run-dir from their checkpoints")
     return p.parse_args(argv)
 
 
 def main(family: str, argv: list[str] | None = None, description: str | None = None) -> dict[str, Any]:
     """Parse the command line, train, print the final metrics as JSON and return them."""
     args = parse_args(family, argv, description)
-    config = DnaConfig.paper(
-        family, model=args.model, dataset=args.dataset, unshared=args.unshared, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, lambda_corr=args.lambda_corr,
-        classifier_epochs=args.classifier_epochs, classifier_batch_size=args.classifier_batch_size,
-        classifier_lr=args.classifier_lr, augment=not args.no_augment, sync_bn=args.sync_bn,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, seed=args.seed,
-        train_subset=args.train_subset, test_subset=args.test_subset, eval_batch_size=args.eval_batch_size,
-    )
+    config = DnaConfig.paper(family, **config_kwargs(DnaConfig, args, exclude=("family",)))
     results = train_dna(config, args.run_dir, stage=args.stage, init_from=args.init_from, resume=args.resume,
                         data_root=args.data_root, mixed_precision=args.mixed_precision, cpu=args.cpu,
                         log=not args.no_tensorboard)
