@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import inspect
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -37,16 +36,20 @@ import torch.nn.functional as F
 
 from decorr.batchnorm import convert_sync_batchnorm
 from decorr.checkpoint import model_entry
-from decorr.data import ImageDataset, dataset_augment, iterate_batches, load_dataset, require_training_images, num_batches
+from decorr.config import opt
+from decorr.data import ImageDataset, dataset_augment, iterate_batches, load_dataset, num_batches, require_training_images
 from decorr.distributed import global_mean
 from decorr.errors import DecorrError
+from decorr.loop import Built, Task, fit, prefixed
 from decorr.models import create_model, model_spec
+from decorr.modes import eval_mode
 from decorr.pairs import evaluate_models
 from decorr.validation import check_at_least, check_finite, check_positive, check_seed, check_subset
-from decorr.training import TrainingRun, mean_terms, releases_run_lock
+from decorr.training import TrainingRun, releases_run_lock
 
 __all__ = [
     "ClassifierConfig",
+    "ClassifierTask",
     "MODEL_NAME",
     "OPTIMIZERS",
     "SCHEDULES",
@@ -69,23 +72,25 @@ class ClassifierConfig:
     """Hyperparameters of one classifier run; the defaults suit the CIFAR-size models of
     :mod:`decorr.models.cifar` on a few thousand images."""
 
-    arch: str = "resnet20"
-    dataset: str = "cifar10"
-    epochs: int = 15
-    batch_size: int = 128
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    augment: bool = True
-    sync_bn: bool = False
-    feature_layer: str | None = None
-    seed: int = 0
-    train_subset: int | None = None
-    test_subset: int | None = None
-    eval_batch_size: int = 1000
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    arch: str = opt("resnet20", "registry model name (resnet20, vgg_small, densenet_small, resnet18_small, "
+                                "mnist_cnn, ...)")
+    dataset: str = opt("cifar10", "dataset name or path to an .npz")
+    epochs: int = opt(15, "number of epochs")
+    batch_size: int = opt(128, "global batch size")
+    lr: float = opt(0.05, "(peak) learning rate")
+    optimizer: str = opt("sgd", "sgd (with momentum) or adam", choices=OPTIMIZERS)
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(5e-4, "L2 weight decay")
+    schedule: str = opt("cosine", "cosine: decay the learning rate to 0 over the run, per step", choices=SCHEDULES)
+    augment: bool = opt(True, "no training augmentation (default: the dataset's; colour images: random crop + flip)")
+    sync_bn: bool = opt(False, "with several processes: batch norm statistics of the global batch")
+    feature_layer: str | None = opt(None, "module name recorded as the feature layer (default: the model's)")
+    seed: int = opt(0, "seed of the initialisation and the batches")
+    train_subset: int | None = opt(None, "use only the first N training images")
+    test_subset: int | None = opt(None, "use only the first N test images")
+    eval_batch_size: int = opt(1000, "batch size of the evaluation after every epoch")
+    model_kwargs: dict[str, Any] = opt({}, "keyword arguments for the registry model, e.g. "
+                                           "'{\"mean\": [0], \"std\": [1]}' (raw pixels)")
 
     def __post_init__(self) -> None:
         spec = model_spec(self.arch)  # an unknown architecture is a DecorrError listing the known ones
@@ -133,10 +138,8 @@ def dataset_model_kwargs(arch: str, dataset: ImageDataset, kwargs: Mapping[str, 
 
 def check_model_fits(model: nn.Module, arch: str, dataset: ImageDataset) -> None:
     """Raise a DecorrError unless ``model`` maps the dataset's images to one logit per class."""
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = model(torch.zeros(2, *dataset.input_shape))
     except (RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -144,8 +147,6 @@ def check_model_fits(model: nn.Module, arch: str, dataset: ImageDataset) -> None
             f"model {arch!r} cannot take the {dataset.input_shape} images of {dataset.name!r} ({first}); "
             f"choose a model for this input size"
         ) from None
-    finally:
-        model.train(was_training)
     if not torch.is_tensor(out) or tuple(out.shape) != (2, dataset.num_classes):
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise DecorrError(
@@ -231,50 +232,54 @@ def train_classifier(
     }
     run = TrainingRun(None if run_dir is None else Path(run_dir), run_config, seed=config.seed, resume=resume,
                       mixed_precision=mixed_precision, cpu=cpu, log=log, default_name=config.arch)
-    model = create_model(config.arch, **kwargs)
-    check_model_fits(model, config.arch, dataset)
-    if config.sync_bn:
-        model = convert_sync_batchnorm(model)
-    optimizer = build_optimizer(model.parameters(), config)
-    start_epoch = run.restore({MODEL_NAME: model}, optimizer)
-    model, optimizer = run.prepare(model, optimizer)
-    prepared = {MODEL_NAME: model}
-    # Batch norm cannot normalise a last batch of one sample, and a small one is a noisy step: drop it.
-    augment = dataset_augment(dataset) if config.augment else None
-    total_steps = config.epochs * steps
-    metrics: dict[str, Any] = run.history[-1] if run.history else {}
-    for epoch in range(start_epoch, config.epochs):
-        started = time.perf_counter()
-        model.train()
-        batches = iterate_batches(dataset.train, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
-                                  drop_last=True, augment=augment, shard=run.shard, device=run.device)
-        step_terms = []
-        lr = config.lr
-        for index, (x, y) in enumerate(run.progress(batches, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}")):
-            lr = learning_rate(config, epoch * steps + index, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with run.accelerator.autocast():
-                loss, terms = classifier_objective(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            run.accelerator.backward(loss)
-            optimizer.step()
-            step_terms.append(terms)
-        train_seconds = time.perf_counter() - started
-        evaluation = evaluate_models(prepared, dataset.test, {MODEL_NAME: layer}, batch_size=config.eval_batch_size,
-                                     device=run.device, shard=run.shard)
-        metrics = {
-            **{f"train/{k}": v for k, v in mean_terms(step_terms, f"epoch {epoch + 1}").items()},
-            "train/lr": lr,
-            "test/acc": evaluation[f"acc_{MODEL_NAME}"],
-            "time/train_epoch_s": train_seconds,
-        }
-        run.log_scalars(metrics, step=epoch + 1)
+    return fit(run, ClassifierTask(config, dataset, kwargs, steps, run))
+
+
+class ClassifierTask(Task):
+    """One model, cross-entropy, SGD or Adam with a per-step learning rate."""
+
+    def __init__(self, config: ClassifierConfig, dataset: ImageDataset, kwargs: dict[str, Any], steps: int,
+                 run: TrainingRun) -> None:
+        self.config, self.dataset, self.kwargs, self.steps, self.run = config, dataset, kwargs, steps, run
+        self.epochs = config.epochs
+        self.augment = dataset_augment(dataset) if config.augment else None
+        self.lr = config.lr
+
+    def build(self, run: TrainingRun) -> Built:
+        model = create_model(self.config.arch, **self.kwargs)
+        check_model_fits(model, self.config.arch, self.dataset)
+        if self.config.sync_bn:
+            model = convert_sync_batchnorm(model)
+        return Built({MODEL_NAME: model}, build_optimizer(model.parameters(), self.config))
+
+    def steps_per_epoch(self) -> int:
+        return self.steps
+
+    def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        # Batch norm cannot normalise a last batch of one sample, and a small one is a noisy step: drop it.
+        self.lr = self.config.lr
+        return iterate_batches(self.dataset.train, self.config.batch_size, shuffle=True, seed=self.config.seed,
+                               epoch=epoch, drop_last=True, augment=self.augment, shard=self.run.shard,
+                               device=self.run.device)
+
+    def before_step(self, epoch: int, index: int) -> None:
+        self.lr = learning_rate(self.config, epoch * self.steps + index, self.config.epochs * self.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y = batch
+        return classifier_objective(self.models[MODEL_NAME](x), y)
+
+    def end_epoch(self, epoch: int, terms: dict[str, float], seconds: float) -> dict[str, Any]:
+        config, run = self.config, self.run
+        evaluation = evaluate_models(self.models, self.dataset.test, {MODEL_NAME: config.feature_layer},
+                                     batch_size=config.eval_batch_size, device=run.device, shard=run.shard)
+        metrics = {**prefixed("train", terms), "train/lr": self.lr, "test/acc": evaluation[f"acc_{MODEL_NAME}"],
+                   "time/train_epoch_s": seconds}
         run.print(
             f"epoch {epoch + 1:3d}/{config.epochs}  loss {metrics['train/loss']:.4f}  "
             f"train acc {metrics['train/acc']:.4f}  test acc {metrics['test/acc']:.4f}  "
-            f"lr {lr:.4g}  {train_seconds:.0f} s"
+            f"lr {self.lr:.4g}  {seconds:.0f} s"
         )
-        run.save(epoch + 1, prepared, optimizer, metrics)
-    run.finish()
-    return metrics
+        return metrics

@@ -50,19 +50,25 @@ from torch import Tensor
 
 from decorr.attacks import ce_loss, pgd
 from decorr.attacks.losses import LossFn
-from decorr.data import ImageSplit, iterate_batches, load_dataset, require_training_images, num_batches, to_float
+from decorr.config import opt
+from decorr.data import ImageSplit, iterate_batches, load_dataset, num_batches, require_training_images, to_float
 from decorr.distributed import global_mean
-from decorr.errors import DecorrError
-from decorr.features import find_module
+from decorr.errors import DecorrError, pixel_value
+from decorr.features import find_module, layer_output
+from decorr.loop import Built, Task, fit, prefixed, train_step
+from decorr.modes import eval_mode
 from decorr.models.specs import NamedModel, SpecOptions, check_input_shape, load_specs
 from decorr.validation import check_at_least, check_finite, check_positive, check_seed, check_subset
-from decorr.training import TrainingRun, default_run_dir, mean_terms, releases_run_lock, unwrap, write_json
+from decorr.training import TrainingRun, default_run_dir, releases_run_lock, unwrap, write_json
 
 __all__ = [
     "DvergeConfig",
     "TARGET_SEED_OFFSET",
     "choose_layer",
     "dverge_objective",
+    "DvergeTask",
+    "distil_batch",
+    "dverge_loss",
     "dverge_step",
     "evaluate_epoch",
     "feature_distillation",
@@ -72,7 +78,6 @@ __all__ = [
     "load_init_models",
     "stream_generator",
     "train_dverge",
-    "train_epoch",
 ]
 
 #: Added to the run's seed for the target batches' shuffle: ``SeedSequence([seed + 2**32, epoch])``
@@ -87,34 +92,6 @@ DEFAULT_EVAL_EPS = (0.05, 0.10, 0.15)
 
 # ------------------------------------------------------------------------------------------------
 # Feature distillation
-
-
-class _StopForward(Exception):
-    """Raised by a forward hook once the wanted layer has run: the rest of the forward is skipped."""
-
-
-def layer_output(model: nn.Module, x: Tensor, layer: str) -> Tensor:
-    """The output of module ``layer`` for input ``x``, computing nothing after it.
-
-    A forward hook records the output and raises, so the layers above ``layer`` never run (about
-    half the cost of ``mnist_cnn`` at ``features.pool2``). The output keeps its autograd graph.
-    """
-    recorded: list[Tensor] = []
-
-    def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-        recorded.append(output)
-        raise _StopForward
-
-    handle = find_module(model, layer).register_forward_hook(hook)
-    try:
-        model(x)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not recorded:
-        raise DecorrError(f"module {layer!r} was not called in the forward pass; choose another --layer")
-    return recorded[0]
 
 
 def feature_matching_loss(model: nn.Module, layer: str, target_features: Tensor) -> LossFn:
@@ -174,32 +151,34 @@ class DvergeConfig:
     ``accuracy_subset`` the natural accuracy (None: all); ``eval_features`` adds the pairs' feature R^2.
     """
 
-    epochs: int = 10
-    batch_size: int = 1000
-    lr: float = 5e-3
-    layers: tuple[str, ...] = ()
-    eps: float = 0.15
-    steps: int = 20
-    step_size: float = 3 / 255
-    random_start: bool = False
-    momentum: float = 0.0
-    plus_adv: bool = False
-    adv_weight: float = 1.0
-    adv_eps: float | None = None
-    adv_steps: int = 10
-    adv_step_size: float | None = None
-    seed: int = 0
-    dataset: str | None = None
-    train_subset: int | None = None
-    batches_per_epoch: int | None = None
-    eval_subset: int | None = None
-    eval_eps: tuple[float, ...] = DEFAULT_EVAL_EPS
-    eval_steps: int = 40
-    eval_step_size: float = 3 / 255
-    eval_batch_size: int = 1000
-    eval_seed: int = 0
-    eval_features: bool = True
-    accuracy_subset: int | None = None
+    epochs: int = opt(10, "number of epochs")
+    batch_size: int = opt(1000, "global batch size")
+    lr: float = opt(5e-3, "Adam learning rate")
+    layers: tuple[str, ...] = opt((), "distillation layer; several: one drawn at random every epoch (default: each "
+                                      "model's feature layer)", flag="--layer", metavar="MODULE")
+    eps: float = opt(0.15, "distillation Linf radius (pixel units)", type=pixel_value)
+    steps: int = opt(20, "distillation steps")
+    step_size: float = opt(3 / 255, "distillation step (pixel units)", type=pixel_value)
+    random_start: bool = opt(False, "start the distillation at a random point of the ball")
+    momentum: float = opt(0.0, "MI momentum of the distillation")
+    plus_adv: bool = opt(False, "also train each model on its own PGD examples")
+    adv_weight: float = opt(1.0, "weight of the plus-adv cross-entropy")
+    adv_eps: float | None = opt(None, "plus-adv PGD radius (default: --eps)", type=pixel_value)
+    adv_steps: int = opt(10, "plus-adv PGD steps")
+    adv_step_size: float | None = opt(None, "plus-adv PGD step (default: --step-size)", type=pixel_value)
+    seed: int = opt(0, "seed of the batches, the layer draws and the random starts")
+    dataset: str | None = opt(None, "dataset name or .npz (default: the checkpoints' dataset)")
+    train_subset: int | None = opt(None, "train on the first N training images")
+    batches_per_epoch: int | None = opt(None, "stop every epoch after N batches of its shuffle (a shorter epoch; "
+                                              "default: all)")
+    eval_subset: int | None = opt(None, "transfer rates on the first N test images (default all)")
+    eval_eps: tuple[float, ...] = opt(DEFAULT_EVAL_EPS, "epsilons of the PGD transfer evaluation", type=pixel_value)
+    eval_steps: int = opt(40, "PGD steps of the transfer evaluation")
+    eval_step_size: float = opt(3 / 255, "PGD step of the transfer evaluation", type=pixel_value)
+    eval_batch_size: int = opt(1000, "batch size of the evaluation")
+    eval_seed: int = opt(0, "seed of the evaluation's PGD random starts")
+    eval_features: bool = opt(True, "skip the pairs' feature R^2 in the evaluation", flag="--no-features")
+    accuracy_subset: int | None = opt(None, "natural accuracy on the first N test images (default all)")
 
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)
@@ -292,6 +271,51 @@ def dverge_objective(
     return total, terms
 
 
+def distil_batch(
+    models: Sequence[nn.Module],
+    xs: Tensor,
+    ys: Tensor,
+    xt: Tensor,
+    config: DvergeConfig,
+    layers: Sequence[str],
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[list[Tensor], list[Tensor] | None]:
+    """Every model's distilled batch (model i at ``layers[i]``) and, plus adversarial, its own PGD
+    examples; computed in eval mode (each model's mode is restored after)."""
+    plain = [unwrap(m) for m in models]
+    distilled: list[Tensor] = []
+    adversarial: list[Tensor] | None = [] if config.plus_adv else None
+    with eval_mode(*plain):
+        for i, m in enumerate(plain):
+            x_d = feature_distillation(m, xs, xt, layer=layers[i], eps=config.eps, steps=config.steps,
+                                       step_size=config.step_size, random_start=config.random_start,
+                                       momentum=config.momentum, generator=generator)
+            distilled.append(x_d)
+            if adversarial is not None:
+                adversarial.append(pgd(ce_loss(m), xs, ys, eps=config.adv_eps, steps=config.adv_steps,
+                                       step_size=config.adv_step_size, random_start=True, generator=generator))
+    return distilled, adversarial
+
+
+def dverge_loss(
+    models: Sequence[nn.Module],
+    xs: Tensor,
+    ys: Tensor,
+    xt: Tensor,
+    config: DvergeConfig,
+    layers: Sequence[str],
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Distil ``xs`` toward ``xt`` with every model, then :func:`dverge_objective` with the models in
+    train mode (the training forward)."""
+    distilled, adversarial = distil_batch(models, xs, ys, xt, config, layers, generator=generator)
+    for m in models:
+        m.train()
+    return dverge_objective(models, distilled, ys, adversarial=adversarial, adv_weight=config.adv_weight)
+
+
 def dverge_step(
     models: Sequence[nn.Module],
     optimizer: torch.optim.Optimizer,
@@ -305,52 +329,11 @@ def dverge_step(
     backward: Callable[[Tensor], None] = Tensor.backward,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> dict[str, Tensor]:
-    """Distil ``xs`` toward ``xt`` with every model (model i at ``layers[i]``), then one optimiser step
-    on :func:`dverge_objective`. Returns its loss terms (detached)."""
-    plain = [unwrap(m) for m in models]
-    for m in plain:
-        m.eval()
-    distilled: list[Tensor] = []
-    adversarial: list[Tensor] | None = [] if config.plus_adv else None
-    with autocast():
-        for i, m in enumerate(plain):
-            x_d = feature_distillation(m, xs, xt, layer=layers[i], eps=config.eps, steps=config.steps,
-                                       step_size=config.step_size, random_start=config.random_start,
-                                       momentum=config.momentum, generator=generator)
-            distilled.append(x_d)
-            if adversarial is not None:
-                adversarial.append(pgd(ce_loss(m), xs, ys, eps=config.adv_eps, steps=config.adv_steps,
-                                       step_size=config.adv_step_size, random_start=True, generator=generator))
-    for m in models:
-        m.train()
-    with autocast():
-        loss, step_terms = dverge_objective(models, distilled, ys, adversarial=adversarial,
-                                            adv_weight=config.adv_weight)
-    optimizer.zero_grad(set_to_none=True)
-    backward(loss)
-    optimizer.step()
-    return step_terms
-
-
-def train_epoch(
-    models: Sequence[nn.Module],
-    optimizer: torch.optim.Optimizer,
-    batches: Iterable[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]],
-    config: DvergeConfig,
-    layers: Sequence[str],
-    *,
-    generator: torch.Generator | None = None,
-    backward: Callable[[Tensor], None] = Tensor.backward,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
-    where: str = "",
-) -> dict[str, float]:
-    """One pass of :func:`dverge_step` over ``((xs, ys), (xt, yt))`` batches; mean of each term
-    (a non-finite one is a NonFiniteError naming the step and ``where``)."""
-    collected: list[dict[str, Tensor]] = []
-    for (xs, ys), (xt, _yt) in batches:
-        collected.append(dverge_step(models, optimizer, xs, ys, xt, config, layers, generator=generator,
-                                     backward=backward, autocast=autocast))
-    return mean_terms(collected, where)
+    """One optimiser step on :func:`dverge_loss` (:func:`decorr.loop.train_step`); returns its loss
+    terms (detached)."""
+    return train_step(optimizer, [None],
+                      lambda _: dverge_loss(models, xs, ys, xt, config, layers, generator=generator),
+                      backward=backward, autocast=autocast)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,9 +386,8 @@ def evaluate_epoch(
             scalars[f"acc/{name}"] = result["models"][name]["natural_accuracy"]
     else:
         x, y = to_float(accuracy_split.images).to(device), accuracy_split.labels.to(device)
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(*plain.values()):
             for name, m in plain.items():
-                m.eval()
                 scalars[f"acc/{name}"] = accuracy(predict(m, x, batch_size=config.eval_batch_size), y)
     return scalars, result
 
@@ -530,69 +512,93 @@ def train_dverge(
                                                                  for o in origins]}}
     run = TrainingRun(run_dir, run_config, seed=config.seed, resume=resume, mixed_precision=mixed_precision,
                       cpu=cpu, log=log)
-    optimizer = torch.optim.Adam([p for n in names for p in models[n].parameters()], lr=config.lr)
-    start_epoch = run.restore(models, optimizer) if resume else 0
-    prepared_list = run.prepare(*[models[n] for n in names], optimizer)
-    *wrapped, optimizer = prepared_list
-    prepared = dict(zip(names, wrapped))
-    archs = {n: entries[n]["arch"] for n in names}
-    feature_layers = {n: entries[n]["feature_layer"] for n in names}
-
     record: dict[str, Any] = {"format": "decorr-dverge/1", "run_dir": str(run_dir), "init": origins,
                               "dataset": dataset_name, "config": asdict(config),
                               "eval_samples": len(eval_split), "train_samples": len(train_split),
                               "accuracy_samples": len(eval_split if accuracy_split is None else accuracy_split),
                               "epochs": []}
-    if resume and json_path.exists():
-        import json
+    task = DvergeTask(config, models, entries, run, record, json_path, train_split, eval_split, accuracy_split)
+    return fit(run, task)
 
-        previous = json.loads(json_path.read_text())
-        record["epochs"] = [e for e in previous.get("epochs", []) if e["epoch"] <= start_epoch]
 
-    def evaluate(epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
-        tick = time.perf_counter()
-        scalars, result = evaluate_epoch(prepared, eval_split, config, feature_layers=feature_layers,
-                                         archs=archs, accuracy_split=accuracy_split, device=run.device)
-        scalars["time/eval_s"] = time.perf_counter() - tick
-        metrics = {**extra, **scalars}
-        run.log_scalars(metrics, step=epoch)
-        record["epochs"].append({"epoch": epoch, "metrics": metrics,
-                                 "transfer": {"by_eps": result["by_eps"], "pairs": result["pairs"],
-                                              "models": result["models"], "settings": result["settings"]}})
-        if run.is_main:
-            write_json(json_path, record)
-        rates = "  ".join(f"eps {e:g}: {metrics[f'transfer/eps{e:g}/mean']:.3f}" for e in config.eval_eps)
-        accs = " / ".join(f"{metrics[f'acc/{n}']:.4f}" for n in names)
-        run.print(f"epoch {epoch:3d}/{config.epochs}  transfer {rates}  acc {accs}")
-        return metrics
+class DvergeTask(Task):
+    """N models, one Adam, every batch distilled by each model and learnt by the others."""
 
-    if not run.history:  # a fresh run: measure the starting point and save it as epoch 0
-        metrics = evaluate(0, {})
-        run.save(0, prepared, optimizer, metrics)
-    steps_per_epoch = num_batches(len(train_split), config.batch_size)
-    if config.batches_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, config.batches_per_epoch)
-    for epoch in range(start_epoch, config.epochs):
-        layer = choose_layer(config.layers, config.seed, epoch)
-        layers = [layer or default_layers[i] for i in range(len(names))]
-        sources = iterate_batches(train_split, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
+    def __init__(self, config: DvergeConfig, models: dict[str, nn.Module], entries: Mapping[str, Mapping[str, Any]],
+                 run: TrainingRun, record: dict[str, Any], json_path: Path, train_split: ImageSplit,
+                 eval_split: ImageSplit, accuracy_split: ImageSplit | None) -> None:
+        self.config, self.plain, self.run, self.record, self.json_path = config, models, run, record, json_path
+        self.train_split, self.eval_split, self.accuracy_split = train_split, eval_split, accuracy_split
+        self.epochs = config.epochs
+        self.names = list(models)
+        self.archs = {n: entries[n]["arch"] for n in self.names}
+        self.feature_layers = {n: entries[n]["feature_layer"] for n in self.names}
+        self.default_layers = [self.feature_layers[n] for n in self.names]
+
+    def build(self, run: TrainingRun) -> Built:
+        parameters = [p for n in self.names for p in self.plain[n].parameters()]
+        return Built(dict(self.plain), torch.optim.Adam(parameters, lr=self.config.lr))
+
+    def start(self, models: dict[str, nn.Module], optimizer: torch.optim.Optimizer, start_epoch: int) -> None:
+        super().start(models, optimizer, start_epoch)
+        self.wrapped = [models[n] for n in self.names]
+        if self.run.resume and self.json_path.exists():
+            import json
+
+            previous = json.loads(self.json_path.read_text())
+            self.record["epochs"] = [e for e in previous.get("epochs", []) if e["epoch"] <= start_epoch]
+
+    def steps_per_epoch(self) -> int:
+        steps = num_batches(len(self.train_split), self.config.batch_size)
+        return steps if self.config.batches_per_epoch is None else min(steps, self.config.batches_per_epoch)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.layer = choose_layer(self.config.layers, self.config.seed, epoch)
+        self.layers = [self.layer or self.default_layers[i] for i in range(len(self.names))]
+        self.generator = stream_generator(self.config.seed, epoch, STREAM_DISTILL)
+
+    def batches(self, epoch: int) -> Iterable[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
+        config, run = self.config, self.run
+        sources = iterate_batches(self.train_split, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
                                   shard=run.shard, device=run.device)
-        targets = iterate_batches(train_split, config.batch_size, shuffle=True,
+        targets = iterate_batches(self.train_split, config.batch_size, shuffle=True,
                                   seed=config.seed + TARGET_SEED_OFFSET, epoch=epoch, shard=run.shard,
                                   device=run.device)
-        batches = run.progress(islice(zip(sources, targets), steps_per_epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}")
+        return islice(zip(sources, targets), self.steps_per_epoch())
+
+    def loss(self, batch: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, dict[str, Tensor]]:
+        (xs, ys), (xt, _yt) = batch
+        return dverge_loss(self.wrapped, xs, ys, xt, self.config, self.layers, generator=self.generator)
+
+    def evaluate(self, epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
         tick = time.perf_counter()
-        terms = train_epoch(wrapped, optimizer, batches, config, layers,
-                            generator=stream_generator(config.seed, epoch, STREAM_DISTILL),
-                            backward=run.accelerator.backward, autocast=run.accelerator.autocast,
-                            where=f"epoch {epoch + 1}")
-        train_s = time.perf_counter() - tick
-        extra = {**{f"train/{k}": v for k, v in terms.items()}, "time/train_s": train_s}
-        metrics = evaluate(epoch + 1, extra)
-        metrics["layer"] = layer if layer is not None else ",".join(sorted(set(default_layers)))
-        record["epochs"][-1]["layer"] = metrics["layer"]
-        if run.is_main:
-            write_json(json_path, record)
-        run.save(epoch + 1, prepared, optimizer, metrics)
-    run.finish()
-    return record
+        scalars, result = evaluate_epoch(self.models, self.eval_split, self.config, feature_layers=self.feature_layers,
+                                         archs=self.archs, accuracy_split=self.accuracy_split, device=self.run.device)
+        scalars["time/eval_s"] = time.perf_counter() - tick
+        metrics = {**extra, **scalars}
+        self.record["epochs"].append({"epoch": epoch, "metrics": metrics,
+                                      "transfer": {"by_eps": result["by_eps"], "pairs": result["pairs"],
+                                                   "models": result["models"], "settings": result["settings"]}})
+        rates = "  ".join(f"eps {e:g}: {metrics[f'transfer/eps{e:g}/mean']:.3f}" for e in self.config.eval_eps)
+        accs = " / ".join(f"{metrics[f'acc/{n}']:.4f}" for n in self.names)
+        self.run.print(f"epoch {epoch:3d}/{self.config.epochs}  transfer {rates}  acc {accs}")
+        return metrics
+
+    def evaluate_before(self) -> dict[str, Any]:
+        metrics = self.evaluate(0, {})
+        self._write_record()
+        return metrics
+
+    def end_epoch(self, epoch: int, terms: dict[str, float], seconds: float) -> dict[str, Any]:
+        metrics = self.evaluate(epoch + 1, {**prefixed("train", terms), "time/train_s": seconds})
+        metrics["layer"] = self.layer if self.layer is not None else ",".join(sorted(set(self.default_layers)))
+        self.record["epochs"][-1]["layer"] = metrics["layer"]
+        self._write_record()
+        return metrics
+
+    def _write_record(self) -> None:
+        if self.run.is_main:
+            write_json(self.json_path, self.record)
+
+    def result(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return self.record

@@ -13,58 +13,63 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from decorr.checkpoint import model_entry
-from decorr.data import ImageSplit, iterate_batches, last_batch_too_small, load_dataset, require_training_images, num_batches
+from decorr.config import opt
+from decorr.data import ImageSplit, iterate_batches, last_batch_too_small, load_dataset, num_batches, require_training_images
 from decorr.distributed import all_gather_with_grad, all_reduce_sum, global_mean
 from decorr.errors import DecorrError
 from decorr.features import feature_diagnostics, record_features
+from decorr.loop import Built, Task, fit, prefixed
 from decorr.loss import correlation_loss, pca_pearson, parameter_distance, r_squared
 from decorr.models import create_model, model_spec
+from decorr.modes import eval_mode
 from decorr.validation import check_at_least, check_finite, check_positive, check_seed, check_subset
-from decorr.training import TrainingRun, mean_terms, releases_run_lock, unwrap
+from decorr.training import TrainingRun, releases_run_lock, unwrap
 
 MODES = ("cor", "dec", "param")
 MODEL_NAMES = ("model0", "model1")
 
-__all__ = ["PairConfig", "train_pair", "train_epoch", "pair_objective", "evaluate_models", "feature_width", "MODES"]
+__all__ = ["PairConfig", "PairTask", "train_pair", "pair_objective", "evaluate_models", "feature_width", "MODES"]
 
 
 @dataclass
 class PairConfig:
     """Hyperparameters of a pair run; the defaults are the paper's MNIST setting."""
 
-    arch: str = "mnist_cnn"
-    mode: str = "dec"
-    dataset: str = "mnist"
-    epochs: int = 20
-    batch_size: int = 1000
-    lr: float = 5e-3
-    lambda_corr: float = 0.05
-    target_distance: float = 1000.0
-    distance_weight: float = 1e-5
-    feature_layer: str | None = None
+    arch: str = opt("mnist_cnn", "registry model name (mnist_cnn, mnist_fc, ...)")
+    mode: str = opt("dec", "cor: independent, dec: decorrelated, param: parameter distance", choices=MODES)
+    dataset: str = opt("mnist", "dataset name or path to an .npz")
+    epochs: int = opt(20, "number of epochs")
+    batch_size: int = opt(1000, "global batch size")
+    lr: float = opt(5e-3, "Adam learning rate")
+    lambda_corr: float = opt(0.05, "weight of the correlation loss (mode dec)")
+    target_distance: float = opt(1000.0, "D of the parametric-distance pairs (mode param)")
+    distance_weight: float = opt(1e-5, "weight of the distance term (mode param)")
+    feature_layer: str | None = opt(None, "module name of the decorrelated layer (default: the model's)")
     #: The paper regresses model1's features on model0's only; "both" averages the loss over the two
     #: directions, since the one-way loss leaves model0's features explained by model1's.
-    corr_direction: str = "forward"
+    corr_direction: str = opt("forward", "regress model1 on model0 (the paper) or average both directions",
+                              choices=("forward", "both"))
     #: Epochs of cross-entropy alone before the correlation term is switched on (the paper: 0). The
     #: loss has a trivial minimum, a model whose feature layer is constant (L_corr = 0 exactly), which a
     #: freshly initialised model can fall into within the first steps and never leave; a short warm-up
     #: lets both models build features first.
-    corr_warmup_epochs: int = 0
-    seed: int = 0
-    train_subset: int | None = None
-    test_subset: int | None = None
-    eval_batch_size: int = 1000
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    corr_warmup_epochs: int = opt(0, "epochs of cross-entropy alone before the correlation loss starts (paper: 0); "
+                                     "guards against a model collapsing to constant features")
+    seed: int = opt(0, "seed of the initialisation and the batches")
+    train_subset: int | None = opt(None, "use only the first N training images")
+    test_subset: int | None = opt(None, "use only the first N test images")
+    eval_batch_size: int = opt(1000, "batch size of the evaluation after every epoch")
+    model_kwargs: dict[str, Any] = opt({}, "keyword arguments for the registry model, e.g. "
+                                           "'{\"mean\": [0], \"std\": [1]}' (raw pixels)")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -116,11 +121,8 @@ def dead_features_warning(name: str, layer: str, active: float, config: PairConf
 
 def feature_width(model: nn.Module, layer: str, input_shape: tuple[int, ...]) -> int:
     """Number of features (after flattening) that ``layer`` produces for one input."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), record_features(model, layer) as feats:
+    with eval_mode(model), torch.no_grad(), record_features(model, layer) as feats:
         model(torch.zeros(1, *input_shape))
-    model.train(was_training)
     return int(feats[layer][0].numel())
 
 
@@ -176,9 +178,13 @@ def evaluate_models(
     """
     names = list(models)
     plain = {name: unwrap(models[name]) for name in names}
-    training = {name: m.training for name, m in plain.items()}
-    for m in plain.values():
-        m.eval()
+    with eval_mode(*plain.values()):
+        return _evaluate(plain, split, layers, batch_size, device, shard)
+
+
+def _evaluate(plain: dict[str, nn.Module], split: ImageSplit, layers: dict[str, str], batch_size: int,
+              device: torch.device | str, shard: tuple[int, int]) -> dict[str, Any]:
+    names = list(plain)
     correct = {name: torch.zeros((), device=device) for name in names}
     features: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     count = torch.zeros((), device=device)
@@ -207,47 +213,8 @@ def evaluate_models(
             else:
                 result[f"r2_{a}_{b}"] = math.nan
             result[f"pca_pearson_{a}_{b}"] = pca_pearson(za, zb)
-    for name, m in plain.items():
-        m.train(training[name])
     return result
 
-
-
-def train_epoch(
-    model0: nn.Module,
-    model1: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    config: PairConfig,
-    *,
-    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
-    lambda_corr: float | None = None,
-    where: str = "",
-) -> dict[str, float]:
-    """One pass over ``batches`` with the pair objective; returns the mean of each loss term.
-
-    ``lambda_corr`` overrides the config's correlation weight (see :func:`pair_objective`); ``where``
-    names the epoch in the error raised for a non-finite loss.
-    """
-    layer = config.feature_layer
-    assert layer is not None
-    model0.train()
-    model1.train()
-    step_terms: list[dict[str, torch.Tensor]] = []
-    for x, y in batches:
-        if x.dim() == 4:
-            # Channels-last convolutions are ~1.6x faster with oneDNN on CPU for these small CNNs.
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            with record_features(unwrap(model0), layer) as f0, record_features(unwrap(model1), layer) as f1:
-                logits = (model0(x), model1(x))
-            loss, terms = pair_objective(logits, (f0[layer], f1[layer]), y, config, (model0, model1), lambda_corr)
-        optimizer.zero_grad(set_to_none=True)
-        backward(loss)
-        optimizer.step()
-        step_terms.append(terms)
-    return mean_terms(step_terms, where)
 
 
 def _check_batches(config: PairConfig, dataset: Any, kwargs: dict[str, Any]) -> bool:
@@ -305,28 +272,52 @@ def train_pair(
     drop_last = _check_batches(config, dataset, kwargs)  # before any work (the run writes its directory)
     run = TrainingRun(None if run_dir is None else Path(run_dir), run_config, seed=config.seed, resume=resume,
                       mixed_precision=mixed_precision, cpu=cpu, log=log, default_name=f"{config.arch}_{config.mode}")
-    models = {n: create_model(config.arch, **kwargs).to(memory_format=torch.channels_last) for n in MODEL_NAMES}
-    optimizer = torch.optim.Adam([p for m in models.values() for p in m.parameters()], lr=config.lr)
-    start_epoch = run.restore(models, optimizer)
-    model0, model1, optimizer = run.prepare(models["model0"], models["model1"], optimizer)
-    prepared = {"model0": model0, "model1": model1}
-    layers = {n: layer for n in MODEL_NAMES}
-    steps = num_batches(len(dataset.train), config.batch_size, drop_last)
-    metrics: dict[str, Any] = run.history[-1] if run.history else {}
-    for epoch in range(start_epoch, config.epochs):
-        batches = iterate_batches(dataset.train, config.batch_size, shuffle=True, seed=config.seed,
-                                  epoch=epoch, shard=run.shard, device=run.device, drop_last=drop_last)
-        batches = run.progress(batches, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}")
-        train_terms = train_epoch(model0, model1, optimizer, batches, config,
-                                  backward=run.accelerator.backward, autocast=run.accelerator.autocast,
-                                  lambda_corr=config.lambda_at(epoch), where=f"epoch {epoch + 1}")
-        evaluation = evaluate_models(prepared, dataset.test, layers, batch_size=config.eval_batch_size,
-                                     device=run.device, shard=run.shard)
-        metrics = {**{f"train/{k}": v for k, v in train_terms.items()}, **{f"test/{k}": v for k, v in evaluation.items()}}
+    return fit(run, PairTask(config, dataset, kwargs, drop_last, run))
+
+
+class PairTask(Task):
+    """Two models, one Adam, the pair objective on the same batches (SPEC section 2)."""
+
+    def __init__(self, config: PairConfig, dataset: Any, kwargs: dict[str, Any], drop_last: bool,
+                 run: TrainingRun) -> None:
+        self.config, self.dataset, self.kwargs, self.drop_last, self.run = config, dataset, kwargs, drop_last, run
+        self.epochs = config.epochs
+        self.layer: str = config.feature_layer  # type: ignore[assignment]
+
+    def build(self, run: TrainingRun) -> Built:
+        models = {n: create_model(self.config.arch, **self.kwargs).to(memory_format=torch.channels_last)
+                  for n in MODEL_NAMES}
+        return Built(models, torch.optim.Adam([p for m in models.values() for p in m.parameters()], lr=self.config.lr))
+
+    def steps_per_epoch(self) -> int:
+        return num_batches(len(self.dataset.train), self.config.batch_size, self.drop_last)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.lambda_corr = self.config.lambda_at(epoch)
+
+    def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        return iterate_batches(self.dataset.train, self.config.batch_size, shuffle=True, seed=self.config.seed,
+                               epoch=epoch, shard=self.run.shard, device=self.run.device, drop_last=self.drop_last)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y = batch
+        if x.dim() == 4:
+            # Channels-last convolutions are ~1.6x faster with oneDNN on CPU for these small CNNs.
+            x = x.contiguous(memory_format=torch.channels_last)
+        model0, model1 = self.models["model0"], self.models["model1"]
+        layer = self.layer
+        with record_features(unwrap(model0), layer) as f0, record_features(unwrap(model1), layer) as f1:
+            logits = (model0(x), model1(x))
+        return pair_objective(logits, (f0[layer], f1[layer]), y, self.config, (model0, model1), self.lambda_corr)
+
+    def end_epoch(self, epoch: int, terms: dict[str, float], seconds: float) -> dict[str, Any]:
+        config, run = self.config, self.run
+        evaluation = evaluate_models(self.models, self.dataset.test, {n: self.layer for n in MODEL_NAMES},
+                                     batch_size=config.eval_batch_size, device=run.device, shard=run.shard)
+        metrics = {**prefixed("train", terms), **prefixed("test", evaluation)}
         if config.mode == "param" or epoch + 1 == config.epochs:
             with torch.no_grad():
-                metrics["parameter_distance"] = float(parameter_distance(unwrap(model0), unwrap(model1)))
-        run.log_scalars(metrics, step=epoch + 1)
+                metrics["parameter_distance"] = float(parameter_distance(*(unwrap(self.models[n]) for n in MODEL_NAMES)))
         run.print(
             f"epoch {epoch + 1:3d}/{config.epochs}  loss {metrics['train/loss']:.4f}  "
             f"acc {evaluation['acc_model0']:.4f} / {evaluation['acc_model1']:.4f}  "
@@ -334,7 +325,5 @@ def train_pair(
         )
         for name in MODEL_NAMES:
             if evaluation[f"active_features_{name}"] < DEAD_FEATURES_BELOW:
-                run.print(dead_features_warning(name, layer, evaluation[f"active_features_{name}"], config))
-        run.save(epoch + 1, prepared, optimizer, metrics)
-    run.finish()
-    return metrics
+                run.print(dead_features_warning(name, self.layer, evaluation[f"active_features_{name}"], config))
+        return metrics

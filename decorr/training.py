@@ -9,7 +9,6 @@ the whole batch, which the global-batch losses rely on.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -38,7 +37,6 @@ from decorr.runlock import RunLock
 __all__ = [
     "NonFiniteError",
     "TrainingRun",
-    "add_run_arguments",
     "check_finite_weights",
     "default_run_dir",
     "flat_hparams",
@@ -351,15 +349,6 @@ def changed_settings(saved: Mapping[str, Any], wanted: Mapping[str, Any],
         if key not in extendable and old.get(key) != new.get(key):
             differing.append((key, old.get(key), new.get(key)))
     return differing
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every training script shares: precision, device, resume, logging."""
-    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
-                        help="default: accelerate launch's --mixed_precision, else no")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-    parser.add_argument("--no-tensorboard", action="store_true")
 
 
 def mean_terms(values: list[dict[str, torch.Tensor]], where: str = "") -> dict[str, float]:

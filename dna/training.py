@@ -26,32 +26,36 @@ sees is then one micro-batch across all processes, and it must still exceed the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from itertools import chain
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from decorr.batchnorm import convert_sync_batchnorm
+from decorr.config import add_config_arguments, add_run_arguments, config_kwargs, env_int, opt
 from decorr.checkpoint import build_model, load_checkpoint, model_entry, resolve_checkpoint
 from decorr.data import Augment, ImageDataset, ImageSplit, dataset_augment, iterate_batches, load_dataset, require_training_images
 from decorr.distributed import all_gather_with_grad
 from decorr.errors import DecorrError
+from decorr.loop import Built, Task, fit, prefixed, train_step
 from decorr.loss import correlation_loss, r_squared
 from decorr.models import create_model, model_spec
+from decorr.modes import eval_mode
 from decorr.validation import check_at_least, check_finite, check_positive, check_seed, check_subset
-from decorr.training import TrainingRun, default_run_dir, mean_terms, releases_run_lock, unwrap
+from decorr.training import TrainingRun, default_run_dir, releases_run_lock, unwrap
 from dna.models import forward_with_latents
 from dna.objectives import autoencoder_loss_from_errors, dna_accuracy, reconstruction_errors
 
 __all__ = [
+    "AutoencoderTask",
     "DnaConfig",
+    "ReconstructionClassifierTask",
     "FAMILIES",
     "MODEL_KINDS",
     "PAPER_DEFAULTS",
@@ -90,28 +94,30 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
 class DnaConfig:
     """Hyperparameters of a DNA / AE run. Use :meth:`paper` for the paper's setting of a family."""
 
-    family: str = "mnist"
-    model: str = "dna"
-    dataset: str = "mnist"
-    unshared: int = 2
+    family: str = opt("mnist", "mnist or cifar (set by the script)", choices=FAMILIES)
+    model: str = opt("dna", "dual-neck (dna) or plain autoencoder (ae)", choices=MODEL_KINDS)
+    dataset: str = opt("mnist", "dataset name or path to an .npz")
+    unshared: int = opt(2, "layers per path that are not shared (DNA only): 2 = the DNA, 6 = two autoencoders",
+                        choices=(2, 4, 6))
     # stage 1: the autoencoder
-    epochs: int = 40
-    batch_size: int = 500
-    lr: float = 5e-4
-    lambda_corr: float = 0.05
+    epochs: int = opt(40, "stage-1 epochs")
+    batch_size: int = opt(500, "stage-1 global batch per optimiser step (all processes and accumulation steps)")
+    lr: float = opt(5e-4, "stage-1 Adam learning rate")
+    lambda_corr: float = opt(0.05, "weight of the correlation loss")
     # stage 2: the classifier on the reconstructions
-    classifier_epochs: int = 10
-    classifier_batch_size: int = 100
-    classifier_lr: float = 1e-3
+    classifier_epochs: int = opt(10, "stage-2 epochs")
+    classifier_batch_size: int = opt(100, "stage-2 global batch of images per optimiser step")
+    classifier_lr: float = opt(1e-3, "stage-2 Adam learning rate")
     # both stages
-    augment: bool = True
-    sync_bn: bool = False
-    gradient_accumulation_steps: int = 1
-    seed: int = 0
-    train_subset: int | None = None
-    test_subset: int | None = None
-    eval_batch_size: int = 1000
-    image_samples: int = 16
+    augment: bool = opt(True, "no training augmentation (default: the dataset's, CIFAR-10: random crop pad 4 + flip)")
+    sync_bn: bool = opt(False, "batch norm statistics over the global batch of all processes (any device)")
+    gradient_accumulation_steps: int = opt(1, "split each batch into this many micro-batches (the correlation loss "
+                                              "sees one micro-batch)")
+    seed: int = opt(0, "seed of the initialisation and the batches")
+    train_subset: int | None = opt(None, "use only the first N training images")
+    test_subset: int | None = opt(None, "use only the first N test images")
+    eval_batch_size: int = opt(1000, "batch size of the evaluation after every epoch")
+    image_samples: int = opt(16, "test images whose reconstructions are logged to TensorBoard every epoch (0: none)")
 
     @classmethod
     def paper(cls, family: str, **overrides: Any) -> DnaConfig:
@@ -237,10 +243,8 @@ def classifier_objective(
 def latent_width(autoencoder: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Number of features of one path's latent (64 for MNIST, 448 for CIFAR-10)."""
     model = unwrap(autoencoder)
-    was_training = model.training
-    model.eval()
-    _, latents = forward_with_latents(model, torch.zeros(1, *input_shape, device=_device_of(model)))
-    model.train(was_training)
+    with eval_mode(model):
+        _, latents = forward_with_latents(model, torch.zeros(1, *input_shape, device=_device_of(model)))
     return int(latents[0][0].numel())
 
 
@@ -266,10 +270,14 @@ def evaluate_autoencoder(
     the numbers of the whole split.
     """
     models = [unwrap(autoencoder)] + ([unwrap(classifier)] if classifier is not None else [])
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
+    with eval_mode(*models):
+        return _evaluate_autoencoder(models, split, batch_size, device, shard)
+
+
+def _evaluate_autoencoder(models: list[nn.Module], split: ImageSplit, batch_size: int, device: torch.device | str,
+                          shard: tuple[int, int]) -> dict[str, float]:
     ae = models[0]
+    classifier = models[1] if len(models) > 1 else None
     errors, labels, preds, natural = [], [], [], []
     latents: list[list[torch.Tensor]] = []
     for x, y in iterate_batches(split, batch_size, shuffle=False, shard=shard, device=device):
@@ -295,8 +303,6 @@ def evaluate_autoencoder(
         p_all = all_gather_with_grad(torch.cat(preds, dim=1).T.contiguous()).T
         result.update({f"acc_{k}": v for k, v in dna_accuracy(p_all, y_all).items()})
         result["acc_natural"] = float((all_gather_with_grad(torch.cat(natural)) == y_all).float().mean())
-    for m, mode in zip(models, modes):
-        m.train(mode)
     return result
 
 
@@ -304,10 +310,8 @@ def evaluate_autoencoder(
 def reconstruction_grid(autoencoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Images for TensorBoard: the inputs, then each path's reconstructions (one row each)."""
     model = unwrap(autoencoder)
-    was_training = model.training
-    model.eval()
-    recons = model(x)
-    model.train(was_training)
+    with eval_mode(model):
+        recons = model(x)
     return torch.cat([x, *recons]).float()
 
 
@@ -349,22 +353,12 @@ def accumulated_step(
 ) -> dict[str, torch.Tensor]:
     """One optimiser step over ``micro_batches``; returns the loss terms averaged over them.
 
-    ``run.accelerator.backward`` divides each micro-batch's loss by the number of accumulation steps,
-    and the data-parallel gradient all-reduce runs once, on the last micro-batch.
+    :func:`decorr.loop.train_step`: each micro-batch in ``accelerator.accumulate``, so
+    ``accelerator.backward`` divides its loss by the number of accumulation steps, and the
+    data-parallel gradient all-reduce and the optimiser step run once, on the last micro-batch.
     """
-    totals: dict[str, torch.Tensor] = {}
-    for i, (x, y) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else run.accelerator.no_sync(model):
-            with run.accelerator.autocast():
-                loss, terms = objective(x, y)
-            run.accelerator.backward(loss)
-        for key, value in terms.items():
-            totals[key] = totals.get(key, 0) + value.float()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {k: v / len(micro_batches) for k, v in totals.items()}
-
+    return train_step(optimizer, micro_batches, lambda batch: objective(*batch), accelerator=run.accelerator,
+                      models=[model])
 
 
 def _load_data(config: DnaConfig, data_root: str | None) -> ImageDataset:
@@ -437,39 +431,54 @@ def train_autoencoder(
     entry = model_entry(config.autoencoder_arch, config.autoencoder_kwargs)
     run = _training_run(config, run_dir, _run_config(config, 1, {"autoencoder": entry}), resume=resume,
                         mixed_precision=mixed_precision, cpu=cpu, log=log)
-    autoencoder = create_model(config.autoencoder_arch, **config.autoencoder_kwargs)
-    _check_batch(config, latent_width(autoencoder, config.input_shape), stage=1)
-    autoencoder = _maybe_sync_bn(autoencoder, config)
-    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=config.lr)
-    start_epoch = run.restore({"autoencoder": autoencoder}, optimizer)
-    model, optimizer = run.prepare(autoencoder, optimizer)
-    augment = dataset_augment(dataset) if config.augment else None
-    steps = _steps_per_epoch(len(dataset.train), config, 1)
-    if steps == 0:
-        raise DecorrError(f"--batch-size {config.batch_size} exceeds the {len(dataset.train)} training images")
-    grid_images = _grid_images(dataset, config, run)
-    metrics: dict[str, Any] = run.history[-1] if run.history else {}
-    for epoch in range(start_epoch, config.epochs):
-        model.train()
-        step_terms = []
-        batches = optimizer_steps(dataset.train, config, 1, epoch, augment, run)
-        for group in run.progress(batches, total=steps, desc=f"autoencoder {epoch + 1}/{config.epochs}"):
-            step_terms.append(accumulated_step(
-                run, model, optimizer, group, lambda x, y: autoencoder_objective(model, x, config.lambda_corr)))
-        evaluation = evaluate_autoencoder(model, dataset.test, batch_size=config.eval_batch_size,
+    return fit(run, AutoencoderTask(config, dataset, run))
+
+
+class AutoencoderTask(Task):
+    """Stage 1: the autoencoder alone (reconstruction errors + correlation of the latents)."""
+
+    label = "autoencoder"
+
+    def __init__(self, config: DnaConfig, dataset: ImageDataset, run: TrainingRun) -> None:
+        self.config, self.dataset, self.run = config, dataset, run
+        self.epochs = config.epochs
+        self.augment = dataset_augment(dataset) if config.augment else None
+        self.steps = _steps_per_epoch(len(dataset.train), config, 1)
+
+    def build(self, run: TrainingRun) -> Built:
+        config = self.config
+        autoencoder = create_model(config.autoencoder_arch, **config.autoencoder_kwargs)
+        _check_batch(config, latent_width(autoencoder, config.input_shape), stage=1)
+        autoencoder = _maybe_sync_bn(autoencoder, config)
+        if self.steps == 0:
+            raise DecorrError(f"--batch-size {config.batch_size} exceeds the {len(self.dataset.train)} training images")
+        return Built({"autoencoder": autoencoder}, torch.optim.Adam(autoencoder.parameters(), lr=config.lr))
+
+    def start(self, models: dict[str, nn.Module], optimizer: torch.optim.Optimizer, start_epoch: int) -> None:
+        super().start(models, optimizer, start_epoch)
+        self.grid_images = _grid_images(self.dataset, self.config, self.run)
+
+    def steps_per_epoch(self) -> int:
+        return self.steps
+
+    def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        return chain.from_iterable(optimizer_steps(self.dataset.train, self.config, 1, epoch, self.augment, self.run))
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return autoencoder_objective(self.models["autoencoder"], batch[0], self.config.lambda_corr)
+
+    def end_epoch(self, epoch: int, terms: dict[str, float], seconds: float) -> dict[str, Any]:
+        config, run, model = self.config, self.run, self.models["autoencoder"]
+        evaluation = evaluate_autoencoder(model, self.dataset.test, batch_size=config.eval_batch_size,
                                           device=run.device, shard=run.shard)
-        metrics = {**{f"train/{k}": v for k, v in mean_terms(step_terms, f"autoencoder epoch {epoch + 1}").items()},
-                   **{f"test/{k}": v for k, v in evaluation.items()}}
-        run.log_scalars(metrics, step=epoch + 1)
-        if grid_images is not None:
-            run.log_images("reconstructions/input_then_paths", reconstruction_grid(model, grid_images), epoch + 1)
+        metrics = {**prefixed("train", terms), **prefixed("test", evaluation)}
+        if self.grid_images is not None:
+            run.log_images("reconstructions/input_then_paths", reconstruction_grid(model, self.grid_images), epoch + 1)
         r2 = f"  bottleneck R^2 {evaluation['bottleneck_r2']:.3f}" if "bottleneck_r2" in evaluation else ""
         corr = f"  corr {metrics['train/corr']:.3f}" if "train/corr" in metrics else ""
         run.print(f"autoencoder epoch {epoch + 1:3d}/{config.epochs}  loss {metrics['train/loss']:.5f}{corr}  "
                   f"test MSE {evaluation['mse']:.5f}{r2}")
-        run.save(epoch + 1, {"autoencoder": model}, optimizer, metrics)
-    run.finish()
-    return metrics
+        return metrics
 
 
 def _grid_images(dataset: ImageDataset, config: DnaConfig, run: TrainingRun) -> torch.Tensor | None:
@@ -524,41 +533,58 @@ def train_classifier(
                "classifier": model_entry(config.classifier_arch)}
     run = _training_run(config, run_dir, _run_config(config, 2, entries, autoencoder_from=source), resume=resume,
                         mixed_precision=mixed_precision, cpu=cpu, log=log)
-    classifier = _maybe_sync_bn(create_model(config.classifier_arch), config)
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=config.classifier_lr)
-    frozen = {k: v.clone() for k, v in autoencoder.state_dict().items()}
-    start_epoch = run.restore({"autoencoder": autoencoder, "classifier": classifier}, optimizer)
-    if any(not torch.equal(v, frozen[k]) for k, v in autoencoder.state_dict().items()):
-        raise DecorrError(
-            f"the classifier in {run_dir} was trained on another autoencoder than the one now in {source['path']} "
-            f"(stage 1 was changed since); delete {run_dir} to train the classifier again"
-        )
-    autoencoder = autoencoder.to(run.device).eval().requires_grad_(False)
-    model, optimizer = run.prepare(classifier, optimizer)
-    augment = dataset_augment(dataset) if config.augment else None
-    steps = _steps_per_epoch(len(dataset.train), config, 2)
-    if steps == 0:
-        raise DecorrError(f"--classifier-batch-size {config.classifier_batch_size} exceeds the "
-                          f"{len(dataset.train)} training images")
-    metrics: dict[str, Any] = run.history[-1] if run.history else {}
-    for epoch in range(start_epoch, config.classifier_epochs):
-        model.train()
-        step_terms = []
-        batches = optimizer_steps(dataset.train, config, 2, epoch, augment, run)
-        for group in run.progress(batches, total=steps, desc=f"classifier {epoch + 1}/{config.classifier_epochs}"):
-            step_terms.append(accumulated_step(
-                run, model, optimizer, group, lambda x, y: classifier_objective(autoencoder, model, x, y)))
-        evaluation = evaluate_autoencoder(autoencoder, dataset.test, classifier=model,
+    return fit(run, ReconstructionClassifierTask(config, dataset, run, autoencoder, source, run_dir))
+
+
+class ReconstructionClassifierTask(Task):
+    """Stage 2: the classifier on every path's reconstruction, the autoencoder frozen."""
+
+    label = "classifier"
+
+    def __init__(self, config: DnaConfig, dataset: ImageDataset, run: TrainingRun, autoencoder: nn.Module,
+                 source: dict[str, Any], run_dir: str | Path) -> None:
+        self.config, self.dataset, self.run, self.autoencoder = config, dataset, run, autoencoder
+        self.source, self.run_dir = source, run_dir
+        self.epochs = config.classifier_epochs
+        self.augment = dataset_augment(dataset) if config.augment else None
+        self.steps = _steps_per_epoch(len(dataset.train), config, 2)
+
+    def build(self, run: TrainingRun) -> Built:
+        classifier = _maybe_sync_bn(create_model(self.config.classifier_arch), self.config)
+        optimizer = torch.optim.Adam(classifier.parameters(), lr=self.config.classifier_lr)
+        self.frozen = {k: v.clone() for k, v in self.autoencoder.state_dict().items()}
+        return Built({"autoencoder": self.autoencoder, "classifier": classifier}, optimizer, trained=("classifier",))
+
+    def start(self, models: dict[str, nn.Module], optimizer: torch.optim.Optimizer, start_epoch: int) -> None:
+        super().start(models, optimizer, start_epoch)
+        if any(not torch.equal(v, self.frozen[k]) for k, v in self.autoencoder.state_dict().items()):
+            raise DecorrError(
+                f"the classifier in {self.run_dir} was trained on another autoencoder than the one now in "
+                f"{self.source['path']} (stage 1 was changed since); delete {self.run_dir} to train the classifier again"
+            )
+        self.autoencoder.to(self.run.device).eval().requires_grad_(False)
+        if self.steps == 0:
+            raise DecorrError(f"--classifier-batch-size {self.config.classifier_batch_size} exceeds the "
+                              f"{len(self.dataset.train)} training images")
+
+    def steps_per_epoch(self) -> int:
+        return self.steps
+
+    def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        return chain.from_iterable(optimizer_steps(self.dataset.train, self.config, 2, epoch, self.augment, self.run))
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return classifier_objective(self.autoencoder, self.models["classifier"], *batch)
+
+    def end_epoch(self, epoch: int, terms: dict[str, float], seconds: float) -> dict[str, Any]:
+        config, run = self.config, self.run
+        evaluation = evaluate_autoencoder(self.autoencoder, self.dataset.test, classifier=self.models["classifier"],
                                           batch_size=config.eval_batch_size, device=run.device, shard=run.shard)
-        metrics = {**{f"train/{k}": v for k, v in mean_terms(step_terms, f"classifier epoch {epoch + 1}").items()},
-                   **{f"test/{k}": v for k, v in evaluation.items()}}
-        run.log_scalars(metrics, step=epoch + 1)
+        metrics = {**prefixed("train", terms), **prefixed("test", evaluation)}
         paths = "  ".join(f"{k[4:]} {v:.4f}" for k, v in evaluation.items() if k.startswith("acc_path"))
         run.print(f"classifier epoch {epoch + 1:3d}/{config.classifier_epochs}  ce {metrics['train/ce']:.4f}  "
                   f"acc either {evaluation['acc_either']:.4f}  {paths}  natural {evaluation['acc_natural']:.4f}")
-        run.save(epoch + 1, {"autoencoder": autoencoder, "classifier": model}, optimizer, metrics)
-    run.finish()
-    return metrics
+        return metrics
 
 
 # ------------------------------------------------------------------------------------------------
@@ -643,59 +669,24 @@ def resolve_dna_checkpoint(path: str | Path) -> Path:
 
 def parse_args(family: str, argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
     """The training scripts' options; defaults are the paper's setting of ``family``."""
-    defaults = asdict(DnaConfig.paper(family))
+    defaults = {**asdict(DnaConfig.paper(family)),
+                "gradient_accumulation_steps": env_int("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", 1)}
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default=None,
-                   help="where both stages' checkpoints and TensorBoard logs go (default: a new runs/<model>_<family>/<timestamp>)")
-    p.add_argument("--model", choices=MODEL_KINDS, default="dna", help="dual-neck (dna) or plain autoencoder (ae)")
     p.add_argument("--stage", choices=("1", "2", "both"), default="both",
                    help="1: autoencoder, 2: classifier on the frozen autoencoder, both: one after the other")
     p.add_argument("--from", dest="init_from", default=None,
                    help="stage-1 checkpoint whose autoencoder stage 2 uses (default: RUN_DIR/stage1)")
-    p.add_argument("--resume", action="store_true", help="continue the stages in --run-dir from their checkpoints")
-    p.add_argument("--dataset", default=defaults["dataset"], help="dataset name or path to an .npz")
-    p.add_argument("--data-root", default=None, help="folder holding the dataset files (else $DECORR_DATA_ROOT, ./data)")
-    p.add_argument("--unshared", type=int, choices=(2, 4, 6), default=2,
-                   help="layers per path that are not shared (DNA only): 2 = the DNA, 6 = two autoencoders")
-    p.add_argument("--epochs", type=int, default=defaults["epochs"], help="stage-1 epochs")
-    p.add_argument("--batch-size", type=int, default=defaults["batch_size"],
-                   help="stage-1 global batch per optimiser step (all processes and accumulation steps)")
-    p.add_argument("--lr", type=float, default=defaults["lr"], help="stage-1 Adam learning rate")
-    p.add_argument("--lambda-corr", type=float, default=defaults["lambda_corr"], help="weight of the correlation loss")
-    p.add_argument("--classifier-epochs", type=int, default=defaults["classifier_epochs"])
-    p.add_argument("--classifier-batch-size", type=int, default=defaults["classifier_batch_size"])
-    p.add_argument("--classifier-lr", type=float, default=defaults["classifier_lr"])
-    p.add_argument("--no-augment", action="store_true",
-                   help="no training augmentation (default: the dataset's, CIFAR-10: random crop pad 4 + flip)")
-    p.add_argument("--sync-bn", action="store_true",
-                   help="batch norm statistics over the global batch of all processes (any device)")
-    p.add_argument("--gradient-accumulation-steps", type=int,
-                   default=int(os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", 1)),
-                   help="split each batch into this many micro-batches (the correlation loss sees one micro-batch)")
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
-                   default=None,
-                   help="autocast the models; the correlation loss is always computed in float32 "
-                        "(default: accelerate launch's --mixed_precision, else no)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--test-subset", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--eval-batch-size", type=int, default=defaults["eval_batch_size"])
-    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    p.add_argument("--no-tensorboard", action="store_true")
+    add_config_arguments(p, DnaConfig, exclude=("family",), defaults=defaults)
+    add_run_arguments(p, run_dir_help="where both stages' checkpoints and TensorBoard logs go (default: a new "
+                                      "runs/<model>_<family>/<timestamp>)",
+                      resume_help="continue the stages in --run-dir from their checkpoints")
     return p.parse_args(argv)
 
 
 def main(family: str, argv: list[str] | None = None, description: str | None = None) -> dict[str, Any]:
     """Parse the command line, train, print the final metrics as JSON and return them."""
     args = parse_args(family, argv, description)
-    config = DnaConfig.paper(
-        family, model=args.model, dataset=args.dataset, unshared=args.unshared, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, lambda_corr=args.lambda_corr,
-        classifier_epochs=args.classifier_epochs, classifier_batch_size=args.classifier_batch_size,
-        classifier_lr=args.classifier_lr, augment=not args.no_augment, sync_bn=args.sync_bn,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, seed=args.seed,
-        train_subset=args.train_subset, test_subset=args.test_subset, eval_batch_size=args.eval_batch_size,
-    )
+    config = DnaConfig.paper(family, **config_kwargs(DnaConfig, args, exclude=("family",)))
     results = train_dna(config, args.run_dir, stage=args.stage, init_from=args.init_from, resume=args.resume,
                         data_root=args.data_root, mixed_precision=args.mixed_precision, cpu=args.cpu,
                         log=not args.no_tensorboard)

@@ -7,6 +7,7 @@ model sets on itself, so that any torchvision or user model can be registered th
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -52,24 +53,48 @@ def register_model(
     return decorator
 
 
-def _ensure_builtin_models() -> None:
-    # Importing the model modules registers them; dna registers its autoencoders too.
-    import decorr.models.mnist  # noqa: F401
-    import decorr.models.cifar  # noqa: F401
+#: Modules that register models when they are imported, by the name prefix of their models ("" for
+#: any name). The registry owns this table as strings and imports a module only when a name it does
+#: not know is asked for (or every model is listed): it imports no model module at load time, so the
+#: imports point downward (``dna.models`` imports the registry, never the other way round).
+PROVIDERS: list[tuple[str, str]] = [
+    ("", "decorr.models.mnist"),
+    ("", "decorr.models.cifar"),
+    ("dna_", "dna.models"),
+    ("ae_", "dna.models"),
+]
+_loaded: set[str] = set()
 
-    try:
-        import dna.models  # noqa: F401
-    except ImportError:  # pragma: no cover - dna is part of the same distribution
-        pass
+
+def register_provider(prefix: str, module: str) -> None:
+    """Declare that importing ``module`` registers the models whose names start with ``prefix``."""
+    if (prefix, module) not in PROVIDERS:
+        PROVIDERS.append((prefix, module))
+
+
+def _load_providers(name: str | None = None) -> None:
+    """Import the provider modules of ``name`` (None: all of them) that are not imported yet."""
+    for prefix, module in PROVIDERS:
+        if module in _loaded or (name is not None and not name.startswith(prefix)):
+            continue
+        _loaded.add(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as err:  # e.g. an optional provider that is not installed
+            if err.name is None or not module.startswith(err.name):
+                raise
 
 
 def list_models() -> list[str]:
-    _ensure_builtin_models()
+    _load_providers()
     return sorted(_REGISTRY)
 
 
 def model_spec(name: str) -> ModelSpec:
-    _ensure_builtin_models()
+    if name not in _REGISTRY:
+        _load_providers(name)
+    if name not in _REGISTRY:
+        _load_providers()
     try:
         return _REGISTRY[name]
     except KeyError:
