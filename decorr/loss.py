@@ -23,7 +23,7 @@ each member once and reusing its orthonormal basis for every pair in which it is
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -67,37 +67,67 @@ def _centre(z: torch.Tensor) -> torch.Tensor:
     return z - z.mean(dim=0, keepdim=True)
 
 
-def _kept_qr(x_centred: torch.Tensor, z1: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class _Kept(NamedTuple):
+    """The QR of the kept regressor columns (see :func:`_kept_qr`); ``k`` and ``all_kept`` live on the host."""
+
+    a: torch.Tensor
+    tau: torch.Tensor
+    keep: torch.Tensor
+    columns: torch.Tensor
+    k: int
+    all_kept: bool
+
+
+def _kept_qr_host(x_centred: torch.Tensor, z1: torch.Tensor, eta: float,
+                  finite: torch.Tensor | None = None) -> _Kept:
     """Householder QR of the centred regressors with dependent columns dropped.
 
-    Returns (a, tau, keep): LAPACK's compact form of the QR of ``x_centred[:, keep]``. A column is kept
-    when its |R_jj| exceeds ``eta`` times the largest one. Centring first is the same as factorising
-    [1, Z1] with the intercept first, so constant columns are dropped as dependent on the intercept.
-    Exactly constant columns (dead ReLU units are common) are dropped before factorising: they would
-    get R_jj = 0 anyway, and this usually saves a second factorisation.
+    LAPACK's compact form ``(a, tau)`` of the QR of ``x_centred[:, columns]``. A column is kept when its
+    |R_jj| exceeds ``eta`` times the largest one. Centring first is the same as factorising [1, Z1] with
+    the intercept first, so constant columns are dropped as dependent on the intercept. Exactly constant
+    columns (dead ReLU units are common) are dropped before factorising: they would get R_jj = 0 anyway,
+    and this usually saves a second factorisation. The column choice needs two reads from the device
+    (which columns vary, then which pivots are kept); ``finite`` (a flag tensor from the caller) rides
+    along with the first, so the whole loss synchronises twice on a GPU and its backward not at all.
     """
-    varying = (z1.amax(dim=0) > z1.amin(dim=0)).nonzero().squeeze(1)
+    mask = z1.amax(dim=0) > z1.amin(dim=0)
+    flags = (torch.cat([mask, finite.reshape(1)]) if finite is not None else mask).tolist()  # read 1
+    if finite is not None:
+        if not flags.pop():
+            _raise_non_finite()
+    device, width = x_centred.device, x_centred.shape[1]
+    varying_list = [j for j, varies in enumerate(flags) if varies]
+    varying = torch.tensor(varying_list, dtype=torch.long, device=device)
     a, tau = torch.geqrf(x_centred[:, varying])
     diag = a.diagonal().abs()
     largest = diag.max() if diag.numel() else diag.new_zeros(())
-    kept_varying = diag > eta * largest
-    columns = varying[kept_varying]
-    if not bool(kept_varying.all()):
+    kept_list = (diag > eta * largest).tolist()  # read 2
+    columns_list = [j for j, kept in zip(varying_list, kept_list) if kept]
+    columns = torch.tensor(columns_list, dtype=torch.long, device=device)
+    if not all(kept_list):
         a, tau = torch.geqrf(x_centred[:, columns])
-    keep = torch.zeros(x_centred.shape[1], dtype=torch.bool, device=x_centred.device)
+    keep = torch.zeros(width, dtype=torch.bool, device=device)
     keep[columns] = True
-    return a, tau, keep
+    k = len(columns_list)
+    return _Kept(a, tau, keep, columns, k, k == width)
+
+
+def _kept_qr(x_centred: torch.Tensor, z1: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, tau, keep) of :func:`_kept_qr_host`, ``keep`` the boolean mask of the kept columns."""
+    kept = _kept_qr_host(x_centred, z1, eta)
+    return kept.a, kept.tau, kept.keep
 
 
 class _CorrelationLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z1: torch.Tensor, z2: torch.Tensor, eta: float, eps: float, relative: bool = False) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, z1: torch.Tensor, z2: torch.Tensor, eta: float, eps: float, relative: bool = False,  # type: ignore[override]
+                finite: torch.Tensor | None = None) -> torch.Tensor:
         n, m2 = z2.shape
         x = _centre(z1)
         y = _centre(z2)
         ss_tot = y.square().sum()
-        a, tau, keep = _kept_qr(x, z1, eta)
-        k = int(keep.sum())
+        kept = _kept_qr_host(x, z1, eta, finite)
+        a, tau, k = kept.a, kept.tau, kept.k
         if k == 0:
             residual = y
             coefficients = y.new_zeros((0, m2))
@@ -106,11 +136,11 @@ class _CorrelationLoss(torch.autograd.Function):
             qty = torch.ormqr(a, tau, y, left=True, transpose=True)
             r_factor = a[:k].triu()
             coefficients = torch.linalg.solve_triangular(r_factor, qty[:k], upper=True)
-            kept = x if k == x.shape[1] else x[:, keep]
-            residual = torch.addmm(y, kept, coefficients, alpha=-1)
+            regressors = x if kept.all_kept else x.index_select(1, kept.columns)
+            residual = torch.addmm(y, regressors, coefficients, alpha=-1)
         ss_res = residual.square().sum()
-        ctx.save_for_backward(y, residual, coefficients, keep, ss_tot, ss_res)
-        ctx.eps, ctx.relative = eps, relative
+        ctx.save_for_backward(y, residual, coefficients, kept.columns, ss_tot, ss_res)
+        ctx.eps, ctx.relative, ctx.all_kept, ctx.width = eps, relative, kept.all_kept, x.shape[1]
         if relative:
             offset = _relative_offset(ss_tot, eps)
             return torch.log(ss_tot + offset) - torch.log(ss_res + offset)
@@ -118,7 +148,7 @@ class _CorrelationLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        y, residual, coefficients, keep, ss_tot, ss_res = ctx.saved_tensors
+        y, residual, coefficients, columns, ss_tot, ss_res = ctx.saved_tensors
         eps = ctx.eps
         grad_z1 = grad_z2 = None
         if ctx.relative:
@@ -129,13 +159,13 @@ class _CorrelationLoss(torch.autograd.Function):
             grad_z2 = (y * scale_tot - residual * scale_res) * grad_out
         if ctx.needs_input_grad[0]:
             # The residual has zero column means, so centring z1 does not change this gradient.
-            if bool(keep.all()):
+            if ctx.all_kept:
                 grad_z1 = (residual @ coefficients.T) * (scale_res * grad_out)
             else:
-                grad_z1 = residual.new_zeros((residual.shape[0], keep.shape[0]))
+                grad_z1 = residual.new_zeros((residual.shape[0], ctx.width))
                 if coefficients.shape[0]:
-                    grad_z1[:, keep] = (residual @ coefficients.T) * (scale_res * grad_out)
-        return grad_z1, grad_z2, None, None, None
+                    grad_z1.index_copy_(1, columns, (residual @ coefficients.T) * (scale_res * grad_out))
+        return grad_z1, grad_z2, None, None, None, None
 
 
 def _relative_offset(ss_tot: torch.Tensor, eps: float) -> torch.Tensor:
@@ -156,29 +186,41 @@ def _relative_scales(ss_tot: torch.Tensor, ss_res: torch.Tensor, eps: float) -> 
     return scale_tot, 2.0 / denominator
 
 
-def _prepare_features(zs: list[torch.Tensor], names: list[str], gather: bool | None) -> list[torch.Tensor]:
-    """Gather (under torch.distributed), flatten and upcast feature sets; refuse empty or non-finite ones."""
+def _prepare_features(zs: list[torch.Tensor], names: list[str], gather: bool | None,
+                      check_finite: bool = True) -> list[torch.Tensor]:
+    """Gather (under torch.distributed), flatten and upcast feature sets; refuse empty ones and, with
+    ``check_finite`` (one host read), non-finite ones; the correlation loss merges that read with its own."""
     for name, z in zip(names[1:], zs[1:]):
         if z.shape[0] != zs[0].shape[0]:
             raise DecorrError(f"{names[0]} and {name} must have the same batch size, got {zs[0].shape[0]} and {z.shape[0]}")
     if gather is None:
         gather = is_distributed()
-    if gather:
-        zs = [all_gather_with_grad(z) for z in zs]
     zs = [_flatten_float(z) for z in zs]
     if any(z.dtype != zs[0].dtype for z in zs):
         zs = [z.double() for z in zs]
+    if gather:
+        # One gather for all feature sets (each gather reads the shard lengths back to the host once).
+        widths = [z.shape[1] for z in zs]
+        zs = list(torch.split(all_gather_with_grad(torch.cat(zs, dim=1)), widths, dim=1))
     for name, z in zip(names, zs):
         if z.shape[1] == 0:
             raise DecorrError(f"{name} has no features (shape {tuple(z.shape)}); pick a feature layer that outputs values")
-    # One host read for all: NaN columns would otherwise be dropped as if constant, silently.
+    if check_finite and not bool(_all_finite(zs)):
+        _raise_non_finite()
+    return zs
+
+
+def _all_finite(zs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A device flag: every value finite (NaN columns would otherwise be dropped as if constant, silently)."""
     finite = torch.isfinite(zs[0]).all()
     for z in zs[1:]:
         finite = finite & torch.isfinite(z).all()
-    if not bool(finite):
-        raise DecorrError("the features hold NaN or inf (a diverged model or bad inputs); the correlation loss "
-                          "and R^2 are undefined: check the inputs and the model's weights")
-    return zs
+    return finite
+
+
+def _raise_non_finite() -> None:
+    raise DecorrError("the features hold NaN or inf (a diverged model or bad inputs); the correlation loss "
+                      "and R^2 are undefined: check the inputs and the model's weights")
 
 
 def _prepare(z1: torch.Tensor, z2: torch.Tensor, gather: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,12 +264,10 @@ def correlation_loss(
     most log(1 + 1/eps) = 6.9 for eps = 1e-3); a constant z2 scores 0. The gradient is exact in both.
     """
     _check_constants(eta, eps, eps_mode)
-    z1, z2 = _prepare(z1, z2, gather)
+    z1, z2 = _prepare_features([z1, z2], ["z1", "z2"], gather, check_finite=False)
     _check_batch(z1.shape[0], z1.shape[1])
     with torch.autocast(device_type=z1.device.type, enabled=False):
-        if eps_mode == "relative":
-            return _CorrelationLoss.apply(z1, z2, eta, eps, True)
-        return _CorrelationLoss.apply(z1, z2, eta, eps)
+        return _CorrelationLoss.apply(z1, z2, eta, eps, eps_mode == "relative", _all_finite([z1, z2]))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -69,3 +69,18 @@ def test_local_batch_norm_does_not_match(two_processes, one_process):
     with pytest.raises(AssertionError):
         _compare(reference, local)
     assert not torch.allclose(local["loss"], reference["loss"], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_process_sync_bn_dna_step_reads_the_host_at_most_four_times(tmp_path):
+    """Each host read is a device synchronisation on a GPU (tests/dist_host_reads.py counts them)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "dist_host_reads.py"), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    import json
+
+    for rank in (0, 1):
+        counts = json.loads((tmp_path / f"reads_rank{rank}.json").read_text())
+        assert sum(counts.values()) <= 4, counts
