@@ -83,7 +83,8 @@ class ClassifierConfig:
     weight_decay: float = opt(5e-4, "L2 weight decay")
     schedule: str = opt("cosine", "cosine: decay the learning rate to 0 over the run, per step", choices=SCHEDULES)
     augment: bool = opt(True, "no training augmentation (default: the dataset's; colour images: random crop + flip)")
-    sync_bn: bool = opt(False, "with several processes: batch norm statistics of the global batch")
+    sync_bn: bool = opt(True, "batch norm over each process's shard only (default: over the global batch of all "
+                              "processes; one process: plain batch norm)")
     feature_layer: str | None = opt(None, "module name recorded as the feature layer (default: the model's)")
     seed: int = opt(0, "seed of the initialisation and the batches")
     train_subset: int | None = opt(None, "use only the first N training images")
@@ -232,7 +233,7 @@ def train_classifier(
     }
     run = TrainingRun(None if run_dir is None else Path(run_dir), run_config, seed=config.seed, resume=resume,
                       mixed_precision=mixed_precision, cpu=cpu, log=log, default_name=config.arch)
-    return fit(run, ClassifierTask(config, dataset, kwargs, steps, run))
+    return fit(run, ClassifierTask(config, run.place(dataset), kwargs, steps, run))
 
 
 class ClassifierTask(Task):

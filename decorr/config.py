@@ -142,6 +142,16 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, run_dir_help: str | No
                         help="autocast the models (default: accelerate launch's --mixed_precision, else no)")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     parser.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard logs")
+    parser.add_argument("--deterministic", action=_Deterministic, nargs=0,
+                        help="torch.use_deterministic_algorithms and no cuDNN autotuning (slower; see docs/design.md)")
+
+
+class _Deterministic(argparse.Action):
+    """``--deterministic`` sets ``$DECORR_DETERMINISTIC``, which every TrainingRun of the process reads."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        os.environ["DECORR_DETERMINISTIC"] = "1"
+        setattr(namespace, self.dest, True)
 
 
 def env_int(name: str, default: int) -> int:

@@ -4,7 +4,7 @@ A task says *what* a method trains (its models and optimiser, the batches of an 
 one batch, the evaluation after an epoch); the loop does the rest, the same way for every method::
 
     built = task.build(run)                          # plain models + optimiser, after set_seed
-    start = run.restore(built.models, built.optimizer)
+    start = run.restore(built.models); run.restore_optimizer(optimizer) after prepare
     models, optimizer = run.prepare(...)             # the trained models and the optimiser
     task.start(models, optimizer, start)
     [task.evaluate_before()  -> run.save(0, ...)]    # DVERGE measures its starting point
@@ -162,9 +162,10 @@ def fit(run: TrainingRun, task: Task) -> Any:
     """Train ``task`` in ``run`` from its start (or its checkpoint, when resuming) to ``task.epochs``,
     checkpointing after every epoch; finish the run and return ``task.result(last metrics)``."""
     built = task.build(run)
-    start_epoch = run.restore(built.models, built.optimizer)
+    start_epoch = run.restore(built.models)
     names = list(built.trained if built.trained is not None else built.models)
     *wrapped, optimizer = run.prepare(*[built.models[n] for n in names], built.optimizer)
+    run.restore_optimizer(optimizer)  # after prepare: see TrainingRun.restore
     trained = dict(zip(names, wrapped))
     models = {name: trained.get(name, module) for name, module in built.models.items()}
     task.start(models, optimizer, start_epoch)

@@ -272,7 +272,7 @@ def train_pair(
     drop_last = _check_batches(config, dataset, kwargs)  # before any work (the run writes its directory)
     run = TrainingRun(None if run_dir is None else Path(run_dir), run_config, seed=config.seed, resume=resume,
                       mixed_precision=mixed_precision, cpu=cpu, log=log, default_name=f"{config.arch}_{config.mode}")
-    return fit(run, PairTask(config, dataset, kwargs, drop_last, run))
+    return fit(run, PairTask(config, run.place(dataset), kwargs, drop_last, run))
 
 
 class PairTask(Task):

@@ -96,6 +96,12 @@ class TrainingRun:
     default_name: str = "run"
     #: Hyperparameters that ``resume`` may change (every other difference is refused).
     extendable: tuple[str, ...] = EXTENDABLE
+    #: ``torch.use_deterministic_algorithms`` and cuDNN without autotuning (None: ``$DECORR_DETERMINISTIC``,
+    #: which ``--deterministic`` sets); otherwise ``cudnn.benchmark`` is on. See docs/design.md for what
+    #: each guarantees on CPU and GPU.
+    deterministic: bool | None = None
+    #: Datasets up to this size (MiB) are kept whole on the GPU by :meth:`place`; larger ones are pinned.
+    gpu_data_budget_mb: float = float(os.environ.get("DECORR_GPU_DATA_MB", 4096))
     accelerator: Accelerator = field(init=False)
     history: list[dict[str, Any]] = field(init=False, default_factory=list)
     resumes: list[dict[str, Any]] = field(init=False, default_factory=list)
@@ -132,6 +138,10 @@ class TrainingRun:
                               "silently train in float32: use bf16 or no")
         # The precision actually used is part of the run's settings: a resume must not change it.
         self.config = {**self.config, "precision": self.accelerator.mixed_precision}
+        if self.deterministic is None:
+            self.deterministic = os.environ.get("DECORR_DETERMINISTIC", "") not in ("", "0")
+        configure_backends(self.deterministic)
+        self.config["deterministic"] = self.deterministic
         # The lock comes first: two runs racing into one directory must not both pass the checks below.
         self._lock = RunLock(self.run_dir)
         self._on_main(self._lock.acquire)
@@ -201,9 +211,13 @@ class TrainingRun:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def restore(self, models: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer | None = None) -> int:
-        """Load the run's checkpoint into ``models`` (and ``optimizer``) if resuming; return the next epoch.
+        """Load the run's checkpoint into ``models`` if resuming; return the next epoch.
 
-        Call before :meth:`prepare`, on the plain modules.
+        Call before :meth:`prepare`, on the plain modules. The optimiser's state is better restored after
+        ``prepare`` with :meth:`restore_optimizer` (what :func:`decorr.loop.fit` does): accelerate's
+        ``prepare`` moves any state it finds to the device, Adam's ``step`` counters included, and Adam
+        then reads each of them back to the host at every step. ``optimizer`` here is for callers
+        without ``prepare``.
         """
         if not self.resume:
             return 0
@@ -230,6 +244,39 @@ class TrainingRun:
         self.print(f"resumed {self.run_dir} after epoch {epoch}")
         return epoch
 
+    def restore_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """After ``prepare``: the optimiser's state (PyTorch puts each tensor where it belongs: moments on
+        the parameters' device, ``step`` counters on the host unless the optimiser is capturable or fused)
+        and, with fp16, the gradient scaler's scale and growth tracker."""
+        if not self.resume:
+            return
+        inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+        load_optimizer_state(inner, self.run_dir)
+        scaler = getattr(self.accelerator, "scaler", None)
+        saved = load_checkpoint(self.run_dir, load_weights=False).config.get("grad_scaler")
+        if scaler is not None and saved:
+            scaler.load_state_dict(saved)
+
+    def place(self, dataset: Any) -> Any:
+        """``dataset`` (an ImageDataset) for training on this run's device: on a GPU, whole splits that fit
+        ``gpu_data_budget_mb`` are copied there once (batches are then cut on the GPU), larger ones are
+        put in pinned host memory; on the CPU it is returned as it is."""
+        if self.device.type != "cuda":
+            return dataset
+        import dataclasses
+
+        from decorr.data import ImageSplit
+
+        def placed(split: Any) -> Any:
+            if not isinstance(split, ImageSplit):
+                return split
+            size_mb = (split.images.numel() * split.images.element_size() + split.labels.numel() * 8) / 2**20
+            if size_mb <= self.gpu_data_budget_mb:
+                return split.to(self.device)
+            return ImageSplit(split.images.pin_memory(), split.labels.pin_memory())
+
+        return dataclasses.replace(dataset, train=placed(dataset.train), test=placed(dataset.test))
+
     def prepare(self, *objects: Any) -> Any:
         return self.accelerator.prepare(*objects)
 
@@ -246,6 +293,9 @@ class TrainingRun:
             if self.resumes:
                 config["resumes"] = self.resumes
             optim = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+            scaler = getattr(self.accelerator, "scaler", None)
+            if scaler is not None:  # fp16: the loss scale a resumed run continues from
+                config["grad_scaler"] = {k: _jsonable(v) for k, v in scaler.state_dict().items()}
             save_checkpoint(self.run_dir / CHECKPOINT_DIR, plain, config, optimizer=optim)
         self.accelerator.wait_for_everyone()
 
@@ -305,6 +355,19 @@ def releases_run_lock(train: F) -> F:
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def configure_backends(deterministic: bool) -> None:
+    """cuDNN autotuning for speed, or deterministic algorithms (``--deterministic``) for repeatability."""
+    if deterministic:
+        # cuBLAS needs a fixed workspace for deterministic matrix products (CUDA >= 10.2).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = True
 
 
 def default_run_dir(name: str, *, cpu: bool = False, root: str | os.PathLike = "runs") -> Path:

@@ -110,7 +110,8 @@ class DnaConfig:
     classifier_lr: float = opt(1e-3, "stage-2 Adam learning rate")
     # both stages
     augment: bool = opt(True, "no training augmentation (default: the dataset's, CIFAR-10: random crop pad 4 + flip)")
-    sync_bn: bool = opt(False, "batch norm statistics over the global batch of all processes (any device)")
+    sync_bn: bool = opt(True, "batch norm over each process's shard only (default: over the global batch of all "
+                              "processes, the paper's 1250-sample statistics on N GPUs; one process: plain batch norm)")
     gradient_accumulation_steps: int = opt(1, "split each batch into this many micro-batches (the correlation loss "
                                               "sees one micro-batch)")
     seed: int = opt(0, "seed of the initialisation and the batches")
@@ -431,7 +432,7 @@ def train_autoencoder(
     entry = model_entry(config.autoencoder_arch, config.autoencoder_kwargs)
     run = _training_run(config, run_dir, _run_config(config, 1, {"autoencoder": entry}), resume=resume,
                         mixed_precision=mixed_precision, cpu=cpu, log=log)
-    return fit(run, AutoencoderTask(config, dataset, run))
+    return fit(run, AutoencoderTask(config, run.place(dataset), run))
 
 
 class AutoencoderTask(Task):
@@ -533,7 +534,7 @@ def train_classifier(
                "classifier": model_entry(config.classifier_arch)}
     run = _training_run(config, run_dir, _run_config(config, 2, entries, autoencoder_from=source), resume=resume,
                         mixed_precision=mixed_precision, cpu=cpu, log=log)
-    return fit(run, ReconstructionClassifierTask(config, dataset, run, autoencoder, source, run_dir))
+    return fit(run, ReconstructionClassifierTask(config, run.place(dataset), run, autoencoder, source, run_dir))
 
 
 class ReconstructionClassifierTask(Task):

@@ -40,9 +40,10 @@ from dna.training import DnaConfig, accumulated_step, autoencoder_objective, opt
 #: DNA cases: name -> (family, global batch, sync_bn, gradient accumulation steps). The batches exceed
 #: the latent width (64 / 448) by a little, to keep the step fast.
 DNA_CASES = {
-    "mnist": ("mnist", 132, False, 1),
-    "mnist_accumulate": ("mnist", 264, False, 2),
-    "cifar_sync_bn": ("cifar", 452, True, 1),
+    "mnist": ("mnist", 132, None, 1),
+    "mnist_accumulate": ("mnist", 264, None, 2),
+    # None: the default, batch norm over the global batch (no --no-sync-bn)
+    "cifar_sync_bn": ("cifar", 452, None, 1),
 }
 BATCHNORM_CASES = {"batchnorm_global": True, "batchnorm_local": False}
 CASES = [*DNA_CASES, *BATCHNORM_CASES]
@@ -101,7 +102,8 @@ def run_case(name: str, out: str | Path) -> None:
     torch.manual_seed(0)
     if name in DNA_CASES:
         family, batch, sync_bn, accumulate = DNA_CASES[name]
-        config = DnaConfig.paper(family, batch_size=batch, sync_bn=sync_bn, gradient_accumulation_steps=accumulate)
+        config = DnaConfig.paper(family, batch_size=batch, gradient_accumulation_steps=accumulate,
+                                 **({} if sync_bn is None else {"sync_bn": sync_bn}))
         model = create_model(config.autoencoder_arch, **config.autoencoder_kwargs)
         augment = None if family == "mnist" else Augment(crop_padding=4, flip=True)
         _step(out, name, model, config, images(config.input_shape, batch), augment,

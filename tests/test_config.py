@@ -43,8 +43,9 @@ def test_pair_flags_keep_their_names_and_defaults():
 
 def test_classifier_flags_keep_their_names_and_defaults():
     parse = script("train/classifier.py").parse_args
-    config = config_from_args(ClassifierConfig, parse(["--no-augment", "--sync-bn", "--optimizer", "adam"]))
-    assert (config.augment, config.sync_bn, config.optimizer) == (False, True, "adam")
+    config = config_from_args(ClassifierConfig, parse(["--no-augment", "--no-sync-bn", "--optimizer", "adam"]))
+    assert (config.augment, config.sync_bn, config.optimizer) == (False, False, "adam")
+    assert config_from_args(ClassifierConfig, parse([])).sync_bn  # batch norm over the global batch by default
     assert config_from_args(ClassifierConfig, parse([])) == ClassifierConfig()
     with pytest.raises(SystemExit):
         parse(["--schedule", "linear"])

@@ -1,7 +1,7 @@
 """Train a dual-neck autoencoder (or plain autoencoder) and its classifier on CIFAR-10.
 
     python train/dna_cifar.py --model dna --run-dir runs/dna_cifar
-    accelerate launch --num_processes 4 train/dna_cifar.py --sync-bn --mixed-precision bf16 --run-dir ...
+    accelerate launch -q --num_processes 4 train/dna_cifar.py --mixed-precision bf16 --run-dir ...   # BN over the global batch
     python train/dna_cifar.py --dataset ../shared/data/cifar10-subset/cifar10_subset.npz --run-dir ...
 Defaults are the paper's CIFAR-10 hyperparameters (SPEC section 6): batch 1250, Adam 5e-4, 30 epochs,
 lambda 0.05, random crop (pad 4) and horizontal flip; the classifier (our choice): Adam 1e-3, batch 250,
