@@ -167,8 +167,12 @@ def evaluate_models(
     batch_size: int = 1000,
     device: torch.device | str = "cpu",
     shard: tuple[int, int] = (0, 1),
+    ensemble: bool = False,
 ) -> dict[str, Any]:
     """Test accuracy of every model and, for each pair of models, the feature R^2 and 1-D PCA Pearson.
+
+    With ``ensemble=True`` also ``acc_ensemble``: the accuracy of the models' mean softmax, from the
+    same forward passes.
 
     Per model also ``active_features_<name>`` (the fraction of feature columns that vary over the split)
     and ``effective_rank_<name>`` (of the centred features, see :func:`decorr.features.feature_diagnostics`).
@@ -179,24 +183,32 @@ def evaluate_models(
     names = list(models)
     plain = {name: unwrap(models[name]) for name in names}
     with eval_mode(*plain.values()):
-        return _evaluate(plain, split, layers, batch_size, device, shard)
+        return _evaluate(plain, split, layers, batch_size, device, shard, ensemble)
 
 
 def _evaluate(plain: dict[str, nn.Module], split: ImageSplit, layers: dict[str, str], batch_size: int,
-              device: torch.device | str, shard: tuple[int, int]) -> dict[str, Any]:
+              device: torch.device | str, shard: tuple[int, int], ensemble: bool = False) -> dict[str, Any]:
     names = list(plain)
     correct = {name: torch.zeros((), device=device) for name in names}
+    correct_ensemble = torch.zeros((), device=device)
     features: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     count = torch.zeros((), device=device)
     for x, y in iterate_batches(split, batch_size, shuffle=False, shard=shard, device=device):
+        probs = 0
         for name in names:
             with record_features(plain[name], layers[name]) as feats:
                 logits = plain[name](x)
             correct[name] += (logits.argmax(1) == y).sum()
             features[name].append(feats[layers[name]].flatten(1).float().cpu())
+            if ensemble:
+                probs = probs + F.softmax(logits.float(), dim=1)
+        if ensemble:
+            correct_ensemble += (probs.argmax(1) == y).sum()
         count += len(y)
     total = all_reduce_sum(count)
     result: dict[str, Any] = {f"acc_{n}": float(all_reduce_sum(correct[n]) / total) for n in names}
+    if ensemble:
+        result["acc_ensemble"] = float(all_reduce_sum(correct_ensemble) / total)
     gathered = {n: all_gather_with_grad(torch.cat(features[n]).to(device)).cpu() for n in names}
     for n in names:
         # Fraction of feature columns that vary over the split (0: a dead, constant layer), and the
