@@ -4,7 +4,9 @@
 #   2. one epoch of the CIFAR DNA at the paper's batch 1250 on the CIFAR-10 subset under bf16, against a
 #      bare loop, with host synchronisations per step counted by CUDA (benchmarks/dna_epoch.py);
 #   3. the correlation-loss benchmark on the GPU (benchmarks/correlation_loss.py --device cuda);
-#   4. the transfer-evaluation benchmark on the GPU (benchmarks/transfer_eval_foreign.py --device cuda).
+#   4. the transfer-evaluation benchmark on the GPU (benchmarks/transfer_eval_foreign.py --device cuda);
+#   5. an fp16 run of the CIFAR ResNet-20 classifier, then --resume: the GradScaler's state must be in the
+#      checkpoint and come back (resume_fp16.out says what was found).
 # Each step's JSON goes to $RESULTS (default benchmarks/results; on the device tool's machine pass
 # RESULTS=$OUT), named *_gpu.json, and a summary line per step to $RESULTS/gpu_check.log. A step that fails
 # is reported and the next one still runs; the exit status is the number of failed steps.
@@ -29,11 +31,13 @@ if [ "$DEVICE" = cpu ]; then  # tiny sizes: the script's plumbing, not its timin
   CORR_ARGS="--repeats 1"
   TRANSFER_ARGS="--num-samples 8 --steps 1 --batch-size 8 --repeats 1"
   PYTEST_ARGS="-m cuda tests/test_data.py"
+  PRECISION=no
 else
   DNA_ARGS="--mixed-precision bf16 --repeats 2"
   CORR_ARGS="--repeats 7"
   TRANSFER_ARGS="--num-samples 1000 --steps 10 --batch-size 500 --repeats 2"
   PYTEST_ARGS="-m cuda tests"
+  PRECISION=fp16
 fi
 
 step() {  # step NAME TIMEOUT_S COMMAND...
@@ -57,5 +61,17 @@ step correlation_loss_gpu 120 "$PYTHON" benchmarks/correlation_loss.py --device 
   --json "$RESULTS/correlation_loss_gpu.json"
 step transfer_eval_gpu 180 "$PYTHON" benchmarks/transfer_eval_foreign.py --dataset "$DATA" --device "$DEVICE" \
   $TRANSFER_ARGS --json "$RESULTS/transfer_eval_gpu.json"
+RUN="$RESULTS/resume_run"
+rm -rf "$RUN"
+TRAIN="train/classifier.py --arch resnet20 --dataset $DATA --train-subset 512 --test-subset 256 --batch-size 128"
+TRAIN="$TRAIN --mixed-precision $PRECISION --no-tensorboard --run-dir $RUN"
+step resume_fp16 240 bash -c "$PYTHON $TRAIN --epochs 1 && $PYTHON $TRAIN --epochs 2 --resume && $PYTHON -c '
+import json, sys
+c = json.load(open(sys.argv[1]))
+print(\"precision\", c[\"precision\"], \"epoch\", c[\"epoch\"], \"resumes\", len(c.get(\"resumes\", [])), \"grad_scaler\", c.get(\"grad_scaler\"))
+assert c[\"epoch\"] == 2 and len(c[\"resumes\"]) == 1
+assert (c[\"precision\"] != \"fp16\") or c.get(\"grad_scaler\"), \"fp16 run without GradScaler state\"
+' $RUN/checkpoint/config.json"
+rm -rf "$RUN"
 echo "failed steps: $failed" | tee -a "$LOG"
 exit "$failed"
