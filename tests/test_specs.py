@@ -268,3 +268,29 @@ def test_gradient_alignment_takes_specs(files, tmp_path):
     result = alignment_script.main([f"torchvision.resnet18={files['r18']}", f"resnet20={files['r20']}",
                                     "--dataset", str(CIFAR_SUBSET), "--num-samples", "6", "--batch-size", "6"])
     assert result["sources"] == ["r18", "r20"] and result["targets"] == ["r18", "r20"]
+
+
+def test_issue_command_with_an_ensemble_of_foreign_specs(files, cifar_subset, tmp_path):
+    """The any-model issue's command as written: two specs and an ensemble of foreign specs as targets."""
+    out = tmp_path / "eval"
+    result = transfer_script.main([
+        f"torchvision.resnet18={files['r18']}", f"resnet20={files['r20']}",
+        "--ensemble", f"ens=torchvision.resnet18={files['r18_dp']},resnet20={files['r20']}",
+        "--num-classes", "10", "--dataset", str(CIFAR_SUBSET), "--num-samples", "40", "--steps", "1",
+        "--eps", "8/255", "--step-size", "2/255", "--batch-size", "20", "--no-plots", "--out", str(out),
+    ])
+    split = cifar_subset.test.subset(40)
+    x, y = to_float(split.images), split.labels
+    r18 = torchvision.models.resnet18(num_classes=10)
+    r18.load_state_dict(torch.load(files["r18"], weights_only=True))
+    r20 = create_model("resnet20")
+    r20.load_state_dict(files["r20_model"].state_dict())
+    with torch.no_grad():
+        logits = {"r18": r18.eval()(x), "r20": r20.eval()(x)}
+        mean_prob = (logits["r18"].softmax(1) + logits["r20"].softmax(1)) / 2
+    expected = {name: (out_.argmax(1) == y).double().mean().item() for name, out_ in logits.items()}
+    expected["ens"] = (mean_prob.argmax(1) == y).double().mean().item()
+    for name, value in expected.items():
+        assert result["models"][name]["natural_accuracy"] == pytest.approx(value, abs=1e-12), name
+    assert result["models"]["ens"]["members"] and result["models"]["ens"]["arch"] == "ensemble"
+    assert json.loads((out / "results.json").read_text())["models"]["ens"]["natural_accuracy_ci95"]
