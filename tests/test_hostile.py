@@ -231,6 +231,9 @@ CASES = [
     Case("eval-missing-checkpoint", "transfer", lambda m, t: [str(t / "nothing"), "--out", str(t / "out")],
          "does not exist", absent=("out",)),
 ]
+if os.geteuid() != 0:  # root writes through any permission bits; then the row above stands for it
+    CASES.append(Case("read-only-run-dir", "pair_classifiers", lambda m, t: ((t / "ro").mkdir(), os.chmod(t / "ro", 0o555),
+                      ["--run-dir", str(t / "ro" / "run"), *TINY_PAIR])[2], "choose a writable --run-dir"))
 if not torch.cuda.is_available():
     CASES += [
         Case("fp16-on-cpu", "pair_classifiers", _pair("--mixed-precision", "fp16"), "fp16", absent=("new",)),
