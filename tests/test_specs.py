@@ -294,3 +294,17 @@ def test_issue_command_with_an_ensemble_of_foreign_specs(files, cifar_subset, tm
         assert result["models"][name]["natural_accuracy"] == pytest.approx(value, abs=1e-12), name
     assert result["models"]["ens"]["members"] and result["models"]["ens"]["arch"] == "ensemble"
     assert json.loads((out / "results.json").read_text())["models"]["ens"]["natural_accuracy_ci95"]
+
+
+def test_a_model_trained_on_another_image_size_is_evaluated_on_it(tmp_path, fashion_mnist):
+    """resnet20 built for 1-channel 28x28 images (as train/classifier.py does on Fashion-MNIST) evaluates there."""
+    from decorr.checkpoint import model_entry, save_checkpoint
+
+    model = create_model("resnet20", in_channels=1)
+    save_checkpoint(tmp_path / "r20fm", {"model": model},
+                    {"kind": "classifier", "dataset": "fashion-mnist",
+                     "models": {"model": model_entry("resnet20", {"in_channels": 1})}})
+    result = transfer_script.main([str(tmp_path / "r20fm"), "--dataset", "fashion-mnist", "--num-samples", "8",
+                                   "--steps", "1", "--eps", "0.1", "--no-plots", "--no-features",
+                                   "--out", str(tmp_path / "out")])
+    assert result["models"]["r20fm/model"]["natural_accuracy"] is not None
