@@ -267,4 +267,4 @@ def train_ensemble(
     run = TrainingRun(None if run_dir is None else Path(run_dir), run_config, seed=config.seed, resume=resume,
                       mixed_precision=mixed_precision, cpu=cpu, log=log,
                       default_name=f"ensemble_{config.method}{config.num_models}")
-    return fit(run, cls(config, dataset, members, drop_last, run))
+    return fit(run, cls(config, run.place(dataset), members, drop_last, run))
