@@ -26,23 +26,11 @@ from decorr.attacks import residual_branches, skip_gradient
 from decorr.attacks.skip_gradient import _ScaleGradient
 from decorr.errors import DecorrError
 from decorr.models import ResidualUnit, create_model
+from test_skip_gradient import randomise_batch_norm  # tests/ is on pytest's path
 
 #: What the tests measured is printed with ``pytest -s``; the thresholds are the issue's.
 MIN_COSINE = 0.9999
 MAX_REL_DIFF = 1e-4
-
-
-def randomise_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Eval mode with non-trivial running statistics and affine parameters."""
-    gen = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-            module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            module.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
-            module.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
-    return model.eval()
 
 
 # --- the authors' rule, re-implemented ------------------------------------------------------------

@@ -17,9 +17,9 @@ from decorr.models.mnist import MnistCNN
 GAMMA = 0.3
 
 
-def randomise_batch_norm(model: nn.Module) -> nn.Module:
-    """Eval mode with non-trivial running statistics and affine parameters."""
-    gen = torch.Generator().manual_seed(0)
+def randomise_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Eval mode with non-trivial running statistics and affine parameters (also used by test_sgm_authors)."""
+    gen = torch.Generator().manual_seed(seed)
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             n = module.num_features
