@@ -15,7 +15,6 @@ authors' defaults (:mod:`decorr.methods`).
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +25,13 @@ import torch.nn as nn
 from decorr.checkpoint import model_entry
 from decorr.classifier import check_model_fits, dataset_model_kwargs
 from decorr.config import opt
-from decorr.data import ImageDataset, last_batch_too_small, load_dataset, require_training_images
+from decorr.data import ImageDataset, load_dataset, require_training_images
 from decorr.errors import DecorrError, pixel_value
 from decorr.loop import fit
 from decorr.methods import METHODS, EnsembleTask, Members, Surrogate, method_class
 from decorr.models import create_model, model_spec
 from decorr.models.specs import SpecOptions, load_specs
-from decorr.pairs import feature_width
+from decorr.pairs import drop_small_last_batch, feature_width
 from decorr.training import TrainingRun, releases_run_lock
 from decorr.validation import check_at_least, check_finite, check_positive, check_seed, check_subset
 
@@ -212,12 +211,7 @@ def _check_members(config: EnsembleConfig, cls: type[EnsembleTask], dataset: Ima
                 raise DecorrError(f"batch size {config.batch_size} is too small for the correlation loss on "
                                   f"{widths[widest]} features ({widest}'s layer {layers[widest]!r}); use --batch-size "
                                   f"{minimum} or more, or a narrower --feature-layer")
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for p in probes.values() for m in p.modules()):
-        minimum = max(minimum, 2 * int(os.environ.get("WORLD_SIZE", "1")))
-    if len(dataset.train) < config.batch_size and len(dataset.train) < minimum:
-        raise DecorrError(f"the {len(dataset.train)} training images are fewer than one batch needs ({minimum}); "
-                          "use more training images or a smaller feature layer")
-    return last_batch_too_small(len(dataset.train), config.batch_size, minimum)
+    return drop_small_last_batch(list(probes.values()), len(dataset.train), config.batch_size, minimum)
 
 
 @releases_run_lock

@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -247,13 +247,20 @@ def _check_batches(config: PairConfig, dataset: Any, kwargs: dict[str, Any]) -> 
             f"batch size {config.batch_size} is too small for the correlation loss on {width} features "
             f"({config.arch} layer {layer!r}); use --batch-size {minimum} or more"
         )
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in probe.modules()):
+    return drop_small_last_batch([probe], len(dataset.train), config.batch_size, minimum)
+
+
+def drop_small_last_batch(models: Sequence[nn.Module], num_train: int, batch_size: int, minimum: int) -> bool:
+    """Whether to drop an epoch's last partial batch: when it has fewer samples than the loss needs
+    (``minimum``) or, with batch norm, fewer than 2 per process. Refuses a training set smaller than both
+    a batch and that minimum."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for model in models for m in model.modules()):
         # The process group may not exist yet; the launcher's WORLD_SIZE says how many shards there will be.
         minimum = max(minimum, 2 * int(os.environ.get("WORLD_SIZE", "1")))
-    if len(dataset.train) < config.batch_size and len(dataset.train) < minimum:
-        raise DecorrError(f"the {len(dataset.train)} training images are fewer than one batch needs ({minimum}); "
+    if num_train < batch_size and num_train < minimum:
+        raise DecorrError(f"the {num_train} training images are fewer than one batch needs ({minimum}); "
                           "use more training images or a model with a narrower feature layer")
-    return last_batch_too_small(len(dataset.train), config.batch_size, minimum)
+    return last_batch_too_small(num_train, batch_size, minimum)
 
 
 @releases_run_lock
