@@ -30,6 +30,7 @@ import typing
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from decorr.errors import json_object
+from decorr.validation import set_threads
 
 __all__ = ["add_config_arguments", "add_run_arguments", "config_from_args", "config_kwargs", "opt"]
 
@@ -144,6 +145,16 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, run_dir_help: str | No
     parser.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard logs")
     parser.add_argument("--deterministic", action=_Deterministic, nargs=0,
                         help="torch.use_deterministic_algorithms and no cuDNN autotuning (slower; see docs/design.md)")
+    parser.add_argument("--threads", type=int, default=None, action=_Threads,
+                        help="torch CPU threads (e.g. 1 on a shared machine)")
+
+
+class _Threads(argparse.Action):
+    """``--threads N`` sets torch's intra-op CPU threads when parsed (validated there: a positive integer)."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        set_threads(values)
+        setattr(namespace, self.dest, values)
 
 
 class _Deterministic(argparse.Action):

@@ -185,6 +185,10 @@ CASES = [
          "--run-dir", str(t / "new")], "--eval-steps", absent=("new",)),
     Case("dverge-threads", "dverge", lambda m, t: ["--init-from", str(m / "cor"), "--threads", "-1",
          "--run-dir", str(t / "new")], "--threads", absent=("new",)),
+    # --threads is a shared run option: every training script takes and checks it
+    Case("pair-threads", "pair_classifiers", _pair("--threads", "0"), "--threads", absent=("new",)),
+    Case("dna-threads", "dna_mnist", lambda m, t: ["--threads", "0", "--run-dir", str(t / "new")], "--threads",
+         absent=("new",)),
     # 4. too small a batch for the correlation loss
     Case("batch-too-small-dec", "pair_classifiers", _pair("--mode", "dec", "--batch-size", "500"), "786",
          absent=("new",)),

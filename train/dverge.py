@@ -21,7 +21,6 @@ from decorr.config import add_config_arguments, add_run_arguments, config_from_a
 from decorr.dverge import DvergeConfig, format_history, train_dverge
 from decorr.errors import cli_entry
 from decorr.models.specs import SPEC_HELP, add_spec_arguments, spec_options
-from decorr.validation import set_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +31,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="starting models: checkpoints (all their models; CKPT:MODEL for one) or ARCH=WEIGHTS")
     start.add_argument("--init-from", metavar="PAIR_DIR", help="a pair run whose models are the starting point")
     add_config_arguments(p, DvergeConfig)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (e.g. 1 on a shared machine)")
     p.add_argument("--json", default=None, help="the run's JSON record (default RUN_DIR/dverge.json)")
     add_run_arguments(p, run_dir_help="where checkpoints, TensorBoard logs and dverge.json go "
                                       "(default: a new runs/<name>/<timestamp>)")
@@ -43,7 +41,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    set_threads(args.threads)
     config = config_from_args(DvergeConfig, args)
     init = args.init if args.init else [args.init_from]
     record = train_dverge(config, init, args.run_dir, resume=args.resume, data_root=args.data_root,

@@ -22,14 +22,12 @@ from decorr.distributed import rank
 from decorr.ensemble_training import EnsembleConfig, train_ensemble
 from decorr.errors import cli_entry
 from decorr.models.specs import SPEC_HELP, SpecOptions
-from decorr.validation import set_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, EnsembleConfig)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (e.g. 1 on a shared machine)")
     p.add_argument("--match-by-order", action="store_true",
                    help="--init / --surrogate ARCH=WEIGHTS: load weights whose names differ by position")
     add_run_arguments(p)
@@ -39,7 +37,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    set_threads(args.threads)
     metrics = train_ensemble(config_from_args(EnsembleConfig, args), args.run_dir, resume=args.resume,
                              data_root=args.data_root, mixed_precision=args.mixed_precision, cpu=args.cpu,
                              log=not args.no_tensorboard, spec_options=SpecOptions(match_by_order=args.match_by_order))
