@@ -1,8 +1,15 @@
-"""A markdown table of target errors (with 95% intervals) across several transfer evaluations.
+"""Markdown tables across several transfer evaluations: target errors, or ensemble measures over seeds.
 
     python eval/summarize.py PGD=runs/eval/pgd/results.json "SGM 0.2=runs/eval/sgm02/results.json" \\
         [--source NAME] [--targets A B] [--out table.md]
-Every run must have evaluated the same images (their samples_sha256 agree). See decorr/summary.py.
+    python eval/summarize.py --across-seeds ce=runs/eval/ce_s0,runs/eval/ce_s1 dec=runs/eval/dec_s0,runs/eval/dec_s1 \\
+        [--baseline ce]
+The first form: each target's error under one source's attack, 95% Wilson intervals (decorr/summary.py).
+With --across-seeds each LABEL names one method's evaluations, one per training seed (results.json files or
+their folders, comma-separated): member accuracy, feature R^2, active features, effective rank and the
+members' mean transfer rate, as means over seeds with 95% t-intervals, and with --baseline each group's
+seed-by-seed difference to that group (decorr/seeds.py). Every run must have evaluated the same images
+(their samples_sha256 agree).
 """
 
 from __future__ import annotations
@@ -12,36 +19,63 @@ import json
 from pathlib import Path
 
 from decorr.errors import DecorrError, cli_entry
+from decorr.seeds import seed_table
 from decorr.summary import error_table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", metavar="LABEL=RESULTS_JSON")
+    p.add_argument("runs", nargs="+", metavar="LABEL=RESULTS_JSON",
+                   help="LABEL=RESULTS_JSON; with --across-seeds LABEL=RESULTS_JSON,RESULTS_JSON,...")
+    p.add_argument("--across-seeds", action="store_true",
+                   help="each LABEL is a method's evaluations over seeds: means with 95%% t-intervals")
+    p.add_argument("--baseline", default=None, help="--across-seeds: also the seed-by-seed difference to this LABEL")
     p.add_argument("--source", default=None, help="the attacked model (default: the first source)")
     p.add_argument("--targets", nargs="+", default=None, help="target columns (default: every other target)")
     p.add_argument("--out", default=None, help="also write the table to this file")
     return p.parse_args(argv)
 
 
-def _read(text: str) -> tuple[str, dict]:
-    label, sep, path = text.partition("=")
-    if not sep or not label:
-        raise DecorrError(f"{text!r} is not LABEL=RESULTS_JSON; e.g. PGD=runs/eval/pgd/results.json")
+def _load(path: str) -> dict:
     file = Path(path)
     if file.is_dir():
         file = file / "results.json"
     try:
-        return label, json.loads(file.read_text())
+        return json.loads(file.read_text())
     except (OSError, ValueError) as err:
         raise DecorrError(f"cannot read {file} ({err}); give a results.json of eval/transfer.py") from None
+
+
+def _read(text: str, many: bool = False) -> tuple[str, dict | list[dict]]:
+    label, sep, paths = text.partition("=")
+    if not sep or not label or not paths:
+        example = "ce=runs/eval/ce_s0,runs/eval/ce_s1" if many else "PGD=runs/eval/pgd/results.json"
+        raise DecorrError(f"{text!r} is not LABEL={'RESULTS,...' if many else 'RESULTS_JSON'}; e.g. {example}")
+    if many:
+        return label, [_load(path) for path in paths.split(",") if path]
+    return label, _load(paths)
+
+
+def _groups(texts: list[str], many: bool) -> dict:
+    groups = [_read(text, many) for text in texts]
+    labels = [label for label, _ in groups]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise DecorrError(f"label {repeated[0]!r} is given twice; give every run (or group) its own LABEL")
+    return dict(groups)
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
-    runs = dict(_read(text) for text in args.runs)
-    table = error_table(runs, source=args.source, targets=args.targets)
+    if args.across_seeds:
+        if args.source or args.targets:
+            raise DecorrError("--source and --targets belong to the error table; --across-seeds uses every member")
+        table = seed_table(_groups(args.runs, True), baseline=args.baseline)
+    else:
+        if args.baseline:
+            raise DecorrError("--baseline needs --across-seeds")
+        table = error_table(_groups(args.runs, False), source=args.source, targets=args.targets)
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")

@@ -205,3 +205,11 @@ def test_script_bf16_double_backprop_then_transfer_evaluation(mnist, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["models"]["ens"]["members"] == ["trs/model0", "trs/model1", "trs/model2"]
     assert {"trs/model0", "trs/model1", "trs/model2", "ens"} <= set(results["targets"])
+    # the seed summary reads accuracy, R^2 and the diagnostics from the run's last logged evaluation
+    from decorr.seeds import training_measures
+
+    last = config["history"][-1]
+    logged = training_measures(results)
+    assert logged["ensemble_accuracy"] == last["test/acc_ensemble"] and logged["r2"] == last["test/r2_mean"]
+    assert logged["accuracy"] == pytest.approx(sum(last[f"test/acc_model{i}"] for i in range(3)) / 3)
+    assert logged["effective_rank"] == pytest.approx(sum(last[f"test/effective_rank_model{i}"] for i in range(3)) / 3)

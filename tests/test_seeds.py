@@ -1,0 +1,100 @@
+"""Summaries across seeds (decorr.seeds, eval/summarize.py --across-seeds) against hand computations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from scipy import stats
+
+from decorr.errors import DecorrError
+from decorr.seeds import ensemble_measures, seed_table, t_interval
+from eval import summarize
+
+
+def fake_result(transfer: dict, *, acc=(0.9, 0.8, 0.7), r2=0.5, eps=(0.1, 0.2), sha="abc") -> dict:
+    """A results.json of eval/transfer.py with three members m0..m2 and an ensemble target."""
+    members = ["m0", "m1", "m2"]
+    models = {m: {"arch": "mnist_cnn", "natural_accuracy": a, "active_features": 700 + 10 * i,
+                  "effective_rank": 100.0 * (i + 1)} for i, (m, a) in enumerate(zip(members, acc))}
+    models["ens"] = {"arch": "ensemble", "natural_accuracy": 0.99}
+    pairs = [{"a": a, "b": b, "natural_features": {"r2": r2, "r2_reverse": r2 + 0.1, "num_features": 784}}
+             for i, a in enumerate(members) for b in members[i + 1:]]
+    pairs.append({"a": "m0", "b": "ens", "natural_features": None})
+    by_eps = [{"eps": e, "transfer": {s: {t: None if s == t else transfer[e] * (1 + 0.1 * k) for t in members + ["ens"]}
+                                      for k, s in enumerate(members)}} for e in eps]
+    return {"settings": {"samples_sha256": sha, "num_samples": 100}, "models": models,
+            "targets": members + ["ens"], "sources": members, "pairs": pairs, "by_eps": by_eps}
+
+
+def test_t_interval_is_students():
+    values = [0.31, 0.42, 0.27, 0.55]
+    centre, (low, high) = t_interval(values)
+    expect = stats.t.interval(0.95, 3, loc=sum(values) / 4, scale=stats.sem(values))
+    assert centre == pytest.approx(sum(values) / 4)
+    assert (low, high) == pytest.approx(expect, rel=1e-12)
+    # two values by hand: mean 0.2, sd 0.1 * sqrt(2), t(0.975, 1) = 12.7062...
+    centre, (low, high) = t_interval([0.1, 0.3])
+    assert high - centre == pytest.approx(12.706204736 * 0.1, rel=1e-8)
+    assert t_interval([0.4]) == (0.4, None)
+    with pytest.raises(DecorrError):
+        t_interval([0.1, math.nan])
+
+
+def test_ensemble_measures_by_hand():
+    m = ensemble_measures(fake_result({0.1: 0.5, 0.2: 0.6}))
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["active_features"] == pytest.approx(710)
+    assert m["effective_rank"] == pytest.approx(200)
+    assert m["r2"] == pytest.approx(0.55)  # both directions of the three member pairs
+    assert m["num_features"] == 784
+    # sources m0, m1, m2 scale the rate by 1.0, 1.1, 1.2; the ensemble target is not a member
+    assert m["transfer@0.1"] == pytest.approx(0.5 * (1.0 + 1.1 + 1.2) / 3)
+    assert m["transfer@0.2"] == pytest.approx(0.6 * 1.1)
+
+
+def test_seed_table_means_and_paired_differences():
+    base = [fake_result({0.1: t, 0.2: t}) for t in (0.4, 0.5, 0.6)]
+    other = [fake_result({0.1: t, 0.2: t}) for t in (0.3, 0.3, 0.5)]
+    table = seed_table({"ce": base, "dec": other}, baseline="ce")
+    # ce at eps 0.1: seeds 0.44, 0.55, 0.66 (x1.1 mean scale) -> 55.0 [27.7, 82.3]
+    centre, (low, high) = t_interval([44.0, 55.0, 66.0])
+    assert f"{centre:.1f} [{low:.1f}, {high:.1f}]" in table.splitlines()[2]
+    # dec - ce by seed: -11, -22, -11 points
+    centre, (low, high) = t_interval([-11.0, -22.0, -11.0])
+    assert f"| dec | {centre:.1f} [{low:.1f}, {high:.1f}]" in table
+    assert "| 80.0 [80.0, 80.0] | 0.550 [0.550, 0.550] | 710 [710, 710] | 200 [200, 200] |" in table
+
+
+@pytest.mark.parametrize("groups, baseline, message", [
+    ({"a": [fake_result({0.1: 0.5, 0.2: 0.5}, sha="x")], "b": [fake_result({0.1: 0.5, 0.2: 0.5}, sha="y")]},
+     None, "different images"),
+    ({"a": [fake_result({0.1: 0.5, 0.2: 0.5})], "b": [fake_result({0.1: 0.5}, eps=(0.1,))]}, None,
+     "different epsilons"),
+    ({"a": [fake_result({0.1: 0.5, 0.2: 0.5})]}, "ce", "baseline"),
+    ({"a": [fake_result({0.1: 0.5, 0.2: 0.5})] * 2, "b": [fake_result({0.1: 0.5, 0.2: 0.5})]}, "a", "seeds"),
+    ({"a": []}, None, "no evaluations"),
+])
+def test_seed_table_refuses(groups, baseline, message):
+    with pytest.raises(DecorrError, match=message):
+        seed_table(groups, baseline=baseline)
+
+
+def test_cli_across_seeds(tmp_path, capsys):
+    paths = []
+    for i, t in enumerate((0.4, 0.5)):
+        folder = tmp_path / f"ce_s{i}"
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(fake_result({0.1: t, 0.2: t})))
+        paths.append(str(folder))
+    table = summarize.main(["--across-seeds", "ce=" + ",".join(paths), "--out", str(tmp_path / "t.md")])
+    assert "| ce | 2 |" in table and (tmp_path / "t.md").read_text().strip() == table
+    for argv, message in ((["--across-seeds", "ce=" + paths[0], "ce=" + paths[1]], "given twice"),
+                          (["--across-seeds", "ce"], "not LABEL"),
+                          (["--baseline", "ce", "ce=" + paths[0]], "--across-seeds")):
+        with pytest.raises(SystemExit) as exit_info:
+            summarize.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and "Traceback" not in err
