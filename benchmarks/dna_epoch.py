@@ -30,7 +30,8 @@ from decorr.loss import correlation_loss
 from decorr.models import create_model
 from dna.models import forward_with_latents
 from dna.objectives import autoencoder_loss_from_errors, reconstruction_errors
-from dna.training import DnaConfig, train_autoencoder
+from dna.config import DnaConfig
+from dna.training import train_autoencoder
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"

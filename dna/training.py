@@ -25,234 +25,40 @@ sees is then one micro-batch across all processes, and it must still exceed the 
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from itertools import chain
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from decorr.batchnorm import convert_sync_batchnorm
-from decorr.config import add_config_arguments, add_run_arguments, config_kwargs, env_int, opt
 from decorr.checkpoint import build_model, load_checkpoint, model_entry, resolve_checkpoint
-from decorr.data import Augment, ImageDataset, ImageSplit, dataset_augment, iterate_batches, load_dataset, require_training_images
+from decorr.data import ImageDataset, ImageSplit, dataset_augment, iterate_batches, load_dataset, require_training_images
 from decorr.distributed import all_gather_with_grad
 from decorr.errors import DecorrError
-from decorr.loop import Built, Task, fit, prefixed, train_step
-from decorr.loss import correlation_loss, r_squared
-from decorr.models import create_model, model_spec
+from decorr.loop import Built, Task, fit, prefixed
+from decorr.loss import r_squared
+from decorr.models import create_model
 from decorr.modes import eval_mode
-from decorr.validation import check_at_least, check_finite, check_positive, check_seed, check_subset
 from decorr.training import TrainingRun, default_run_dir, releases_run_lock, unwrap
+from dna.config import STAGE_DIRS, DnaConfig
 from dna.models import forward_with_latents
-from dna.objectives import autoencoder_loss_from_errors, dna_accuracy, reconstruction_errors
+from dna.objectives import dna_accuracy, reconstruction_errors
+from dna.steps import _steps_per_epoch, autoencoder_objective, classifier_objective, latent_width, optimizer_steps
 
 __all__ = [
     "AutoencoderTask",
-    "DnaConfig",
     "ReconstructionClassifierTask",
-    "FAMILIES",
-    "MODEL_KINDS",
-    "PAPER_DEFAULTS",
-    "STAGE_DIRS",
-    "accumulated_step",
-    "autoencoder_objective",
-    "classifier_objective",
     "evaluate_autoencoder",
-    "latent_width",
-    "main",
-    "optimizer_steps",
-    "parse_args",
     "reconstruction_grid",
     "resolve_dna_checkpoint",
     "train_autoencoder",
     "train_classifier",
     "train_dna",
 ]
-
-FAMILIES = ("mnist", "cifar")
-MODEL_KINDS = ("dna", "ae")
-STAGE_DIRS = {1: "stage1", 2: "stage2"}
-
-#: The paper's hyperparameters (SPEC section 6) for stage 1, and our choice for stage 2, which the
-#: paper does not give: Adam 1e-3 with batches of 100 (MNIST, 10 epochs) / 250 (CIFAR-10, 30 epochs)
-#: images, i.e. 200 / 500 reconstructions per step.
-PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mnist": dict(dataset="mnist", epochs=40, batch_size=500, lr=5e-4,
-                  classifier_epochs=10, classifier_batch_size=100, classifier_lr=1e-3),
-    "cifar": dict(dataset="cifar10", epochs=30, batch_size=1250, lr=5e-4,
-                  classifier_epochs=30, classifier_batch_size=250, classifier_lr=1e-3),
-}
-
-
-@dataclass
-class DnaConfig:
-    """Hyperparameters of a DNA / AE run. Use :meth:`paper` for the paper's setting of a family."""
-
-    family: str = opt("mnist", "mnist or cifar (set by the script)", choices=FAMILIES)
-    model: str = opt("dna", "dual-neck (dna) or plain autoencoder (ae)", choices=MODEL_KINDS)
-    dataset: str = opt("mnist", "dataset name or path to an .npz")
-    unshared: int = opt(2, "layers per path that are not shared (DNA only): 2 = the DNA, 6 = two autoencoders",
-                        choices=(2, 4, 6))
-    # stage 1: the autoencoder
-    epochs: int = opt(40, "stage-1 epochs")
-    batch_size: int = opt(500, "stage-1 global batch per optimiser step (all processes and accumulation steps)")
-    lr: float = opt(5e-4, "stage-1 Adam learning rate")
-    lambda_corr: float = opt(0.05, "weight of the correlation loss")
-    # stage 2: the classifier on the reconstructions
-    classifier_epochs: int = opt(10, "stage-2 epochs")
-    classifier_batch_size: int = opt(100, "stage-2 global batch of images per optimiser step")
-    classifier_lr: float = opt(1e-3, "stage-2 Adam learning rate")
-    # both stages
-    augment: bool = opt(True, "no training augmentation (default: the dataset's, CIFAR-10: random crop pad 4 + flip)")
-    sync_bn: bool = opt(True, "batch norm over each process's shard only (default: over the global batch of all "
-                              "processes, the paper's 1250-sample statistics on N GPUs; one process: plain batch norm)")
-    gradient_accumulation_steps: int = opt(1, "split each batch into this many micro-batches (the correlation loss "
-                                              "sees one micro-batch)")
-    seed: int = opt(0, "seed of the initialisation and the batches")
-    train_subset: int | None = opt(None, "use only the first N training images")
-    test_subset: int | None = opt(None, "use only the first N test images")
-    eval_batch_size: int = opt(1000, "batch size of the evaluation after every epoch")
-    image_samples: int = opt(16, "test images whose reconstructions are logged to TensorBoard every epoch (0: none)")
-
-    @classmethod
-    def paper(cls, family: str, **overrides: Any) -> DnaConfig:
-        """The paper's setting for ``family`` ("mnist" or "cifar"), with ``overrides`` applied."""
-        if family not in PAPER_DEFAULTS:
-            raise DecorrError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise TypeError(f"unknown DnaConfig fields: {sorted(unknown)}")
-        return cls(**{"family": family, **PAPER_DEFAULTS[family], **overrides})
-
-    def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise DecorrError(f"unknown family {self.family!r}; choose one of {', '.join(FAMILIES)}")
-        if self.model not in MODEL_KINDS:
-            raise DecorrError(f"unknown model {self.model!r}; use --model dna (dual neck) or --model ae (plain)")
-        if self.model == "ae" and self.unshared != 2:
-            raise DecorrError("--unshared applies to the DNA only; drop it for --model ae")
-        if self.unshared not in (2, 4, 6):
-            raise DecorrError(f"--unshared {self.unshared} is not supported; use 2 (the DNA), 4, or 6")
-        for name in ("epochs", "batch_size", "classifier_epochs", "classifier_batch_size",
-                     "gradient_accumulation_steps", "eval_batch_size"):
-            check_at_least(name, getattr(self, name), 1)
-        check_at_least("image_samples", self.image_samples, 0)
-        check_positive("lr", self.lr)
-        check_positive("classifier_lr", self.classifier_lr)
-        check_finite("lambda_corr", self.lambda_corr, minimum=0)
-        check_seed(self.seed)
-        check_subset("train_subset", self.train_subset)
-        check_subset("test_subset", self.test_subset)
-        k = self.gradient_accumulation_steps
-        for name in ("batch_size", "classifier_batch_size"):
-            if getattr(self, name) % k:
-                raise DecorrError(
-                    f"--{name.replace('_', '-')} {getattr(self, name)} is not divisible by "
-                    f"--gradient-accumulation-steps {k}; the batch is split into {k} equal micro-batches"
-                )
-
-    # -- what gets built ---------------------------------------------------------------------------
-    @property
-    def autoencoder_arch(self) -> str:
-        return f"{self.model}_{self.family}"
-
-    @property
-    def autoencoder_kwargs(self) -> dict[str, Any]:
-        return {"unshared": self.unshared} if self.model == "dna" else {}
-
-    @property
-    def classifier_arch(self) -> str:
-        return f"dna_classifier_{self.family}"
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        shape = model_spec(self.autoencoder_arch).input_shape
-        assert shape is not None
-        return shape
-
-    def micro_batch_size(self, stage: int) -> int:
-        batch = self.batch_size if stage == 1 else self.classifier_batch_size
-        return batch // self.gradient_accumulation_steps
-
-
-# ------------------------------------------------------------------------------------------------
-# Objectives (one micro-batch; the global batch is gathered inside)
-
-
-def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    # Reduced precision (autocast) is upcast; float64 (used by the exactness tests) is kept.
-    return t if t.dtype == torch.float64 else t.float()
-
-
-def autoencoder_objective(
-    autoencoder: nn.Module, x: torch.Tensor, lambda_corr: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Stage-1 loss of the global batch (``x`` is this process's shard) and its terms for logging.
-
-    The per-sample reconstruction errors are gathered with gradient, so the MSE of each path is the
-    global batch's; the correlation loss gathers the latents itself. Reconstruction errors and the
-    correlation loss are computed in float32 under autocast.
-    """
-    recons, latents = forward_with_latents(autoencoder, x)
-    errors = reconstruction_errors([_at_least_float32(r) for r in recons], _at_least_float32(x))  # [P, n_local]
-    errors = all_gather_with_grad(errors.T.contiguous()).T  # [P, N]: the global batch
-    corr_values: list[torch.Tensor] = []
-
-    def corr_fn(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        value = correlation_loss(z1, z2)
-        corr_values.append(value.detach())
-        return value
-
-    loss = autoencoder_loss_from_errors(errors, latents, lambda_corr, corr_fn=corr_fn)
-    mse = errors.detach().mean(dim=1)
-    terms = {f"mse{n}": mse[n] for n in range(len(mse))}
-    if corr_values:
-        terms["corr"] = torch.stack(corr_values).sum()
-    terms["loss"] = loss.detach()
-    return loss, terms
-
-
-def classifier_objective(
-    autoencoder: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Stage-2 loss: mean cross-entropy over every path's reconstruction of the global batch.
-
-    The autoencoder is frozen (no gradient); the classifier sees all reconstructions of the shard at
-    once, so its batch norm (CIFAR-10) normalises over both paths' reconstructions together.
-    """
-    with torch.no_grad():
-        recons = autoencoder(x)
-    inputs = torch.cat([r.detach() for r in recons])
-    labels = y.repeat(len(recons))
-    per_sample = F.cross_entropy(_at_least_float32(classifier(inputs)), labels, reduction="none")
-    loss = all_gather_with_grad(per_sample).mean()
-    return loss, {"ce": loss.detach()}
-
-
-# ------------------------------------------------------------------------------------------------
-# Evaluation during training
-
-
-@torch.no_grad()
-def latent_width(autoencoder: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Number of features of one path's latent (64 for MNIST, 448 for CIFAR-10)."""
-    model = unwrap(autoencoder)
-    with eval_mode(model):
-        _, latents = forward_with_latents(model, torch.zeros(1, *input_shape, device=_device_of(model)))
-    return int(latents[0][0].numel())
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
 
 @torch.no_grad()
 def evaluate_autoencoder(
@@ -314,52 +120,6 @@ def reconstruction_grid(autoencoder: nn.Module, x: torch.Tensor) -> torch.Tensor
     with eval_mode(model):
         recons = model(x)
     return torch.cat([x, *recons]).float()
-
-
-# ------------------------------------------------------------------------------------------------
-# Training loop pieces
-
-
-def optimizer_steps(
-    split: ImageSplit, config: DnaConfig, stage: int, epoch: int, augment: Augment | None,
-    run: TrainingRun,
-) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The micro-batches of each optimiser step of one epoch (``gradient_accumulation_steps`` each).
-
-    Micro-batches are whole global batches, sharded over processes, so the samples of every loss are
-    the same for any number of processes. Incomplete batches at the end of an epoch are dropped: the
-    correlation loss needs full batches.
-    """
-    k = config.gradient_accumulation_steps
-    batches = iterate_batches(split, config.micro_batch_size(stage), shuffle=True, seed=config.seed, epoch=epoch,
-                              drop_last=True, augment=augment, shard=run.shard, device=run.device)
-    group: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == k:
-            yield group
-            group = []
-
-
-def _steps_per_epoch(n: int, config: DnaConfig, stage: int) -> int:
-    return (n // config.micro_batch_size(stage)) // config.gradient_accumulation_steps
-
-
-def accumulated_step(
-    run: TrainingRun,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-    objective: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
-) -> dict[str, torch.Tensor]:
-    """One optimiser step over ``micro_batches``; returns the loss terms averaged over them.
-
-    :func:`decorr.loop.train_step`: each micro-batch in ``accelerator.accumulate``, so
-    ``accelerator.backward`` divides its loss by the number of accumulation steps, and the
-    data-parallel gradient all-reduce and the optimiser step run once, on the last micro-batch.
-    """
-    return train_step(optimizer, micro_batches, lambda batch: objective(*batch), accelerator=run.accelerator,
-                      models=[model])
 
 
 def _load_data(config: DnaConfig, data_root: str | None) -> ImageDataset:
@@ -664,35 +424,3 @@ def resolve_dna_checkpoint(path: str | Path) -> Path:
     return directory
 
 
-# ------------------------------------------------------------------------------------------------
-# Command line (train/dna_mnist.py and train/dna_cifar.py)
-
-
-def parse_args(family: str, argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
-    """The training scripts' options; defaults are the paper's setting of ``family``."""
-    defaults = {**asdict(DnaConfig.paper(family)),
-                "gradient_accumulation_steps": env_int("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", 1)}
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=("1", "2", "both"), default="both",
-                   help="1: autoencoder, 2: classifier on the frozen autoencoder, both: one after the other")
-    p.add_argument("--from", dest="init_from", default=None,
-                   help="stage-1 checkpoint whose autoencoder stage 2 uses (default: RUN_DIR/stage1)")
-    add_config_arguments(p, DnaConfig, exclude=("family",), defaults=defaults)
-    add_run_arguments(p, run_dir_help="where both stages' checkpoints and TensorBoard logs go (default: a new "
-                                      "runs/<model>_<family>/<timestamp>)",
-                      resume_help="continue the stages in --run-dir from their checkpoints")
-    return p.parse_args(argv)
-
-
-def main(family: str, argv: list[str] | None = None, description: str | None = None) -> dict[str, Any]:
-    """Parse the command line, train, print the final metrics as JSON and return them."""
-    args = parse_args(family, argv, description)
-    config = DnaConfig.paper(family, **config_kwargs(DnaConfig, args, exclude=("family",)))
-    results = train_dna(config, args.run_dir, stage=args.stage, init_from=args.init_from, resume=args.resume,
-                        data_root=args.data_root, mixed_precision=args.mixed_precision, cpu=args.cpu,
-                        log=not args.no_tensorboard)
-    from decorr.distributed import rank
-
-    if rank() == 0:
-        print(json.dumps(results, indent=2))
-    return results

@@ -35,7 +35,8 @@ from decorr.data import Augment, ImageSplit
 from decorr.distributed import all_gather_with_grad
 from decorr.models import create_model
 from decorr.training import TrainingRun, unwrap
-from dna.training import DnaConfig, accumulated_step, autoencoder_objective, optimizer_steps
+from dna.config import DnaConfig
+from dna.steps import accumulated_step, autoencoder_objective, optimizer_steps
 
 #: DNA cases: name -> (family, global batch, sync_bn, gradient accumulation steps). The batches exceed
 #: the latent width (64 / 448) by a little, to keep the step fast.

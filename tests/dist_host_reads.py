@@ -22,7 +22,8 @@ from decorr.batchnorm import convert_sync_batchnorm
 from decorr.data import Augment, ImageSplit
 from decorr.models import create_model
 from decorr.training import TrainingRun
-from dna.training import DnaConfig, accumulated_step, autoencoder_objective, optimizer_steps
+from dna.config import DnaConfig
+from dna.steps import accumulated_step, autoencoder_objective, optimizer_steps
 
 READERS = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__")
 

@@ -63,7 +63,8 @@ def test_dverge_flags_keep_their_names_and_defaults():
 
 
 def test_dna_flags_default_to_the_family_and_take_image_samples():
-    from dna.training import DnaConfig, parse_args
+    from dna.cli import parse_args
+    from dna.config import DnaConfig
     from decorr.config import config_kwargs
 
     args = parse_args("cifar", ["--image-samples", "3", "--no-augment", "--unshared", "4", "--from", "s1"])

@@ -32,16 +32,9 @@ from dna.evaluation import (
 )
 from dna.models import forward_with_latents
 from dna.objectives import dna_accuracy, path_predictions
-from dna.training import (
-    DnaConfig,
-    accumulated_step,
-    autoencoder_objective,
-    classifier_objective,
-    resolve_dna_checkpoint,
-    train_autoencoder,
-    train_classifier,
-    train_dna,
-)
+from dna.config import DnaConfig
+from dna.steps import accumulated_step, autoencoder_objective, classifier_objective
+from dna.training import resolve_dna_checkpoint, train_autoencoder, train_classifier, train_dna
 
 REPO = Path(__file__).resolve().parents[1]
 

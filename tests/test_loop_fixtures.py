@@ -117,7 +117,8 @@ def test_dverge(mnist, tmp_path):
 
 
 def test_dna_both_stages_with_accumulation(tiny_mnist, tmp_path):
-    from dna.training import DnaConfig, train_autoencoder, train_classifier
+    from dna.config import DnaConfig
+    from dna.training import train_autoencoder, train_classifier
 
     config = DnaConfig.paper("mnist", epochs=2, batch_size=200, classifier_epochs=1, classifier_batch_size=100,
                              gradient_accumulation_steps=2, eval_batch_size=64, image_samples=0, seed=5)

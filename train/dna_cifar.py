@@ -11,7 +11,7 @@ lambda 0.05, random crop (pad 4) and horizontal flip; the classifier (our choice
 from __future__ import annotations
 
 from decorr.errors import cli_entry
-from dna.training import main as train_main
+from dna.cli import main as train_main
 
 
 @cli_entry

@@ -11,7 +11,7 @@ lambda 0.05; the classifier (our choice): Adam 1e-3, batch 100, 10 epochs on bot
 from __future__ import annotations
 
 from decorr.errors import cli_entry
-from dna.training import main as train_main
+from dna.cli import main as train_main
 
 
 @cli_entry
