@@ -28,8 +28,8 @@ from decorr.dverge import (
     DvergeConfig,
     dverge_step,
     feature_distillation,
-    load_init_models,
 )
+from decorr.dverge_training import load_init_models
 from decorr.models import create_model
 from decorr.training import write_json
 

@@ -165,7 +165,7 @@ def state_sha256(module: nn.Module) -> str:
 
 
 def _load_init(config: EnsembleConfig, options: SpecOptions | None) -> tuple[Members, dict[str, Any], str | None]:
-    from decorr.dverge import load_init_models
+    from decorr.dverge_training import load_init_models
 
     models, entries, origins, dataset = load_init_models(config.init, options)
     layers = [entries[n].get("feature_layer") for n in models]

@@ -22,10 +22,9 @@ from decorr.dverge import (
     dverge_objective,
     dverge_step,
     feature_distillation,
-    format_history,
     layer_output,
-    train_dverge,
 )
+from decorr.dverge_training import format_history, train_dverge
 from decorr.errors import DecorrError
 from decorr.models import create_model
 

@@ -101,7 +101,8 @@ def test_classifier_cifar(cifar_subset, tmp_path):
 
 
 def test_dverge(mnist, tmp_path):
-    from decorr.dverge import DvergeConfig, train_dverge
+    from decorr.dverge import DvergeConfig
+    from decorr.dverge_training import train_dverge
 
     torch.manual_seed(30)
     models = {"model0": create_model("mnist_cnn"), "model1": create_model("mnist_cnn")}

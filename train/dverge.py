@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 
 from decorr.config import add_config_arguments, add_run_arguments, config_from_args
-from decorr.dverge import DvergeConfig, format_history, train_dverge
+from decorr.dverge import DvergeConfig
+from decorr.dverge_training import format_history, train_dverge
 from decorr.errors import cli_entry
 from decorr.models.specs import SPEC_HELP, add_spec_arguments, spec_options
 
