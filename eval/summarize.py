@@ -41,9 +41,12 @@ def _load(path: str) -> dict:
     if file.is_dir():
         file = file / "results.json"
     try:
-        return json.loads(file.read_text())
+        result = json.loads(file.read_text())
     except (OSError, ValueError) as err:
         raise DecorrError(f"cannot read {file} ({err}); give a results.json of eval/transfer.py") from None
+    if not isinstance(result, dict) or not str(result.get("format", "")).startswith("decorr-transfer/"):
+        raise DecorrError(f"{file} is not a results.json of eval/transfer.py (no 'format': 'decorr-transfer/...')")
+    return result
 
 
 def _read(text: str, many: bool = False) -> tuple[str, dict | list[dict]]:

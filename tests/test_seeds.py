@@ -24,7 +24,7 @@ def fake_result(transfer: dict, *, acc=(0.9, 0.8, 0.7), r2=0.5, eps=(0.1, 0.2), 
     pairs.append({"a": "m0", "b": "ens", "natural_features": None})
     by_eps = [{"eps": e, "transfer": {s: {t: None if s == t else transfer[e] * (1 + 0.1 * k) for t in members + ["ens"]}
                                       for k, s in enumerate(members)}} for e in eps]
-    return {"settings": {"samples_sha256": sha, "num_samples": 100}, "models": models,
+    return {"format": "decorr-transfer/1", "settings": {"samples_sha256": sha, "num_samples": 100}, "models": models,
             "targets": members + ["ens"], "sources": members, "pairs": pairs, "by_eps": by_eps}
 
 
@@ -90,7 +90,12 @@ def test_cli_across_seeds(tmp_path, capsys):
         paths.append(str(folder))
     table = summarize.main(["--across-seeds", "ce=" + ",".join(paths), "--out", str(tmp_path / "t.md")])
     assert "| ce | 2 |" in table and (tmp_path / "t.md").read_text().strip() == table
+    (tmp_path / "other.json").write_text(json.dumps({"sources": []}))
+    (tmp_path / "list.json").write_text("[1]")
     for argv, message in ((["--across-seeds", "ce=" + paths[0], "ce=" + paths[1]], "given twice"),
+                          (["--across-seeds", f"ce={paths[0]},{tmp_path / 'other.json'}"], "not a results.json"),
+                          ([f"ce={tmp_path / 'list.json'}"], "not a results.json"),
+                          ([f"ce={tmp_path / 'missing.json'}"], "cannot read"),
                           (["--across-seeds", "ce"], "not LABEL"),
                           (["--baseline", "ce", "ce=" + paths[0]], "--across-seeds")):
         with pytest.raises(SystemExit) as exit_info:
