@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from decorr import data
+from decorr.datasets import builtin, locate
 from decorr.data import (
     Augment,
     AugmentDraw,
@@ -171,9 +172,9 @@ def test_missing_dataset_lists_every_folder(isolated, monkeypatch):
 
 def test_fashion_mnist_error_names_the_debian_package(isolated, monkeypatch):
     # Hide the system folder so that the error is raised even where the package is installed.
-    real_candidates = data._candidate_folders
+    real_candidates = locate._candidate_folders
     without_system = lambda root, layouts, system=(): real_candidates(root, layouts)  # noqa: E731
-    monkeypatch.setattr(data, "_candidate_folders", without_system)
+    monkeypatch.setattr(builtin, "_candidate_folders", without_system)
     with pytest.raises(DecorrError, match="apt-get install -y dataset-fashion-mnist"):
         load_dataset("fashion-mnist", isolated / "empty", download=False)
 
@@ -184,7 +185,7 @@ def test_failed_download_leaves_no_empty_folders(tmp_path):
         raise OSError("no network")
 
     (tmp_path / "kept").mkdir()
-    error = data._download("mnist", tmp_path / "dl", fetch, ["MNIST/raw"])
+    error = locate._download("mnist", tmp_path / "dl", fetch, ["MNIST/raw"])
     assert error is not None and "no network" in error
     assert not (tmp_path / "dl").exists() and (tmp_path / "kept").exists()
 

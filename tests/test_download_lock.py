@@ -17,6 +17,7 @@ import sys, time
 from pathlib import Path
 import numpy as np
 from decorr import data
+from decorr.datasets import locate
 
 root = Path(sys.argv[1])
 
@@ -35,7 +36,7 @@ def fetch(download_root):
 def loader(root_arg, download=True):
     target = root / "fake.npz"
     if not target.exists():
-        error = data._download("fake", root, fetch, [])
+        error = locate._download("fake", root, fetch, [])
         if error:
             raise SystemExit(error)
     return data.load_npz_dataset(target, name="fake")

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from decorr.data import to_float
+from decorr.datasets.base import to_float
 from decorr.datasets.decode import probe_images
 from decorr.datasets.stream import file_split
 from decorr.errors import DecorrError

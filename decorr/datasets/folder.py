@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from decorr.data import ImageDataset, ImageSplit
+from decorr.datasets.base import ImageDataset, ImageSplit
 from decorr.datasets.decode import IMAGE_EXTENSIONS, is_image_file, probe_images
 from decorr.datasets.stream import file_split
 from decorr.errors import DecorrError

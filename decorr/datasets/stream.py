@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from decorr.data import ImageSplit
+from decorr.datasets.base import ImageSplit
 from decorr.datasets.decode import Decoder, batch_bytes
 from decorr.errors import DecorrError
 
