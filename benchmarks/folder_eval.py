@@ -75,6 +75,68 @@ def ours(args, folder, specs, budget):
                                       seed=0, features=False, log=None)
 
 
+def proc_status_mb(key: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, in MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def reset_peak() -> float:
+    """Reset this process's peak RSS (``clear_refs`` 5, Linux >= 4.0) and return the RSS now, in MiB.
+
+    Loading the models makes the lifetime peak (a state dict and a freshly built model side by side), so
+    the memory of the evaluation itself is the peak after the models are in place."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return proc_status_mb("VmRSS")
+
+
+def peak_rss_mb(after_load: float | None = None) -> dict[str, float | None]:
+    """Peak memory of this process: lifetime, and since the models were loaded; its finished children's."""
+    return {"lifetime": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_after_load": after_load, "since_load": proc_status_mb("VmHWM"),
+            "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def models_pass(args, specs, batches) -> dict[str, float | None]:
+    """The attack and target pass of the evaluation on ``batches``, with the models decorr's loader builds."""
+    from decorr.models.specs import load_specs
+
+    loaded = load_specs(specs, log=lambda message: None)
+    src, tgt = (loaded[name].module for name in loaded)
+    after_load = reset_peak()
+    for x, y in batches:
+        x_adv = x.clone()
+        for _ in range(args.steps):
+            x_adv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(F.cross_entropy(src(x_adv), y), x_adv)
+            x_adv = (x + (x_adv.detach() + args.step_size * grad.sign() - x).clamp(-args.eps, args.eps)).clamp(0, 1)
+        with torch.no_grad():
+            src(x_adv), tgt(x_adv)
+    return peak_rss_mb(after_load)
+
+
+def memory_child(args, mode: str, folder: Path, specs: list[str]) -> dict[str, float]:
+    """Peak RSS of the models alone (``models``) or with the folder decoded into memory (``memory``)."""
+    count, shape = args.memory_batches, (args.batch_size, 3, args.image_size, args.image_size)
+    if mode == "models":
+        generator = torch.Generator().manual_seed(0)
+        batches = [(torch.rand(shape, generator=generator), torch.randint(0, 3, (shape[0],), generator=generator))
+                   for _ in range(count)]
+        return models_pass(args, specs, batches)
+    split = load_dataset(str(folder), image_size=args.image_size, memory_budget_mb=4096).test
+    assert type(split).__name__ != "StreamedSplit", "the in-memory child must hold the images in memory"
+    batches = [(to_float(split.images[i:i + shape[0]]), split.labels[i:i + shape[0]])
+               for i in range(0, count * shape[0], shape[0])]
+    return {**models_pass(args, specs, batches), "images_mb": split.images.numel() * split.images.element_size() / 2 ** 20}
+
+
+def run_child(argv: list[str]) -> dict:
+    child = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=40)
@@ -85,17 +147,34 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--memory-batches", type=int, default=3, help="batches of the models-only and in-memory runs")
     parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)  # folder r18 vgg11: RSS run
+    parser.add_argument("--memory-child", nargs=4, default=None, help=argparse.SUPPRESS)  # mode folder r18 vgg11
     args = parser.parse_args()
     torch.set_num_threads(1)
     size = args.num_images * 3 * args.image_size ** 2 / 2 ** 20
     budget = round(size / 4, 3)  # a quarter of the set: streamed
+    if args.memory_child:
+        mode, folder, r18, vgg = args.memory_child
+        print(json.dumps(memory_child(args, mode, Path(folder),
+                                      [f"torchvision.resnet18={r18}", f"torchvision.vgg11={vgg}"])))
+        return
     if args.child:
         folder, r18, vgg = args.child
+        import decorr.transfer
+
+        loads, load_specs = [], decorr.transfer.load_specs
+
+        def load_then_reset(*a, **k):  # the peak of the evaluation itself starts when the models are in place
+            models = load_specs(*a, **k)
+            loads.append(reset_peak())
+            return models
+
+        decorr.transfer.load_specs = load_then_reset
         tick = time.perf_counter()
         data, result = ours(args, Path(folder), [f"torchvision.resnet18={r18}", f"torchvision.vgg11={vgg}"], budget)
-        print(json.dumps({"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                          "ours_s": time.perf_counter() - tick, "split": type(data.test).__name__, "result": result}))
+        print(json.dumps({"max_rss_mb": peak_rss_mb(loads[-1]), "ours_s": time.perf_counter() - tick,
+                          "split": type(data.test).__name__, "result": result}))
         return
     with tempfile.TemporaryDirectory(prefix="folder_bench_") as tmp:
         tmp = Path(tmp)
@@ -110,9 +189,10 @@ def main() -> None:
         tick = time.perf_counter()
         natural, adv = bare_loop(files, x_all, y_all, args.eps, args.steps, args.step_size, args.batch_size, 0)
         bare_s = time.perf_counter() - tick
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", str(tmp / "images"),
-                                str(files["r18"]), str(files["vgg11"])], capture_output=True, text=True, check=True)
-        measured = json.loads(child.stdout.strip().splitlines()[-1])
+        paths = [str(tmp / "images"), str(files["r18"]), str(files["vgg11"])]
+        measured = run_child([*sys.argv[1:], "--child", *paths])
+        models_only = run_child([*sys.argv[1:], "--memory-child", "models", *paths])
+        in_memory = run_child([*sys.argv[1:], "--memory-child", "memory", *paths])
         rss, ours_s, streamed, result = measured["max_rss_mb"], measured["ours_s"], measured["split"], measured["result"]
     row = result["by_eps"][0]
     ours_acc = {"r18": row["white_box_accuracy"]["r18"], "vgg11": row["accuracy"]["r18"]["vgg11"]}
@@ -123,15 +203,23 @@ def main() -> None:
         "settings": {"num_images": n, "image_size": args.image_size, "eps": args.eps, "steps": args.steps,
                      "step_size": args.step_size, "batch_size": args.batch_size, "workers": args.workers,
                      "attack": "pgd linf, resnet18 source, vgg11 target (random weights, 3 classes)",
-                     "note": "sized to finish in about 5 minutes on one CPU thread (the issue's 200 images, PGD-10 "
-                             "would take far longer); 16 images, PGD-10, batch 8"},
+                     "memory_batches": args.memory_batches},
         "split": streamed, "decoded_set_mb": round(size, 2), "memory_budget_mb": budget,
         "ours_s": round(ours_s, 2), "bare_s": round(bare_s, 2),
         "ours_s_per_image": round(ours_s / n, 4), "bare_s_per_image": round(bare_s / n, 4),
         "ratio": round(ours_s / bare_s, 3), "ours_timing": {k: round(v, 2) for k, v in result["timing"].items()},
         "identical": ours_acc == adv and ours_natural == natural, "accuracy_under_attack": adv,
         "natural_accuracy": natural,
-        "streamed_peak_rss_mb": round(rss, 1),
+        "streamed_peak_rss_mb": round(rss["lifetime"], 1),
+        "memory_mb": {  # peak RSS of each child process, lifetime and since its models were loaded
+            "streamed": {k: round(v, 1) for k, v in rss.items()},
+            "models_only": {k: round(v, 1) for k, v in models_only.items()},
+            "in_memory": {k: round(v, 1) for k, v in in_memory.items()},
+        },
+        "in_memory_images_mb": round(in_memory["images_mb"], 2),
+        # the images' share of the evaluation's memory: its peak after loading, minus that of the models alone
+        "images_share_streamed_mb": round(rss["since_load"] - models_only["since_load"], 1),
+        "images_share_in_memory_mb": round(in_memory["since_load"] - models_only["since_load"], 1),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "torchvision": torchvision.__version__,
         "machine": platform.processor() or platform.machine(), "python": sys.version.split()[0],
     }

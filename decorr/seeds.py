@@ -160,7 +160,8 @@ def seed_table(groups: Mapping[str, Sequence[Mapping[str, Any]]], *, baseline: s
     else:
         where = (f"R^2 over member pairs, both directions; active features{width}; T: the members' mean transfer "
                  f"rate over ordered pairs; all on the evaluation's {n} images")
-    lines += ["", f"Means over seeds with 95% t-intervals; each seed's number is the mean over its members ({where})."]
+    lines += ["", f"Means over seeds with 95% t-intervals (not clipped to the possible range; few seeds make them wide); "
+              f"each seed's number is the mean over its members ({where})."]
     if baseline is not None:
         base = measures[baseline]
         header = ["method", *[f"{title} minus {baseline}" for _, title in transfer_keys]]
