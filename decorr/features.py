@@ -15,7 +15,12 @@ import torch.nn as nn
 
 from decorr.errors import DecorrError
 
-__all__ = ["find_module", "record_features", "get_features", "layer_output", "feature_diagnostics"]
+__all__ = ["DEAD_FEATURES_BELOW", "dead_features_warning", "feature_diagnostics", "find_module", "get_features",
+           "layer_output", "record_features"]
+
+#: A feature layer with fewer active columns than this fraction is reported as collapsed (the training
+#: scripts warn once per epoch; see :func:`dead_features_warning`).
+DEAD_FEATURES_BELOW = 0.05
 
 
 def find_module(model: nn.Module, name: str) -> nn.Module:
@@ -136,3 +141,17 @@ def layer_output(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
     if layer not in recorded:
         raise DecorrError(f"module {layer!r} was not called in the forward pass; choose another layer")
     return recorded[layer]
+
+
+def dead_features_warning(name: str, layer: str, active: float, *, correlation: bool = False,
+                          warmup_epochs: int = 0) -> str:
+    """The one-line warning for a collapsed feature layer (``active``: the fraction of columns that vary).
+
+    With the correlation loss on (``correlation``) a constant layer is its trivial minimum (L_corr = 0), and
+    without a warm-up the fix is to start with cross-entropy alone for an epoch (or another seed).
+    """
+    why = (": a constant feature layer is a trivial minimum of the correlation loss (L_corr = 0) and this model "
+           "will not learn" if correlation else "; this model will not learn")
+    fix = "; restart with --corr-warmup-epochs 1 (or another --seed)" if correlation and warmup_epochs == 0 else ""
+    return (f"warning: {name}'s features at {layer} are (almost) constant on the test set ({100 * active:.1f}% of "
+            f"columns vary){why}{fix}")

@@ -26,7 +26,7 @@ from decorr.config import opt
 from decorr.data import ImageSplit, iterate_batches, last_batch_too_small, load_dataset, num_batches, require_training_images
 from decorr.distributed import all_gather_with_grad, all_reduce_sum, global_mean
 from decorr.errors import DecorrError
-from decorr.features import feature_diagnostics, record_features
+from decorr.features import DEAD_FEATURES_BELOW, dead_features_warning, feature_diagnostics, record_features
 from decorr.loop import Built, Task, fit, prefixed
 from decorr.loss import correlation_loss, pca_pearson, parameter_distance, r_squared
 from decorr.models import create_model, model_spec
@@ -104,19 +104,6 @@ class PairConfig:
     def lambda_at(self, epoch: int) -> float:
         """The correlation weight in epoch ``epoch`` (0-based): 0 during the warm-up."""
         return 0.0 if epoch < self.corr_warmup_epochs else self.lambda_effective
-
-
-#: A model with fewer varying feature columns than this (fraction) on the test split has collapsed.
-DEAD_FEATURES_BELOW = 0.05
-
-
-def dead_features_warning(name: str, layer: str, active: float, config: PairConfig) -> str:
-    """The one-line warning for a collapsed feature layer, with what to do about it."""
-    fix = ("; restart with --corr-warmup-epochs 1 (or another --seed)" if config.lambda_effective > 0
-           and config.corr_warmup_epochs == 0 else "")
-    return (f"warning: {name}'s features at {layer} are (almost) constant on the test set ({100 * active:.1f}% of "
-            "columns vary): a constant feature layer is a trivial minimum of the correlation loss "
-            f"(L_corr = 0) and this model will not learn{fix}")
 
 
 def feature_width(model: nn.Module, layer: str, input_shape: tuple[int, ...]) -> int:
@@ -344,5 +331,7 @@ class PairTask(Task):
         )
         for name in MODEL_NAMES:
             if evaluation[f"active_features_{name}"] < DEAD_FEATURES_BELOW:
-                run.print(dead_features_warning(name, self.layer, evaluation[f"active_features_{name}"], config))
+                run.print(dead_features_warning(name, self.layer, evaluation[f"active_features_{name}"],
+                                                correlation=config.lambda_effective > 0,
+                                                warmup_epochs=config.corr_warmup_epochs))
         return metrics

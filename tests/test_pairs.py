@@ -19,7 +19,8 @@ from decorr.checkpoint import load_checkpoint, load_models
 from decorr.errors import DecorrError
 from decorr.loss import correlation_loss, parameter_distance
 from decorr.models import create_model
-from decorr.pairs import PairConfig, dead_features_warning, evaluate_models, pair_objective, train_pair
+from decorr.features import dead_features_warning
+from decorr.pairs import PairConfig, evaluate_models, pair_objective, train_pair
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "pair_classifiers.py"
@@ -87,10 +88,12 @@ def test_dead_feature_layer_is_detected_and_explained(mnist):
     assert result["effective_rank_model1"] == 0.0 and result["effective_rank_model0"] > 1.0
     z = torch.zeros(900, 784)
     assert float(correlation_loss(torch.randn(900, 784), z)) == pytest.approx(0.0, abs=1e-6)
-    message = dead_features_warning("model1", "features.pool2", 0.0, PairConfig(mode="dec"))
+    message = dead_features_warning("model1", "features.pool2", 0.0, correlation=True)
     assert message.startswith("warning: model1's features at features.pool2") and "--corr-warmup-epochs 1" in message
-    assert "\n" not in message
-    assert "--corr-warmup-epochs" not in dead_features_warning("model1", "f", 0.0, PairConfig(mode="cor"))
+    assert "trivial minimum" in message and "\n" not in message
+    assert "--corr-warmup-epochs" not in dead_features_warning("model1", "f", 0.0, correlation=True, warmup_epochs=1)
+    without = dead_features_warning("model1", "f", 0.0)  # e.g. ce: dead ReLUs, not the correlation loss
+    assert "--corr-warmup-epochs" not in without and "trivial minimum" not in without
 
 
 @pytest.mark.slow

@@ -34,7 +34,8 @@ from decorr.errors import DecorrError
 from decorr.features import record_features
 from decorr.loop import Built, Task, prefixed
 from decorr.models import create_model
-from decorr.pairs import DEAD_FEATURES_BELOW, evaluate_models
+from decorr.features import DEAD_FEATURES_BELOW, dead_features_warning
+from decorr.pairs import evaluate_models
 from decorr.training import TrainingRun, unwrap
 
 __all__ = ["METHODS", "EnsembleTask", "Members", "Surrogate", "register_method", "method_class",
@@ -193,7 +194,7 @@ class EnsembleTask(Task):
                   f"acc {accs}{ensemble}{shown_r2}  {seconds:.1f} s")
         for name in models:
             if evaluation[f"active_features_{name}"] < DEAD_FEATURES_BELOW:
-                run.print(f"warning: {name}'s features at {layers[name]} are (almost) constant on the test set "
-                          f"({100 * evaluation[f'active_features_{name}']:.1f}% of columns vary); this model will not "
-                          "learn (a constant feature layer is a trivial minimum of the correlation loss)")
+                run.print(dead_features_warning(name, layers[name], evaluation[f"active_features_{name}"],
+                                                correlation=self.uses_correlation and config.lambda_corr > 0,
+                                                warmup_epochs=config.corr_warmup_epochs))
         return metrics
