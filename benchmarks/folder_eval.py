@@ -6,9 +6,15 @@ with ``torch.save`` in a temp dir, specs ``torchvision.resnet18=r18.pth`` ...) a
 ``decorr.transfer.evaluate_checkpoints`` with the folder streamed (``memory_budget_mb`` below the set's
 size, DataLoader workers decoding), PGD Linf. "bare" is a loop over the same decoded tensors (in memory),
 the same random starts and the same models loaded by hand; every accuracy must be equal. Reported: time per
-image of each, their ratio (goal <= 1.10), and the peak RSS of the streamed evaluation in a fresh process
-against the budget (the models' own memory is beside it). "ours" runs in a fresh child process (timed and
-measured there), "bare" in the parent.
+image of each and their ratio (goal <= 1.10), and where the memory goes. Three fresh child processes report
+their peak RSS, over their lifetime (``ru_maxrss``: loading the models makes it, a state dict and a freshly
+built model side by side) and since their models were loaded (``VmHWM`` after a reset, Linux): "streamed"
+(the timed evaluation, folder streamed through DataLoader workers, which are measured apart as
+RUSAGE_CHILDREN), "in memory" (the same evaluation with the decoded set held in memory: the same work, with
+the images resident) and "models only" (the two models by the same spec loader and the same attack and
+target pass on ``--memory-batches`` batches of random tensors, no dataset). The images' share of the
+streamed run is its peak since loading minus the in-memory run's, plus the decoded set's size (which the
+in-memory run holds throughout). "bare" runs in the parent.
 
     OMP_NUM_THREADS=1 python benchmarks/folder_eval.py --num-images 40 --steps 2 --json benchmarks/results/folder_eval.json
 """
@@ -117,19 +123,13 @@ def models_pass(args, specs, batches) -> dict[str, float | None]:
     return peak_rss_mb(after_load)
 
 
-def memory_child(args, mode: str, folder: Path, specs: list[str]) -> dict[str, float]:
-    """Peak RSS of the models alone (``models``) or with the folder decoded into memory (``memory``)."""
-    count, shape = args.memory_batches, (args.batch_size, 3, args.image_size, args.image_size)
-    if mode == "models":
-        generator = torch.Generator().manual_seed(0)
-        batches = [(torch.rand(shape, generator=generator), torch.randint(0, 3, (shape[0],), generator=generator))
-                   for _ in range(count)]
-        return models_pass(args, specs, batches)
-    split = load_dataset(str(folder), image_size=args.image_size, memory_budget_mb=4096).test
-    assert type(split).__name__ != "StreamedSplit", "the in-memory child must hold the images in memory"
-    batches = [(to_float(split.images[i:i + shape[0]]), split.labels[i:i + shape[0]])
-               for i in range(0, count * shape[0], shape[0])]
-    return {**models_pass(args, specs, batches), "images_mb": split.images.numel() * split.images.element_size() / 2 ** 20}
+def models_only_child(args, specs: list[str]) -> dict[str, float | None]:
+    """Peak RSS of the two models alone: the attack and target pass on random batches of the set's shape."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    batches = [(torch.rand(shape, generator=generator), torch.randint(0, 3, (shape[0],), generator=generator))
+               for _ in range(args.memory_batches)]
+    return models_pass(args, specs, batches)
 
 
 def run_child(argv: list[str]) -> dict:
@@ -147,20 +147,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--memory-batches", type=int, default=3, help="batches of the models-only and in-memory runs")
-    parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)  # folder r18 vgg11: RSS run
-    parser.add_argument("--memory-child", nargs=4, default=None, help=argparse.SUPPRESS)  # mode folder r18 vgg11
+    parser.add_argument("--memory-batches", type=int, default=3, help="batches of the models-only run")
+    parser.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)  # folder r18 vgg11 budget
+    parser.add_argument("--memory-child", nargs=3, default=None, help=argparse.SUPPRESS)  # folder r18 vgg11
     args = parser.parse_args()
     torch.set_num_threads(1)
     size = args.num_images * 3 * args.image_size ** 2 / 2 ** 20
     budget = round(size / 4, 3)  # a quarter of the set: streamed
     if args.memory_child:
-        mode, folder, r18, vgg = args.memory_child
-        print(json.dumps(memory_child(args, mode, Path(folder),
-                                      [f"torchvision.resnet18={r18}", f"torchvision.vgg11={vgg}"])))
+        folder, r18, vgg = args.memory_child
+        print(json.dumps(models_only_child(args, [f"torchvision.resnet18={r18}", f"torchvision.vgg11={vgg}"])))
         return
     if args.child:
-        folder, r18, vgg = args.child
+        folder, r18, vgg, budget = args.child
+        budget = float(budget)
         import decorr.transfer
 
         loads, load_specs = [], decorr.transfer.load_specs
@@ -183,17 +183,19 @@ def main() -> None:
         files = {"r18": tmp / "r18.pth", "vgg11": tmp / "vgg11.pth"}
         torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), files["r18"])
         torch.save(torchvision.models.vgg11(num_classes=3).state_dict(), files["vgg11"])
-        specs = [f"torchvision.resnet18={files['r18']}", f"torchvision.vgg11={files['vgg11']}"]
         memory = load_dataset(str(tmp / "images"), image_size=args.image_size).test
         x_all, y_all = to_float(memory.images), memory.labels
         tick = time.perf_counter()
         natural, adv = bare_loop(files, x_all, y_all, args.eps, args.steps, args.step_size, args.batch_size, 0)
         bare_s = time.perf_counter() - tick
         paths = [str(tmp / "images"), str(files["r18"]), str(files["vgg11"])]
-        measured = run_child([*sys.argv[1:], "--child", *paths])
-        models_only = run_child([*sys.argv[1:], "--memory-child", "models", *paths])
-        in_memory = run_child([*sys.argv[1:], "--memory-child", "memory", *paths])
+        measured = run_child([*sys.argv[1:], "--child", *paths, str(budget)])
+        in_memory_run = run_child([*sys.argv[1:], "--child", *paths, "4096"])
+        models_only = run_child([*sys.argv[1:], "--memory-child", *paths])
         rss, ours_s, streamed, result = measured["max_rss_mb"], measured["ours_s"], measured["split"], measured["result"]
+        in_memory = in_memory_run["max_rss_mb"]
+        assert streamed == "StreamedSplit" and in_memory_run["split"] != "StreamedSplit", (streamed, in_memory_run["split"])
+        assert in_memory_run["result"]["by_eps"][0]["accuracy"] == result["by_eps"][0]["accuracy"], "streamed != in memory"
     row = result["by_eps"][0]
     ours_acc = {"r18": row["white_box_accuracy"]["r18"], "vgg11": row["accuracy"]["r18"]["vgg11"]}
     ours_natural = {n: result["models"][n]["natural_accuracy"] for n in ("r18", "vgg11")}
@@ -216,10 +218,11 @@ def main() -> None:
             "models_only": {k: round(v, 1) for k, v in models_only.items()},
             "in_memory": {k: round(v, 1) for k, v in in_memory.items()},
         },
-        "in_memory_images_mb": round(in_memory["images_mb"], 2),
-        # the images' share of the evaluation's memory: its peak after loading, minus that of the models alone
-        "images_share_streamed_mb": round(rss["since_load"] - models_only["since_load"], 1),
-        "images_share_in_memory_mb": round(in_memory["since_load"] - models_only["since_load"], 1),
+        "ours_in_memory_s": round(in_memory_run["ours_s"], 2),
+        # the images' share of the streamed evaluation: the same work in memory holds the decoded set throughout
+        "images_share_streamed_mb": round(rss["since_load"] - in_memory["since_load"] + size, 1),
+        "images_share_in_memory_mb": round(size, 1),
+        "streaming_saves_mb": round(in_memory["since_load"] - rss["since_load"], 1),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "torchvision": torchvision.__version__,
         "machine": platform.processor() or platform.machine(), "python": sys.version.split()[0],
     }
