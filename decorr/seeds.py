@@ -67,9 +67,12 @@ def ensemble_measures(result: Mapping[str, Any]) -> dict[str, float | None]:
     r2, widths = [], set()
     for pair in result.get("pairs", []):
         feats = pair.get("natural_features") or {}
-        if pair["a"] in members and pair["b"] in members and feats.get("r2") is not None:
-            r2 += [feats["r2"], feats["r2_reverse"]]
-            widths.add(feats.get("num_features"))
+        if pair["a"] in members and pair["b"] in members:
+            # a collapsed (constant) member has no R^2 as the regressor: null in that direction only
+            values = [feats.get(key) for key in ("r2", "r2_reverse") if feats.get(key) is not None]
+            r2 += values
+            if values:
+                widths.add(feats.get("num_features"))
     out["r2"] = mean(r2) if r2 else None
     out["num_features"] = widths.pop() if len(widths) == 1 else None
     for record in result["by_eps"]:

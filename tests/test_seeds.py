@@ -52,6 +52,10 @@ def test_ensemble_measures_by_hand():
     # sources m0, m1, m2 scale the rate by 1.0, 1.1, 1.2; the ensemble target is not a member
     assert m["transfer@0.1"] == pytest.approx(0.5 * (1.0 + 1.1 + 1.2) / 3)
     assert m["transfer@0.2"] == pytest.approx(0.6 * 1.1)
+    # a collapsed member: R^2 with it as the regressor is null (as eval/transfer.py writes it), the other kept
+    dead = fake_result({0.1: 0.5, 0.2: 0.6})
+    dead["pairs"][0]["natural_features"]["r2_reverse"] = None
+    assert ensemble_measures(dead)["r2"] == pytest.approx((0.5 * 3 + 0.6 * 2) / 5)
 
 
 def test_seed_table_means_and_paired_differences():
