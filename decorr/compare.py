@@ -54,7 +54,9 @@ def data_fingerprint(data: Any) -> str:
     if isinstance(data, ImageSplit):
         return samples_fingerprint(data.images, data.labels)
     shape = (len(data), *data.image_shape)
-    return _fingerprint(torch.uint8, shape, (images for images, _ in data.batches(256)), data.labels)
+    # batch by batch within the split's memory budget: a streamed split must never be held whole
+    batches = data.batches(data.budget_batch_size())
+    return _fingerprint(torch.uint8, shape, (images for images, _ in batches), data.labels)
 
 
 def _fingerprint(dtype: torch.dtype, shape: tuple, parts: Any, labels: torch.Tensor) -> str:

@@ -119,6 +119,8 @@ def test_a_set_over_the_budget_is_streamed_with_the_same_results(tmp_path):
     streamed = load_dataset(str(tmp_path), image_size=32, memory_budget_mb=0.01, workers=2)
     assert isinstance(streamed.test, StreamedSplit) and not isinstance(memory.test, StreamedSplit)
     assert torch.equal(streamed.test.load().images, memory.test.images)
+    # passes with no batch size of their own (the fingerprint) decode what the budget holds: 10485 B // 3072 B
+    assert streamed.test.budget_batch_size() == 3
     with pytest.raises(DecorrError, match="streamed"):
         streamed.test.images  # noqa: B018 - a tool that needs memory says so in one line
     torch.manual_seed(0)

@@ -96,6 +96,12 @@ class StreamedSplit:
             f"the memory budget of {self.memory_budget_mb:g} MiB) and this tool needs them in memory; raise "
             "--memory-budget-mb or take fewer with --num-samples")
 
+    def budget_batch_size(self, largest: int = 256) -> int:
+        """The most images (at least 1, at most ``largest``) whose decoded batch fits the memory budget: the
+        batch size of passes over the split that have no batch size of their own (e.g. its fingerprint)."""
+        per_image = batch_bytes(self.image_shape, 1)
+        return max(1, min(largest, int(self.memory_budget_mb * 2**20 // per_image)))
+
     def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """uint8 images (B, C, H, W) and int64 labels, in order."""
         start = 0
