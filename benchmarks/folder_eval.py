@@ -50,10 +50,10 @@ def make_folder(root: Path, n: int) -> None:
         Image.fromarray(rng.integers(0, 256, (256 + k % 17, 240 + k % 29, 3), dtype=np.uint8)).save(path)
 
 
-def bare_loop(files, x_all, y_all, eps, steps, step_size, batch_size, seed):
-    src = torchvision.models.resnet18(num_classes=3)
+def bare_loop(files, x_all, y_all, eps, steps, step_size, batch_size, seed, archs=("resnet18", "vgg11")):
+    src = getattr(torchvision.models, archs[0])(num_classes=3)
     src.load_state_dict(torch.load(files["r18"], weights_only=True))
-    tgt = torchvision.models.vgg11(num_classes=3)
+    tgt = getattr(torchvision.models, archs[1])(num_classes=3)
     tgt.load_state_dict(torch.load(files["vgg11"], weights_only=True))
     models = {"r18": src.eval(), "vgg11": tgt.eval()}
     batches = [(x_all[i:i + batch_size], y_all[i:i + batch_size]) for i in range(0, len(y_all), batch_size)]
@@ -123,6 +123,10 @@ def models_pass(args, specs, batches) -> dict[str, float | None]:
     return peak_rss_mb(after_load)
 
 
+def specs_of(args, r18: str, vgg: str) -> list[str]:
+    return [f"torchvision.{args.source_arch}={r18}", f"torchvision.{args.target_arch}={vgg}"]
+
+
 def models_only_child(args, specs: list[str]) -> dict[str, float | None]:
     """Peak RSS of the two models alone: the attack and target pass on random batches of the set's shape."""
     generator = torch.Generator().manual_seed(0)
@@ -147,6 +151,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--source-arch", default="resnet18", help="torchvision source (named r18 in the JSON)")
+    parser.add_argument("--target-arch", default="vgg11", help="torchvision target (named vgg11 in the JSON)")
     parser.add_argument("--memory-batches", type=int, default=3, help="batches of the models-only run")
     parser.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)  # folder r18 vgg11 budget
     parser.add_argument("--memory-child", nargs=3, default=None, help=argparse.SUPPRESS)  # folder r18 vgg11
@@ -156,7 +162,7 @@ def main() -> None:
     budget = round(size / 4, 3)  # a quarter of the set: streamed
     if args.memory_child:
         folder, r18, vgg = args.memory_child
-        print(json.dumps(models_only_child(args, [f"torchvision.resnet18={r18}", f"torchvision.vgg11={vgg}"])))
+        print(json.dumps(models_only_child(args, specs_of(args, r18, vgg))))
         return
     if args.child:
         folder, r18, vgg, budget = args.child
@@ -172,7 +178,7 @@ def main() -> None:
 
         decorr.transfer.load_specs = load_then_reset
         tick = time.perf_counter()
-        data, result = ours(args, Path(folder), [f"torchvision.resnet18={r18}", f"torchvision.vgg11={vgg}"], budget)
+        data, result = ours(args, Path(folder), specs_of(args, r18, vgg), budget)
         print(json.dumps({"max_rss_mb": peak_rss_mb(loads[-1]), "ours_s": time.perf_counter() - tick,
                           "split": type(data.test).__name__, "result": result}))
         return
@@ -181,12 +187,13 @@ def main() -> None:
         make_folder(tmp / "images", args.num_images)
         torch.manual_seed(0)
         files = {"r18": tmp / "r18.pth", "vgg11": tmp / "vgg11.pth"}
-        torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), files["r18"])
-        torch.save(torchvision.models.vgg11(num_classes=3).state_dict(), files["vgg11"])
+        torch.save(getattr(torchvision.models, args.source_arch)(num_classes=3).state_dict(), files["r18"])
+        torch.save(getattr(torchvision.models, args.target_arch)(num_classes=3).state_dict(), files["vgg11"])
         memory = load_dataset(str(tmp / "images"), image_size=args.image_size).test
         x_all, y_all = to_float(memory.images), memory.labels
         tick = time.perf_counter()
-        natural, adv = bare_loop(files, x_all, y_all, args.eps, args.steps, args.step_size, args.batch_size, 0)
+        natural, adv = bare_loop(files, x_all, y_all, args.eps, args.steps, args.step_size, args.batch_size, 0,
+                                 (args.source_arch, args.target_arch))
         bare_s = time.perf_counter() - tick
         paths = [str(tmp / "images"), str(files["r18"]), str(files["vgg11"])]
         measured = run_child([*sys.argv[1:], "--child", *paths, str(budget)])
@@ -204,7 +211,7 @@ def main() -> None:
         "benchmark": "folder_eval",
         "settings": {"num_images": n, "image_size": args.image_size, "eps": args.eps, "steps": args.steps,
                      "step_size": args.step_size, "batch_size": args.batch_size, "workers": args.workers,
-                     "attack": "pgd linf, resnet18 source, vgg11 target (random weights, 3 classes)",
+                     "attack": f"pgd linf, {args.source_arch} source (r18), {args.target_arch} target (vgg11), random weights, 3 classes",
                      "memory_batches": args.memory_batches},
         "split": streamed, "decoded_set_mb": round(size, 2), "memory_budget_mb": budget,
         "ours_s": round(ours_s, 2), "bare_s": round(bare_s, 2),
