@@ -7,14 +7,17 @@ with ``torch.save`` in a temp dir, specs ``torchvision.resnet18=r18.pth`` ...) a
 size, DataLoader workers decoding), PGD Linf. "bare" is a loop over the same decoded tensors (in memory),
 the same random starts and the same models loaded by hand; every accuracy must be equal. Reported: time per
 image of each and their ratio (goal <= 1.10), and where the memory goes. Three fresh child processes report
-their peak RSS, over their lifetime (``ru_maxrss``: loading the models makes it, a state dict and a freshly
-built model side by side) and since their models were loaded (``VmHWM`` after a reset, Linux): "streamed"
+their RSS once their models are loaded and their peak RSS from then on (``VmHWM`` after a reset: the
+lifetime peak is useless here, it is made by loading the models and, after fork and exec, inherited from
+this parent, which holds the decoded set; Linux): "streamed"
 (the timed evaluation, folder streamed through DataLoader workers, which are measured apart as
 RUSAGE_CHILDREN), "in memory" (the same evaluation with the decoded set held in memory: the same work, with
 the images resident) and "models only" (the two models by the same spec loader and the same attack and
-target pass on ``--memory-batches`` batches of random tensors, no dataset). The images' share of the
-streamed run is its peak since loading minus the in-memory run's, plus the decoded set's size (which the
-in-memory run holds throughout). "bare" runs in the parent.
+target pass on ``--memory-batches`` batches of random tensors, no dataset). ``added_after_load_mb`` is what
+each adds once its models are in place; ``images_share_streamed_mb`` estimates the streamed run's images as
+its peak minus the in-memory run's plus the decoded set (which the in-memory run holds throughout). Between
+identical runs these peaks move by tens of MB (more with large models), so small budgets are below what
+RSS can resolve. "bare" runs in the parent.
 
     OMP_NUM_THREADS=1 python benchmarks/folder_eval.py --num-images 40 --steps 2 --json benchmarks/results/folder_eval.json
 """
@@ -99,9 +102,8 @@ def reset_peak() -> float:
 
 
 def peak_rss_mb(after_load: float | None = None) -> dict[str, float | None]:
-    """Peak memory of this process: lifetime, and since the models were loaded; its finished children's."""
-    return {"lifetime": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_after_load": after_load, "since_load": proc_status_mb("VmHWM"),
+    """This process's RSS after loading and its peak since, and its finished children's peak (workers)."""
+    return {"rss_after_load": after_load, "since_load": proc_status_mb("VmHWM"),
             "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
@@ -219,8 +221,11 @@ def main() -> None:
         "ratio": round(ours_s / bare_s, 3), "ours_timing": {k: round(v, 2) for k, v in result["timing"].items()},
         "identical": ours_acc == adv and ours_natural == natural, "accuracy_under_attack": adv,
         "natural_accuracy": natural,
-        "streamed_peak_rss_mb": round(rss["lifetime"], 1),
-        "memory_mb": {  # peak RSS of each child process, lifetime and since its models were loaded
+        "streamed_peak_rss_mb": round(rss["since_load"], 1),
+        # what each evaluation adds to its process once the models are in place (peak minus RSS after loading)
+        "added_after_load_mb": {name: round(m["since_load"] - m["rss_after_load"], 1)
+                                for name, m in (("streamed", rss), ("in_memory", in_memory), ("models_only", models_only))},
+        "memory_mb": {  # each child process: RSS after loading its models, peak since, its workers' peak
             "streamed": {k: round(v, 1) for k, v in rss.items()},
             "models_only": {k: round(v, 1) for k, v in models_only.items()},
             "in_memory": {k: round(v, 1) for k, v in in_memory.items()},
