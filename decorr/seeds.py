@@ -3,7 +3,7 @@
 Seeds move transfer rates by more than many effects, and the images' Wilson intervals do not cover that
 variation, so a method is summarised over seeds: each seed's evaluation gives one number per measure
 (:func:`ensemble_measures`), and a group of seeds gives their mean with a 95% Student-t interval
-(:func:`t_interval`, ``n - 1`` degrees of freedom; none for one seed). Against a baseline group, the
+(:func:`decorr.stats.t_interval`, ``n - 1`` degrees of freedom; none for one seed). Against a baseline group, the
 difference is taken seed by seed (the i-th run of each group paired) and its mean and t-interval are
 reported, which is tighter than comparing two intervals when seeds share data order and images.
 
@@ -20,28 +20,14 @@ from the evaluation.
 
 from __future__ import annotations
 
-import math
-from statistics import mean, stdev
+from statistics import mean
 from typing import Any, Mapping, Sequence
-
-from scipy import stats
 
 from decorr.checkpoint import load_checkpoint
 from decorr.errors import DecorrError
+from decorr.stats import t_interval
 
-__all__ = ["ensemble_measures", "seed_table", "t_interval", "training_measures"]
-
-
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, tuple[float, float] | None]:
-    """The mean of ``values`` and its Student-t interval (``None`` with fewer than two values)."""
-    values = [float(v) for v in values]
-    if not values or not all(math.isfinite(v) for v in values):
-        raise DecorrError(f"a t-interval needs finite values, got {values}")
-    centre = mean(values)
-    if len(values) < 2:
-        return centre, None
-    half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * stdev(values) / math.sqrt(len(values))
-    return centre, (centre - half, centre + half)
+__all__ = ["ensemble_measures", "seed_table", "training_measures"]
 
 
 def _members(result: Mapping[str, Any]) -> list[str]:

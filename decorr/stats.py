@@ -9,21 +9,24 @@
   outcome is true, ``c``: only the second). ``p = min(1, 2 * P(X <= min(b, c)))``, X ~ Bin(b + c, 1/2);
   1 when there is no discordant pair. :func:`mcnemar` counts the pairs from two boolean arrays.
 
-Computed in exact integer arithmetic (no scipy needed at run time; scipy is the tests' oracle).
+- :func:`t_interval`: the mean of a few numbers (one per training seed) and its Student-t interval, the
+  quantile from ``scipy.stats.t`` (the tests check it against a hand-computed value).
+
+Wilson and McNemar are computed in exact integer arithmetic (scipy is the tests' oracle for them).
 """
 
 from __future__ import annotations
 
 import math
 from fractions import Fraction
-from statistics import NormalDist
-from typing import NamedTuple
+from statistics import NormalDist, mean, stdev
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from decorr.errors import DecorrError
 
-__all__ = ["McNemar", "mcnemar", "mcnemar_exact", "wilson_interval"]
+__all__ = ["McNemar", "mcnemar", "mcnemar_exact", "t_interval", "wilson_interval"]
 
 
 def _check_count(successes: int, n: int) -> None:
@@ -85,3 +88,17 @@ def mcnemar(first: np.ndarray, second: np.ndarray) -> McNemar:
     b = int((first & ~second).sum())
     c = int((~first & second).sum())
     return McNemar(b, c, mcnemar_exact(b, c))
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, tuple[float, float] | None]:
+    """The mean of ``values`` and its Student-t interval (``None`` with fewer than two values)."""
+    values = [float(v) for v in values]
+    if not values or not all(math.isfinite(v) for v in values):
+        raise DecorrError(f"a t-interval needs finite values, got {values}")
+    centre = mean(values)
+    if len(values) < 2:
+        return centre, None
+    from scipy.stats import t as student_t  # the t quantile only; scipy is a dependency of the package
+
+    half = student_t.ppf(0.5 + confidence / 2, len(values) - 1) * stdev(values) / math.sqrt(len(values))
+    return centre, (centre - half, centre + half)

@@ -9,7 +9,8 @@ import pytest
 from scipy import stats
 
 from decorr.errors import DecorrError
-from decorr.seeds import ensemble_measures, seed_table, t_interval
+from decorr.seeds import ensemble_measures, seed_table
+from decorr.stats import t_interval
 from eval import summarize
 
 

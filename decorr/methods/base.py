@@ -31,10 +31,9 @@ from torch import Tensor
 from decorr.data import iterate_batches, num_batches
 from decorr.distributed import global_mean
 from decorr.errors import DecorrError
-from decorr.features import record_features
 from decorr.loop import Built, Task, prefixed
 from decorr.models import create_model
-from decorr.features import DEAD_FEATURES_BELOW, dead_features_warning
+from decorr.features import DEAD_FEATURES_BELOW, dead_features_warning, record_features
 from decorr.pairs import evaluate_models
 from decorr.training import TrainingRun, unwrap
 
