@@ -216,6 +216,34 @@ def plot_lines(
     return _save(fig, path)
 
 
+def plot_points(
+    path: str | os.PathLike,
+    groups: Mapping[str, Mapping[str, Any]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+) -> Path:
+    """One colour per group: its points (``xs``, ``ys``, e.g. one per seed) small, their centre (``x``, ``y``)
+    large with error bars ``x_ci`` / ``y_ci`` (``(low, high)`` or None)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for label, g in groups.items():
+        line = ax.scatter(g["xs"], g["ys"], s=12, alpha=0.5)
+        colour = line.get_facecolor()[0]
+        xerr = None if g.get("x_ci") is None else [[g["x"] - g["x_ci"][0]], [g["x_ci"][1] - g["x"]]]
+        yerr = None if g.get("y_ci") is None else [[g["y"] - g["y_ci"][0]], [g["y_ci"][1] - g["y"]]]
+        ax.errorbar([g["x"]], [g["y"]], xerr=xerr, yerr=yerr, fmt="o", ms=7, color=colour, capsize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if groups:
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_heatmap(
     path: str | os.PathLike,
     matrix: Sequence[Sequence[float | None]],

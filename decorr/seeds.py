@@ -20,14 +20,18 @@ from the evaluation.
 
 from __future__ import annotations
 
-from statistics import mean
+import os
+from pathlib import Path
+from statistics import mean, median
 from typing import Any, Mapping, Sequence
 
 from decorr.checkpoint import load_checkpoint
 from decorr.errors import DecorrError
+from decorr.report import plot_points
 from decorr.stats import t_interval
 
-__all__ = ["ensemble_measures", "seed_table", "training_measures"]
+__all__ = ["defence_measures", "defence_table", "ensemble_measures", "plot_accuracy_transfer", "seed_table",
+           "training_measures"]
 
 
 def _members(result: Mapping[str, Any]) -> list[str]:
@@ -73,8 +77,8 @@ def training_measures(result: Mapping[str, Any]) -> dict[str, float] | None:
 
     Only when every member is a model of one decorr checkpoint whose last logged evaluation has them all
     (``test/acc_<model>``, ``test/acc_ensemble``, ``test/r2_mean``, ``test/active_features_<model>`` as a
-    fraction, ``test/effective_rank_<model>``); otherwise None. ``test_images`` is the split's size when
-    logged, else None.
+    fraction, ``test/effective_rank_<model>``); otherwise None. ``epoch_seconds``: the median of the logged
+    epochs' training time (``time/train_epoch_s``), None when none is logged.
     """
     members = _members(result)
     paths = {result["models"][m].get("checkpoint") for m in members}
@@ -89,9 +93,11 @@ def training_measures(result: Mapping[str, Any]) -> dict[str, float] | None:
     keys = [f"test/{kind}_{n}" for n in names for kind in ("acc", "active_features", "effective_rank")]
     if not all(k in last for k in (*keys, "test/acc_ensemble", "test/r2_mean")):
         return None
+    seconds = [h["time/train_epoch_s"] for h in history if "time/train_epoch_s" in h]
     return {"accuracy": mean(last[f"test/acc_{n}"] for n in names), "ensemble_accuracy": last["test/acc_ensemble"],
             "r2": last["test/r2_mean"], "active_fraction": mean(last[f"test/active_features_{n}"] for n in names),
-            "effective_rank": mean(last[f"test/effective_rank_{n}"] for n in names)}
+            "effective_rank": mean(last[f"test/effective_rank_{n}"] for n in names),
+            "epoch_seconds": median(seconds) if seconds else None}
 
 
 def _cell(values: Sequence[float | None], scale: float, digits: int) -> str:
@@ -107,7 +113,7 @@ _COLUMNS = (("accuracy", "member accuracy %", 100, 1), ("r2", "feature R^2", 1, 
             ("active_features", "active features", 1, 0), ("effective_rank", "effective rank", 1, 0))
 _TRAINING_COLUMNS = (("accuracy", "member accuracy %", 100, 1), ("ensemble_accuracy", "ensemble accuracy %", 100, 1),
                      ("r2", "feature R^2", 1, 3), ("active_fraction", "active features %", 100, 1),
-                     ("effective_rank", "effective rank", 1, 0))
+                     ("effective_rank", "effective rank", 1, 0), ("epoch_seconds", "s / epoch", 1, 0))
 
 
 def seed_table(groups: Mapping[str, Sequence[Mapping[str, Any]]], *, baseline: str | None = None) -> str:
@@ -167,3 +173,131 @@ def seed_table(groups: Mapping[str, Sequence[Mapping[str, Any]]], *, baseline: s
         lines += ["", f"Differences in points, seed by seed (the i-th run of each group against the i-th of "
                   f"{baseline}), mean [95% t-interval]."]
     return "\n".join(lines)
+
+
+def _defended(result: Mapping[str, Any], target: str | None) -> str:
+    """The target a defence summary reads: ``target``, or the result's only ensemble target."""
+    models, targets = result["models"], result["targets"]
+    if target is not None:
+        if target not in targets:
+            raise DecorrError(f"{target!r} is not a target of this evaluation (targets: {', '.join(targets)})")
+        return target
+    ensembles = [name for name in targets if "members" in models[name]]
+    if len(ensembles) != 1:
+        raise DecorrError(f"the evaluation has {len(ensembles)} ensemble targets ({', '.join(ensembles) or 'none'}); "
+                          "name the one to summarise as RESULTS:TARGET")
+    return ensembles[0]
+
+
+def defence_measures(result: Mapping[str, Any], target: str | None = None) -> dict[str, float | None]:
+    """One seed's numbers for one defended target (an ensemble, or one model) of an ``eval/transfer.py`` result.
+
+    Keys: ``natural`` (accuracy, fraction); per epsilon ``white_box@EPS`` when the target was attacked itself;
+    and for every other source that is not one of the target's members (the attacker's surrogates),
+    ``accuracy[SOURCE]@EPS`` (the target's accuracy on that source's examples) and, for an ensemble target,
+    ``auc[SOURCE]@EPS`` (the members' disagreement detector, ROC AUC natural against adversarial).
+    """
+    name = _defended(result, target)
+    entry = result["models"][name]
+    members = set(entry.get("members") or [])
+    out: dict[str, float | None] = {"natural": entry["natural_accuracy"]}
+    for record in result["by_eps"]:
+        eps = f"{record['eps']:g}"
+        if name in record.get("white_box_accuracy", {}):
+            out[f"white_box@{eps}"] = record["white_box_accuracy"][name]
+        for source, row in record["accuracy"].items():
+            if source == name or source in members:
+                continue
+            out[f"accuracy[{source}]@{eps}"] = row.get(name)
+            detection = (record.get("detection") or {}).get(source, {}).get(name)
+            if detection is not None:
+                out[f"auc[{source}]@{eps}"] = detection.get("auc")
+    return out
+
+
+def _defence_title(key: str) -> tuple[str, float, int]:
+    if key == "natural":
+        return "clean accuracy %", 100, 1
+    kind, _, eps = key.partition("@")
+    if kind == "white_box":
+        return f"white box eps {eps} %", 100, 1
+    what, _, source = kind.partition("[")
+    source = source.rstrip("]")
+    if what == "auc":
+        return f"AUC {source} eps {eps}", 1, 3
+    return f"from {source} eps {eps} %", 100, 1
+
+
+def defence_table(groups: Mapping[str, Sequence[tuple[Mapping[str, Any], str | None]]], *,
+                  baseline: str | None = None, eps: Sequence[float] | None = None) -> str:
+    """Markdown: per group (label -> its seeds' ``(result, target)``), each defence measure's mean over seeds.
+
+    Columns are the keys of :func:`defence_measures` (the union over all rows, in order of appearance; a
+    seed without one shows "-"), restricted to the epsilons ``eps`` when given. With ``baseline``, a second
+    table gives every group's seed-by-seed difference to it. All results must have evaluated the same images.
+    """
+    if not groups or any(not rows for rows in groups.values()):
+        raise DecorrError("no evaluations to summarise; give LABEL=RESULTS[:TARGET],... groups")
+    results = [r for rows in groups.values() for r, _ in rows]
+    if len({r["settings"].get("samples_sha256") for r in results}) > 1:
+        raise DecorrError("the evaluations used different images (samples_sha256 differs); summarise runs on "
+                          "the same images")
+    if baseline is not None and baseline not in groups:
+        raise DecorrError(f"baseline {baseline!r} is not one of the groups {sorted(groups)}")
+    measures = {label: [defence_measures(r, t) for r, t in rows] for label, rows in groups.items()}
+    wanted = None if eps is None else {f"{e:g}" for e in eps}
+    keys: list[str] = []
+    for rows in measures.values():
+        for row in rows:
+            keys += [k for k in row if k not in keys and (wanted is None or k == "natural"
+                                                           or k.partition("@")[2] in wanted)]
+    if not keys[1:]:
+        raise DecorrError(f"no measure at eps {sorted(wanted or [])}; the evaluations have "
+                          f"{sorted({k.partition('@')[2] for rows in measures.values() for r in rows for k in r} - {''})}")
+    titles = [_defence_title(k) for k in keys]
+    lines = ["| " + " | ".join(["method", "seeds", *[t for t, _, _ in titles]]) + " |", "|" + "---|" * (len(keys) + 2)]
+    for label, rows in measures.items():
+        cells = [_cell([row.get(k) for row in rows], scale, digits) for k, (_, scale, digits) in zip(keys, titles)]
+        lines.append("| " + " | ".join([label, str(len(rows)), *cells]) + " |")
+    lines += ["", f"Means over seeds with 95% t-intervals, on the evaluation's {results[0]['settings']['num_samples']} "
+              "images; accuracies of the defended model (the ensemble's prediction) in %, AUC of its members' "
+              "disagreement detector."]
+    if baseline is not None:
+        base = measures[baseline]
+        lines += ["", "| " + " | ".join(["method", *[f"{t} minus {baseline}" for t, _, _ in titles]]) + " |",
+                  "|" + "---|" * (len(keys) + 1)]
+        for label, rows in measures.items():
+            if label == baseline:
+                continue
+            if len(rows) != len(base):
+                raise DecorrError(f"group {label!r} has {len(rows)} seeds and the baseline {len(base)}; pair them "
+                                  "seed by seed")
+            cells = [_cell([None if r.get(k) is None or b.get(k) is None else r[k] - b[k] for r, b in zip(rows, base)],
+                           scale, digits) for k, (_, scale, digits) in zip(keys, titles)]
+            lines.append("| " + " | ".join([label, *cells]) + " |")
+        lines += ["", f"Differences seed by seed (the i-th run of each group against the i-th of {baseline}), "
+                  "mean [95% t-interval]."]
+    return "\n".join(lines)
+
+
+def plot_accuracy_transfer(groups: Mapping[str, Sequence[Mapping[str, Any]]], eps: float,
+                           path: str | os.PathLike) -> Path:
+    """PNG: per group, the members' mean transfer rate at ``eps`` against their clean accuracy, one small point
+    per seed and the mean over seeds with 95% t-intervals (accuracy from the training log when every run has
+    it, as in :func:`seed_table`, else from the evaluation)."""
+    key = f"transfer@{eps:g}"
+    points = {}
+    for label, runs in groups.items():
+        measures = [ensemble_measures(r) for r in runs]
+        if any(m.get(key) is None for m in measures):
+            available = sorted(k.partition("@")[2] for k in measures[0] if k.startswith("transfer@"))
+            raise DecorrError(f"group {label!r} has no members' transfer rate at eps {eps:g} (evaluated: "
+                              f"{', '.join(available)}); give one of those to --plot-eps")
+        logged = [training_measures(r) for r in runs]
+        xs = [100 * (lg["accuracy"] if lg is not None else m["accuracy"]) for lg, m in zip(logged, measures)]
+        ys = [100 * m[key] for m in measures]
+        (x, x_ci), (y, y_ci) = t_interval(xs), t_interval(ys)
+        points[label] = {"xs": xs, "ys": ys, "x": x, "y": y, "x_ci": x_ci, "y_ci": y_ci}
+    return plot_points(path, points, xlabel="members' clean accuracy %",
+                       ylabel=f"members' mean transfer rate % (eps {eps:.4g})",
+                       title="mean over seeds, 95% t-intervals; small points: seeds")

@@ -4,12 +4,16 @@
         [--source NAME] [--targets A B] [--out table.md]
     python eval/summarize.py --across-seeds ce=runs/eval/ce_s0,runs/eval/ce_s1 dec=runs/eval/dec_s0,runs/eval/dec_s1 \\
         [--baseline ce]
+    python eval/summarize.py --defence ce=runs/eval/surr:ce_s0,runs/eval/surr:ce_s1 dec=runs/eval/dec_s0,... \\
+        [--baseline ce] [--eps 0.0314]
 The first form: each target's error under one source's attack, 95% Wilson intervals (decorr/summary.py).
 With --across-seeds each LABEL names one method's evaluations, one per training seed (results.json files or
 their folders, comma-separated): member accuracy, feature R^2, active features, effective rank and the
 members' mean transfer rate, as means over seeds with 95% t-intervals, and with --baseline each group's
 seed-by-seed difference to that group (decorr/seeds.py). Every run must have evaluated the same images
-(their samples_sha256 agree).
+(their samples_sha256 agree). With --defence each LABEL names one defended model per seed (RESULTS:TARGET, or
+RESULTS alone when it has one ensemble target): its clean accuracy, white-box accuracy (when it was attacked),
+accuracy on every other source's examples and its members' disagreement-detection AUC, over seeds.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import json
 from pathlib import Path
 
 from decorr.errors import DecorrError, cli_entry
-from decorr.seeds import seed_table
+from decorr.seeds import defence_table, plot_accuracy_transfer, seed_table
 from decorr.summary import error_table
 
 
@@ -29,7 +33,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LABEL=RESULTS_JSON; with --across-seeds LABEL=RESULTS_JSON,RESULTS_JSON,...")
     p.add_argument("--across-seeds", action="store_true",
                    help="each LABEL is a method's evaluations over seeds: means with 95%% t-intervals")
-    p.add_argument("--baseline", default=None, help="--across-seeds: also the seed-by-seed difference to this LABEL")
+    p.add_argument("--defence", action="store_true",
+                   help="each LABEL is one defended model per seed (RESULTS[:TARGET],...): accuracies under attack, AUC")
+    p.add_argument("--baseline", default=None,
+                   help="--across-seeds / --defence: also the seed-by-seed difference to this LABEL")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="--across-seeds: also plot members' transfer against clean accuracy per LABEL")
+    p.add_argument("--plot-eps", type=float, default=None, help="--plot: the epsilon (default: the largest)")
+    p.add_argument("--eps", nargs="+", type=float, default=None, help="--defence: only these epsilons' columns")
     p.add_argument("--source", default=None, help="the attacked model (default: the first source)")
     p.add_argument("--targets", nargs="+", default=None, help="target columns (default: every other target)")
     p.add_argument("--out", default=None, help="also write the table to this file")
@@ -49,6 +60,14 @@ def _load(path: str) -> dict:
     return result
 
 
+def _load_target(path: str) -> tuple[dict, str | None]:
+    """``RESULTS[:TARGET]``: the part after the last ':' is a target name unless the whole is a file or folder."""
+    head, sep, target = path.rpartition(":")
+    if not sep or Path(path).exists() or not head:
+        return _load(path), None
+    return _load(head), target
+
+
 def _read(text: str, many: bool = False) -> tuple[str, dict | list[dict]]:
     label, sep, paths = text.partition("=")
     if not sep or not label or not paths:
@@ -59,25 +78,54 @@ def _read(text: str, many: bool = False) -> tuple[str, dict | list[dict]]:
     return label, _load(paths)
 
 
-def _groups(texts: list[str], many: bool) -> dict:
-    groups = [_read(text, many) for text in texts]
-    labels = [label for label, _ in groups]
+def _unique(labels: list[str]) -> None:
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
         raise DecorrError(f"label {repeated[0]!r} is given twice; give every run (or group) its own LABEL")
+
+
+def _groups(texts: list[str], many: bool) -> dict:
+    groups = [_read(text, many) for text in texts]
+    _unique([label for label, _ in groups])
     return dict(groups)
+
+
+def _labelled(texts: list[str]) -> dict[str, list[str]]:
+    """``LABEL=PATH,PATH,...`` texts as label -> paths (the --defence form, whose paths may name a target)."""
+    out = {}
+    for text in texts:
+        label, sep, paths = text.partition("=")
+        if not sep or not label or not paths:
+            raise DecorrError(f"{text!r} is not LABEL=RESULTS[:TARGET],...; e.g. ce=runs/eval/surr:ce_s0")
+        out.setdefault(label, []).append([p for p in paths.split(",") if p])
+    _unique([text.partition("=")[0] for text in texts])
+    return {label: lists[0] for label, lists in out.items()}
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
-    if args.across_seeds:
+    if (args.plot or args.plot_eps is not None) and not args.across_seeds:
+        raise DecorrError("--plot draws the --across-seeds groups; add --across-seeds")
+    if args.eps is not None and not args.defence:
+        raise DecorrError("--eps selects columns of the --defence table; add --defence")
+    if args.defence:
+        if args.across_seeds or args.source or args.targets:
+            raise DecorrError("--defence is its own table: drop --across-seeds, --source and --targets")
+        groups = {label: [_load_target(path) for path in paths] for label, paths in _labelled(args.runs).items()}
+        table = defence_table(groups, baseline=args.baseline, eps=args.eps)
+    elif args.across_seeds:
         if args.source or args.targets:
             raise DecorrError("--source and --targets belong to the error table; --across-seeds uses every member")
-        table = seed_table(_groups(args.runs, True), baseline=args.baseline)
+        groups = _groups(args.runs, True)
+        table = seed_table(groups, baseline=args.baseline)
+        if args.plot:
+            eps = args.plot_eps if args.plot_eps is not None else max(r["eps"] for r in
+                                                                       next(iter(groups.values()))[0]["by_eps"])
+            plot_accuracy_transfer(groups, eps, args.plot)
     else:
         if args.baseline:
-            raise DecorrError("--baseline needs --across-seeds")
+            raise DecorrError("--baseline needs --across-seeds or --defence")
         table = error_table(_groups(args.runs, False), source=args.source, targets=args.targets)
     print(table)
     if args.out:

@@ -213,3 +213,9 @@ def test_script_bf16_double_backprop_then_transfer_evaluation(mnist, tmp_path):
     assert logged["ensemble_accuracy"] == last["test/acc_ensemble"] and logged["r2"] == last["test/r2_mean"]
     assert logged["accuracy"] == pytest.approx(sum(last[f"test/acc_model{i}"] for i in range(3)) / 3)
     assert logged["effective_rank"] == pytest.approx(sum(last[f"test/effective_rank_model{i}"] for i in range(3)) / 3)
+    assert logged["epoch_seconds"] == pytest.approx(last["time/train_epoch_s"])  # one epoch: its own time
+    from decorr.seeds import defence_measures
+
+    defended = defence_measures(results)  # the only ensemble target; its members' examples are not outside attacks
+    assert defended == {"natural": results["models"]["ens"]["natural_accuracy"],
+                        "white_box@0.1": results["by_eps"][0]["white_box_accuracy"]["ens"]}

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from decorr.errors import DecorrError
-from decorr.seeds import ensemble_measures, seed_table
+from decorr.seeds import defence_measures, defence_table, ensemble_measures, seed_table
 from decorr.stats import t_interval
 from eval import summarize
 
@@ -108,3 +108,81 @@ def test_cli_across_seeds(tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and message in err and "Traceback" not in err
+
+
+def defence_result(acc: float, *, wb: float = 0.1, auc: float = 0.7, sha: str = "abc") -> dict:
+    """A results.json with members m0, m1, their ensemble 'ens' (attacked white box) and a surrogate 's'."""
+    models = {"m0": {"arch": "mnist_cnn", "natural_accuracy": 0.8}, "m1": {"arch": "mnist_cnn", "natural_accuracy": 0.7},
+              "ens": {"arch": "ensemble", "members": ["m0", "m1"], "natural_accuracy": 0.9},
+              "s": {"arch": "mnist_cnn", "natural_accuracy": 0.85}}
+    by_eps = [{"eps": e, "white_box_accuracy": {"ens": wb * k, "m0": 0.0, "s": 0.0},
+               "accuracy": {"m0": {"m1": 0.5, "ens": 0.4}, "ens": {"m0": 0.3, "m1": 0.3, "ens": wb * k},
+                            "s": {"m0": 0.6, "m1": 0.6, "ens": acc * k}},
+               "detection": {"s": {"ens": {"auc": auc * k}}, "m0": {"ens": {"auc": 0.9}}}}
+              for k, e in ((1, 0.1), (0.5, 0.2))]
+    return {"format": "decorr-transfer/1", "settings": {"samples_sha256": sha, "num_samples": 100}, "models": models,
+            "targets": ["m0", "m1", "ens"], "sources": ["m0", "ens", "s"], "pairs": [], "by_eps": by_eps}
+
+
+def test_defence_measures_by_hand():
+    m = defence_measures(defence_result(0.6))
+    # the members' own examples are not an outside attack; the surrogate's are
+    assert m == pytest.approx({"natural": 0.9, "white_box@0.1": 0.1, "white_box@0.2": 0.05, "accuracy[s]@0.1": 0.6,
+                               "auc[s]@0.1": 0.7, "accuracy[s]@0.2": 0.3, "auc[s]@0.2": 0.35})
+    assert defence_measures(defence_result(0.6), "m1") == pytest.approx(
+        {"natural": 0.7, "accuracy[m0]@0.1": 0.5, "accuracy[ens]@0.1": 0.3, "accuracy[s]@0.1": 0.6,
+         "accuracy[m0]@0.2": 0.5, "accuracy[ens]@0.2": 0.3, "accuracy[s]@0.2": 0.6})
+    with pytest.raises(DecorrError, match="not a target"):
+        defence_measures(defence_result(0.6), "s")
+
+
+def test_defence_table_means_and_differences():
+    base = [defence_result(a) for a in (0.5, 0.6, 0.7)]
+    other = [defence_result(a, auc=0.8) for a in (0.6, 0.8, 0.7)]
+    table = defence_table({"ce": [(r, None) for r in base], "dec": [(r, "ens") for r in other]},
+                          baseline="ce", eps=[0.1])
+    header, _, ce_row, dec_row = table.splitlines()[:4]
+    assert header == ("| method | seeds | clean accuracy % | white box eps 0.1 % | from s eps 0.1 % | AUC s eps 0.1 |")
+    centre, (low, high) = t_interval([50.0, 60.0, 70.0])
+    assert ce_row.startswith("| ce | 3 | 90.0 [90.0, 90.0] | 10.0 [10.0, 10.0] | "
+                             f"{centre:.1f} [{low:.1f}, {high:.1f}] | 0.700 [0.700, 0.700] |")
+    centre, (low, high) = t_interval([10.0, 20.0, 0.0])  # dec - ce, seed by seed
+    assert f"| dec | 0.0 [0.0, 0.0] | 0.0 [0.0, 0.0] | {centre:.1f} [{low:.1f}, {high:.1f}] | 0.100 [0.100, 0.100] |" \
+        in table
+    assert "0.2" not in header
+    with pytest.raises(DecorrError, match="different images"):
+        defence_table({"a": [(defence_result(0.5), None)], "b": [(defence_result(0.5, sha="x"), None)]})
+    with pytest.raises(DecorrError, match="no measure at eps"):
+        defence_table({"a": [(defence_result(0.5), None)]}, eps=[0.3])
+
+
+def test_cli_defence(tmp_path, capsys):
+    (tmp_path / "r.json").write_text(json.dumps(defence_result(0.5)))
+    table = summarize.main(["--defence", f"ce={tmp_path / 'r.json'}:ens,{tmp_path / 'r.json'}"])
+    assert "| ce | 2 | 90.0 [90.0, 90.0] |" in table
+    for argv, message in ((["--defence", f"ce={tmp_path / 'r.json'}:nope"], "not a target"),
+                          ([f"ce={tmp_path / 'r.json'}", "--eps", "0.1"], "--defence"),
+                          (["--defence", "--across-seeds", f"ce={tmp_path / 'r.json'}"], "its own table"),
+                          (["--defence", "ce"], "not LABEL")):
+        with pytest.raises(SystemExit) as exit_info:
+            summarize.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and "Traceback" not in err
+
+
+def test_cli_plot(tmp_path, capsys):
+    paths = []
+    for i, t in enumerate((0.4, 0.5)):
+        (tmp_path / f"r{i}.json").write_text(json.dumps(fake_result({0.1: t, 0.2: t})))
+        paths.append(str(tmp_path / f"r{i}.json"))
+    summarize.main(["--across-seeds", "ce=" + ",".join(paths), "--plot", str(tmp_path / "p.png"), "--plot-eps", "0.1"])
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for argv, message in ((["--across-seeds", "ce=" + paths[0], "--plot", str(tmp_path / "q.png"), "--plot-eps", "0.3"],
+                           "no members' transfer rate at eps 0.3"),
+                          ([f"ce={paths[0]}", "--plot", str(tmp_path / "q.png")], "add --across-seeds")):
+        with pytest.raises(SystemExit):
+            summarize.main(argv)
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err
+    assert not (tmp_path / "q.png").exists()
