@@ -11,7 +11,8 @@ their RSS once their models are loaded and their peak RSS from then on (``VmHWM`
 lifetime peak is useless here, it is made by loading the models and, after fork and exec, inherited from
 this parent, which holds the decoded set; Linux): "streamed"
 (the timed evaluation, folder streamed through DataLoader workers, which are measured apart as
-RUSAGE_CHILDREN), "in memory" (the same evaluation with the decoded set held in memory: the same work, with
+RUSAGE_CHILDREN; its decoded images are also counted, ``streamed_resident_images``: the most alive at once,
+in any worker or the main process, against the stream's bound and the budget), "in memory" (the same evaluation with the decoded set held in memory: the same work, with
 the images resident) and "models only" (the two models by the same spec loader and the same attack and
 target pass on ``--memory-batches`` batches of random tensors, no dataset). ``added_after_load_mb`` is what
 each adds once its models are in place; ``images_share_streamed_mb`` estimates the streamed run's images as
@@ -41,6 +42,8 @@ import torchvision
 from PIL import Image
 
 from decorr.data import load_dataset, to_float
+from decorr.datasets.accounting import CountedSplit
+from decorr.datasets.stream import StreamedSplit
 from decorr.report import write_results_json
 from decorr.transfer import attack_generator, evaluate_checkpoints
 
@@ -78,10 +81,20 @@ def bare_loop(files, x_all, y_all, eps, steps, step_size, batch_size, seed, arch
 
 
 def ours(args, folder, specs, budget):
+    """The evaluation; a streamed split is counted (decorr.datasets.accounting) as it is streamed."""
     data = load_dataset(str(folder), image_size=args.image_size, memory_budget_mb=budget, workers=args.workers)
-    return data, evaluate_checkpoints([specs[1]], data.test, surrogates=[specs[0]], eps_list=[args.eps],
-                                      steps=args.steps, step_size=args.step_size, batch_size=args.batch_size,
-                                      seed=0, features=False, log=None)
+    split = CountedSplit(data.test) if isinstance(data.test, StreamedSplit) else data.test
+    result = evaluate_checkpoints([specs[1]], split, surrogates=[specs[0]], eps_list=[args.eps], steps=args.steps,
+                                  step_size=args.step_size, batch_size=args.batch_size, seed=0, features=False,
+                                  log=None)
+    resident = None
+    if isinstance(split, CountedSplit):
+        plan = split.stream_plan(args.batch_size)
+        resident = {"peak_images": split.peak_images, "peak_mb": round(split.peak_bytes / 2**20, 3),
+                    "plan_chunk": plan.chunk, "plan_bound_images": plan.resident_images,
+                    "plan_bound_mb": round(plan.resident_bytes / 2**20, 3),
+                    "within_budget": split.peak_bytes <= plan.budget_bytes}
+    return data, result, resident
 
 
 def proc_status_mb(key: str) -> float:
@@ -180,9 +193,9 @@ def main() -> None:
 
         decorr.transfer.load_specs = load_then_reset
         tick = time.perf_counter()
-        data, result = ours(args, Path(folder), specs_of(args, r18, vgg), budget)
+        data, result, resident = ours(args, Path(folder), specs_of(args, r18, vgg), budget)
         print(json.dumps({"max_rss_mb": peak_rss_mb(loads[-1]), "ours_s": time.perf_counter() - tick,
-                          "split": type(data.test).__name__, "result": result}))
+                          "split": type(data.test).__name__, "result": result, "resident": resident}))
         return
     with tempfile.TemporaryDirectory(prefix="folder_bench_") as tmp:
         tmp = Path(tmp)
@@ -221,6 +234,8 @@ def main() -> None:
         "ratio": round(ours_s / bare_s, 3), "ours_timing": {k: round(v, 2) for k, v in result["timing"].items()},
         "identical": ours_acc == adv and ours_natural == natural, "accuracy_under_attack": adv,
         "natural_accuracy": natural,
+        # decoded images alive at once while streaming, counted (the budget's own measure; RSS cannot resolve it)
+        "streamed_resident_images": measured["resident"],
         "streamed_peak_rss_mb": round(rss["since_load"], 1),
         # what each evaluation adds to its process once the models are in place (peak minus RSS after loading)
         "added_after_load_mb": {name: round(m["since_load"] - m["rss_after_load"], 1)

@@ -119,8 +119,9 @@ def test_a_set_over_the_budget_is_streamed_with_the_same_results(tmp_path):
     streamed = load_dataset(str(tmp_path), image_size=32, memory_budget_mb=0.01, workers=2)
     assert isinstance(streamed.test, StreamedSplit) and not isinstance(memory.test, StreamedSplit)
     assert torch.equal(streamed.test.load().images, memory.test.images)
-    # passes with no batch size of their own (the fingerprint) decode what the budget holds: 10485 B // 3072 B
-    assert streamed.test.budget_batch_size() == 3
+    # passes with no batch size of their own (the fingerprint) take the largest batch whose stream fits: the
+    # budget holds 10485 B // 3072 B = 3 images, 2 workers keep 2 x 2 chunks + 1 copied: no batch fits, so 1
+    assert streamed.test.budget_batch_size() == 1
     with pytest.raises(DecorrError, match="streamed"):
         streamed.test.images  # noqa: B018 - a tool that needs memory says so in one line
     torch.manual_seed(0)
@@ -186,3 +187,34 @@ def test_hostile_folders_are_one_line_errors_naming_the_file(tmp_path, case, exp
         load_dataset(str(root), **options)
     message = str(info.value)
     assert "\n" not in message and expect in message, message
+
+
+@pytest.mark.parametrize("workers, budget_images, batch", [(2, 24, 3), (2, 20, 4), (0, 12, 5), (1, 25, 8)])
+def test_the_stream_holds_no_more_decoded_images_than_its_plan(tmp_path, workers, budget_images, batch):
+    # counted, not guessed from RSS: every decode (in any worker) against the batches the consumer moved past
+    from decorr.datasets.accounting import CountedSplit
+
+    _class_folder(tmp_path, [(40 + k % 7, 36 + k % 5) for k in range(30)])
+    budget = budget_images * 3 * 16 * 16 / 2**20
+    memory = load_dataset(str(tmp_path), image_size=16).test
+    split = load_dataset(str(tmp_path), image_size=16, memory_budget_mb=budget, workers=workers).test
+    plan = split.stream_plan(batch)
+    assert plan.within_budget and plan.resident_images <= budget_images
+    assert plan.chunk == max(1, min(batch, (budget_images - 2 * batch) // (2 * workers + 1)))
+    counted = CountedSplit(split)
+    images = [x for x, _ in counted.batches(batch)]
+    assert [len(x) for x in images] == [batch] * (30 // batch) + ([30 % batch] if 30 % batch else [])
+    assert torch.equal(torch.cat(images), memory.images)  # the same bytes as in memory, whatever the chunks
+    assert 0 < counted.peak_images <= plan.resident_images
+    assert counted.peak_bytes <= plan.budget_bytes
+
+
+def test_a_batch_over_the_budget_warns_with_the_batch_size_that_fits(tmp_path):
+    _class_folder(tmp_path, [(40, 36)] * 30)
+    split = load_dataset(str(tmp_path), image_size=16, memory_budget_mb=20 * 768 / 2**20, workers=1).test
+    with pytest.warns(UserWarning, match=r"over --memory-budget-mb .*; give --batch-size 8 or raise"):
+        list(split.batches(10))
+    assert split.stream_plan(8).within_budget and not split.stream_plan(9).within_budget
+    tiny = load_dataset(str(tmp_path), image_size=16, memory_budget_mb=2 * 768 / 2**20, workers=1).test
+    with pytest.warns(UserWarning, match=r"raise it to 0.00366 MiB or use fewer --workers \(now 1\)"):
+        list(tiny.batches(4))

@@ -5,12 +5,22 @@
 decodes batch by batch in ``torch.utils.data.DataLoader`` workers. Both offer what the transfer evaluation
 uses: ``len()``, ``labels``, ``image_shape``, ``batches(batch_size)`` (uint8 images and labels, in order)
 and ``subset(...)``; the batches are the same bytes either way, so the results are too.
+
+What "within the budget" means when streaming: the decoded images resident at once. A DataLoader with ``w``
+workers keeps ``w * PREFETCH_PER_WORKER`` decoded chunks outstanding; the main process holds the chunk it
+copies from, the batch it assembles and the batch its consumer still has. So ``batches(B)`` decodes in
+chunks of ``c`` images and holds at most ``2 B + (w * PREFETCH_PER_WORKER + 1) c`` images
+(:meth:`StreamedSplit.stream_plan`), ``c`` chosen as large as that bound allows within the budget (at most
+``B``). When even ``c = 1`` does not fit (the attack batch alone is over the budget), it warns with the
+largest batch size that fits. ``benchmarks/folder_eval.py`` counts the resident images of a real run.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -22,10 +32,13 @@ from decorr.datasets.base import ImageSplit
 from decorr.datasets.decode import Decoder, batch_bytes
 from decorr.errors import DecorrError
 
-__all__ = ["DEFAULT_MEMORY_BUDGET_MB", "StreamedSplit", "default_workers", "file_split"]
+__all__ = ["DEFAULT_MEMORY_BUDGET_MB", "PREFETCH_PER_WORKER", "StreamPlan", "StreamedSplit", "default_workers",
+           "file_split"]
 
 #: Decoded images up to this many MiB are kept in memory; larger sets are streamed.
 DEFAULT_MEMORY_BUDGET_MB = 4096.0
+#: Decoded chunks each DataLoader worker keeps ready (torch's default prefetch_factor).
+PREFETCH_PER_WORKER = 2
 
 
 def default_workers(n: int) -> int:
@@ -54,15 +67,33 @@ class _Batches(torch.utils.data.Dataset):
 
 
 def decode_batches(files: Sequence[Path], decoder: Decoder, batch_size: int, workers: int) -> Iterator[Tensor]:
-    """uint8 (B, C, H, W) batches of ``files`` in order, decoded by ``workers`` DataLoader processes."""
+    """uint8 (B, C, H, W) batches of ``files`` in order, decoded by ``workers`` DataLoader processes, each
+    keeping :data:`PREFETCH_PER_WORKER` batches ready."""
     if batch_size < 1:
         raise DecorrError(f"batch size must be >= 1, got {batch_size}")
+    prefetch = {"prefetch_factor": PREFETCH_PER_WORKER} if workers > 0 else {}
     loader = torch.utils.data.DataLoader(_Batches(files, decoder, batch_size), batch_size=None, shuffle=False,
-                                         num_workers=workers, persistent_workers=False)
+                                         num_workers=workers, persistent_workers=False, **prefetch)
     for batch in loader:
         if isinstance(batch, str):
             raise DecorrError(batch)
         yield batch
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """How :meth:`StreamedSplit.batches` streams batches of ``batch_size``: decoded ``chunk`` images at a
+    time, at most ``resident_images`` decoded images (``resident_bytes``) held at once."""
+
+    batch_size: int
+    chunk: int
+    resident_images: int
+    resident_bytes: int
+    budget_bytes: int
+
+    @property
+    def within_budget(self) -> bool:
+        return self.resident_bytes <= self.budget_bytes
 
 
 class StreamedSplit:
@@ -96,18 +127,58 @@ class StreamedSplit:
             f"the memory budget of {self.memory_budget_mb:g} MiB) and this tool needs them in memory; raise "
             "--memory-budget-mb or take fewer with --num-samples")
 
+    def _slots(self) -> int:
+        """Decoded chunks alive at once besides the two batches: the workers' prefetch and the one copied."""
+        return self.workers * PREFETCH_PER_WORKER + 1
+
+    def _budget_images(self) -> int:
+        return int(self.memory_budget_mb * 2**20 // batch_bytes(self.image_shape, 1))
+
+    def stream_plan(self, batch_size: int) -> StreamPlan:
+        """The chunk size and the resident bound of ``batches(batch_size)`` (module docstring)."""
+        if batch_size < 1:
+            raise DecorrError(f"batch size must be >= 1, got {batch_size}")
+        batch_size = min(batch_size, max(1, len(self)))
+        chunk = max(1, min(batch_size, (self._budget_images() - 2 * batch_size) // self._slots()))
+        resident = 2 * batch_size + self._slots() * chunk
+        return StreamPlan(batch_size, chunk, resident, batch_bytes(self.image_shape, resident),
+                          int(self.memory_budget_mb * 2**20))
+
     def budget_batch_size(self, largest: int = 256) -> int:
-        """The most images (at least 1, at most ``largest``) whose decoded batch fits the memory budget: the
-        batch size of passes over the split that have no batch size of their own (e.g. its fingerprint)."""
-        per_image = batch_bytes(self.image_shape, 1)
-        return max(1, min(largest, int(self.memory_budget_mb * 2**20 // per_image)))
+        """The largest batch size (at least 1, at most ``largest``) whose stream stays within the memory
+        budget: that of passes over the split with no batch size of their own (e.g. its fingerprint)."""
+        return max(1, min(largest, (self._budget_images() - self._slots()) // 2))
 
     def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """uint8 images (B, C, H, W) and int64 labels, in order."""
-        start = 0
-        for images in decode_batches(self.files, self.decoder, batch_size, self.workers):
-            yield images, self.labels[start : start + len(images)]
-            start += len(images)
+        """uint8 images (B, C, H, W) and int64 labels, in order, decoded by :meth:`stream_plan`'s chunks."""
+        plan = self.stream_plan(batch_size)
+        if not plan.within_budget:
+            fits = self.stream_plan(self.budget_batch_size(batch_size))
+            fix = (f"give --batch-size {fits.batch_size} or raise the budget" if fits.within_budget else
+                   f"raise it to {fits.resident_bytes / 2**20:.3g} MiB or use fewer --workers (now {self.workers})")
+            warnings.warn(f"streaming batches of {plan.batch_size} images holds up to "
+                          f"{plan.resident_bytes / 2**20:.3g} MiB of decoded images, over --memory-budget-mb "
+                          f"{self.memory_budget_mb:g}; {fix}", stacklevel=2)
+        start, batch, filled = 0, None, 0
+        for chunk in decode_batches(self.files, self.decoder, plan.chunk, self.workers):
+            if plan.chunk == batch_size:  # chunks are the batches: no copy
+                yield chunk, self.labels[start : start + len(chunk)]
+                start += len(chunk)
+                continue
+            pos = 0
+            while pos < len(chunk):
+                if batch is None:
+                    batch, filled = torch.empty((min(batch_size, len(self) - start), *self.image_shape),
+                                                dtype=torch.uint8), 0
+                take = min(len(chunk) - pos, len(batch) - filled)
+                batch[filled : filled + take] = chunk[pos : pos + take]
+                filled, pos = filled + take, pos + take
+                if filled == len(batch):
+                    done, batch = batch, None
+                    yield done, self.labels[start : start + len(done)]
+                    start += len(done)
+                    del done
+            del chunk
 
     def subset(self, indices_or_n: int | Sequence[int] | np.ndarray | Tensor) -> ImageSplit | StreamedSplit:
         """The first ``n`` files (an int) or those at ``indices``; in memory when they fit the budget."""
@@ -125,8 +196,10 @@ class StreamedSplit:
 
     def load(self, batch_size: int = 256) -> ImageSplit:
         """The whole split decoded into memory."""
-        parts = [images for images, _ in self.batches(batch_size)]
-        images = torch.cat(parts) if parts else torch.empty((0, *self.image_shape), dtype=torch.uint8)
+        images, start = torch.empty((len(self), *self.image_shape), dtype=torch.uint8), 0
+        for chunk in decode_batches(self.files, self.decoder, batch_size, self.workers):
+            images[start : start + len(chunk)] = chunk
+            start += len(chunk)
         return ImageSplit(images, self.labels.clone())
 
 
