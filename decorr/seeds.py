@@ -100,6 +100,13 @@ def training_measures(result: Mapping[str, Any]) -> dict[str, float] | None:
             "epoch_seconds": median(seconds) if seconds else None}
 
 
+def _eps_text(eps: float | str) -> str:
+    """An epsilon for a column title: ``k/255`` when it is one (within float rounding), else ``%g``."""
+    value = float(eps)
+    k = round(value * 255)
+    return f"{k}/255" if k and abs(value * 255 - k) < 1e-4 else f"{value:g}"
+
+
 def _cell(values: Sequence[float | None], scale: float, digits: int) -> str:
     if any(v is None for v in values):
         return "-"
@@ -137,7 +144,7 @@ def seed_table(groups: Mapping[str, Sequence[Mapping[str, Any]]], *, baseline: s
     logged = {label: [training_measures(r) for r in group] for label, group in groups.items()}
     from_log = all(m is not None for rows in logged.values() for m in rows)
     columns = _TRAINING_COLUMNS if from_log else _COLUMNS
-    transfer_keys = [(f"transfer@{e:g}", f"T eps {e:g} %") for e in eps]
+    transfer_keys = [(f"transfer@{e:g}", f"T eps {_eps_text(e)} %") for e in eps]
     header = ["method", "seeds", *[title for _, title, _, _ in columns], *[title for _, title in transfer_keys]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, rows in measures.items():
@@ -219,6 +226,7 @@ def _defence_title(key: str) -> tuple[str, float, int]:
     if key == "natural":
         return "clean accuracy %", 100, 1
     kind, _, eps = key.partition("@")
+    eps = _eps_text(eps)
     if kind == "white_box":
         return f"white box eps {eps} %", 100, 1
     what, _, source = kind.partition("[")

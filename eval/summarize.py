@@ -22,7 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
-from decorr.errors import DecorrError, cli_entry
+from decorr.errors import DecorrError, cli_entry, pixel_value
 from decorr.seeds import defence_table, plot_accuracy_transfer, seed_table
 from decorr.summary import error_table
 
@@ -39,8 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--across-seeds / --defence: also the seed-by-seed difference to this LABEL")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="--across-seeds: also plot members' transfer against clean accuracy per LABEL")
-    p.add_argument("--plot-eps", type=float, default=None, help="--plot: the epsilon (default: the largest)")
-    p.add_argument("--eps", nargs="+", type=float, default=None, help="--defence: only these epsilons' columns")
+    p.add_argument("--plot-eps", type=pixel_value, default=None, help="--plot: the epsilon (default: the largest)")
+    p.add_argument("--eps", nargs="+", type=pixel_value, default=None,
+                   help="--defence: only these epsilons' columns (pixel units, e.g. 8/255)")
     p.add_argument("--source", default=None, help="the attacked model (default: the first source)")
     p.add_argument("--targets", nargs="+", default=None, help="target columns (default: every other target)")
     p.add_argument("--out", default=None, help="also write the table to this file")
