@@ -123,6 +123,30 @@ _TRAINING_COLUMNS = (("accuracy", "member accuracy %", 100, 1), ("ensemble_accur
                      ("effective_rank", "effective rank", 1, 0), ("epoch_seconds", "s / epoch", 1, 0))
 
 
+def _check_groups(results: Sequence[Mapping[str, Any]], groups: Mapping[str, Any], baseline: str | None) -> None:
+    if len({r["settings"].get("samples_sha256") for r in results}) > 1:
+        raise DecorrError("the evaluations used different images (samples_sha256 differs); summarise runs on "
+                          "the same images")
+    if baseline is not None and baseline not in groups:
+        raise DecorrError(f"baseline {baseline!r} is not one of the groups {sorted(groups)}")
+
+
+def _difference_rows(measures: Mapping[str, Sequence[Mapping[str, float | None]]], baseline: str,
+                     columns: Sequence[tuple[str, float, int]]) -> list[str]:
+    """Table rows: every group's seed-by-seed difference to ``baseline`` in ``columns`` (key, scale, digits)."""
+    base, lines = measures[baseline], []
+    for label, rows in measures.items():
+        if label == baseline:
+            continue
+        if len(rows) != len(base):
+            raise DecorrError(f"group {label!r} has {len(rows)} seeds and the baseline {len(base)}; pair them "
+                              "seed by seed")
+        cells = [_cell([None if r.get(k) is None or b.get(k) is None else r[k] - b[k] for r, b in zip(rows, base)],
+                       scale, digits) for k, scale, digits in columns]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return lines
+
+
 def seed_table(groups: Mapping[str, Sequence[Mapping[str, Any]]], *, baseline: str | None = None) -> str:
     """Markdown: per group (label -> its seeds' results), every measure's mean over seeds [95% t-interval].
 
@@ -132,14 +156,10 @@ def seed_table(groups: Mapping[str, Sequence[Mapping[str, Any]]], *, baseline: s
     if not groups or any(not runs for runs in groups.values()):
         raise DecorrError("no evaluations to summarise; give LABEL=RESULTS,RESULTS,... groups")
     runs = [r for group in groups.values() for r in group]
-    if len({r["settings"].get("samples_sha256") for r in runs}) > 1:
-        raise DecorrError("the evaluations used different images (samples_sha256 differs); summarise runs on "
-                          "the same images")
+    _check_groups(runs, groups, baseline)
     eps = [record["eps"] for record in runs[0]["by_eps"]]
     if any([record["eps"] for record in r["by_eps"]] != eps for r in runs):
         raise DecorrError("the evaluations used different epsilons; summarise runs with the same --eps")
-    if baseline is not None and baseline not in groups:
-        raise DecorrError(f"baseline {baseline!r} is not one of the groups {sorted(groups)}")
     measures = {label: [ensemble_measures(r) for r in group] for label, group in groups.items()}
     logged = {label: [training_measures(r) for r in group] for label, group in groups.items()}
     from_log = all(m is not None for rows in logged.values() for m in rows)
@@ -165,18 +185,9 @@ def seed_table(groups: Mapping[str, Sequence[Mapping[str, Any]]], *, baseline: s
     lines += ["", f"Means over seeds with 95% t-intervals (not clipped to the possible range; few seeds make them wide); "
               f"each seed's number is the mean over its members ({where})."]
     if baseline is not None:
-        base = measures[baseline]
         header = ["method", *[f"{title} minus {baseline}" for _, title in transfer_keys]]
         lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for label, rows in measures.items():
-            if label == baseline:
-                continue
-            if len(rows) != len(base):
-                raise DecorrError(f"group {label!r} has {len(rows)} seeds and the baseline {len(base)}; pair them "
-                                  "seed by seed")
-            cells = [_cell([None if r[k] is None or b[k] is None else r[k] - b[k] for r, b in zip(rows, base)],
-                           100, 1) for k, _ in transfer_keys]
-            lines.append("| " + " | ".join([label, *cells]) + " |")
+        lines += _difference_rows(measures, baseline, [(k, 100, 1) for k, _ in transfer_keys])
         lines += ["", f"Differences in points, seed by seed (the i-th run of each group against the i-th of "
                   f"{baseline}), mean [95% t-interval]."]
     return "\n".join(lines)
@@ -247,11 +258,7 @@ def defence_table(groups: Mapping[str, Sequence[tuple[Mapping[str, Any], str | N
     if not groups or any(not rows for rows in groups.values()):
         raise DecorrError("no evaluations to summarise; give LABEL=RESULTS[:TARGET],... groups")
     results = [r for rows in groups.values() for r, _ in rows]
-    if len({r["settings"].get("samples_sha256") for r in results}) > 1:
-        raise DecorrError("the evaluations used different images (samples_sha256 differs); summarise runs on "
-                          "the same images")
-    if baseline is not None and baseline not in groups:
-        raise DecorrError(f"baseline {baseline!r} is not one of the groups {sorted(groups)}")
+    _check_groups(results, groups, baseline)
     measures = {label: [defence_measures(r, t) for r, t in rows] for label, rows in groups.items()}
     wanted = None if eps is None else {f"{e:g}" for e in eps}
     keys: list[str] = []
@@ -271,18 +278,9 @@ def defence_table(groups: Mapping[str, Sequence[tuple[Mapping[str, Any], str | N
               "images; accuracies of the defended model (the ensemble's prediction) in %, AUC of its members' "
               "disagreement detector."]
     if baseline is not None:
-        base = measures[baseline]
         lines += ["", "| " + " | ".join(["method", *[f"{t} minus {baseline}" for t, _, _ in titles]]) + " |",
                   "|" + "---|" * (len(keys) + 1)]
-        for label, rows in measures.items():
-            if label == baseline:
-                continue
-            if len(rows) != len(base):
-                raise DecorrError(f"group {label!r} has {len(rows)} seeds and the baseline {len(base)}; pair them "
-                                  "seed by seed")
-            cells = [_cell([None if r.get(k) is None or b.get(k) is None else r[k] - b[k] for r, b in zip(rows, base)],
-                           scale, digits) for k, (_, scale, digits) in zip(keys, titles)]
-            lines.append("| " + " | ".join([label, *cells]) + " |")
+        lines += _difference_rows(measures, baseline, [(k, scale, digits) for k, (_, scale, digits) in zip(keys, titles)])
         lines += ["", f"Differences seed by seed (the i-th run of each group against the i-th of {baseline}), "
                   "mean [95% t-interval]."]
     return "\n".join(lines)

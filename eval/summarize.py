@@ -93,14 +93,14 @@ def _groups(texts: list[str], many: bool) -> dict:
 
 def _labelled(texts: list[str]) -> dict[str, list[str]]:
     """``LABEL=PATH,PATH,...`` texts as label -> paths (the --defence form, whose paths may name a target)."""
-    out = {}
+    groups = []
     for text in texts:
         label, sep, paths = text.partition("=")
         if not sep or not label or not paths:
             raise DecorrError(f"{text!r} is not LABEL=RESULTS[:TARGET],...; e.g. ce=runs/eval/surr:ce_s0")
-        out.setdefault(label, []).append([p for p in paths.split(",") if p])
-    _unique([text.partition("=")[0] for text in texts])
-    return {label: lists[0] for label, lists in out.items()}
+        groups.append((label, [p for p in paths.split(",") if p]))
+    _unique([label for label, _ in groups])
+    return dict(groups)
 
 
 @cli_entry
