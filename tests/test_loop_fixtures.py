@@ -1,14 +1,21 @@
-"""Behaviour fixtures: a short fixed-seed CPU run of every trainer must give these exact final weights.
+"""Behaviour fixtures: a short fixed-seed CPU run of every trainer must end at these final weights.
 
-The constants were recorded from the trainers before they were ported onto :mod:`decorr.loop`
-(commit "Behaviour fixtures ..."); a port that changes a single bit of any run's final weights fails
-here. Each run takes a few seconds on one thread. To re-record after an *intended* change of numbers:
-``DECORR_PRINT_FIXTURES=1 pytest -q -s tests/test_loop_fixtures.py`` prints the new hashes.
+The fingerprints were recorded from the trainers (first as exact SHA-256 hashes, before they were ported
+onto :mod:`decorr.loop`). Exact hashes held only on one CPU: the same torch build on an AVX2 and an AVX-512
+machine picks different kernels and rounds differently, so a fresh CI machine failed every fixture with
+unchanged code. Each run is now reduced to two float64 numbers, the L2 norm of all its model weights and
+their projection on a fixed pseudo-random direction, compared with a relative tolerance of TOLERANCE.
+Measured on an AVX-512 machine: forcing AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``) moves them by up to
+9.4e-4 (pair_dec, whose two dec epochs amplify rounding; 1.9e-4 classifier_cifar, below 1e-7 the rest),
+while raising pair_cor's learning rate by 1% moves them by 7.4e-3. The tolerance sits between; a change
+smaller than that (pair_dec's lambda_corr 10% higher: 5e-5) is not caught, the price of running on any CPU.
+Each run takes a few seconds on one thread. To re-record after an *intended* change of numbers:
+``DECORR_PRINT_FIXTURES=1 pytest -q -s tests/test_loop_fixtures.py`` prints the new fingerprints.
 """
 
 from __future__ import annotations
 
-import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -19,39 +26,44 @@ from safetensors.torch import load_file
 from decorr.checkpoint import model_entry, save_checkpoint
 from decorr.models import create_model
 
-# name -> SHA-256 of the final weights (every model file of the final checkpoint, keys sorted)
-EXPECTED = {
-    "pair_cor": "47b33bd822a9af9800958c741c57c311ada9fc0fa548991884d1688b0ed4b67e",
-    "pair_dec": "0d25585bf4b857e25e32fe1e59e07e1afe2202869b3f901cb88f64f3b278c95c",
-    "pair_param": "ba7dffec283d70a532507e6ac778d0f6c08ca2415ed650944600b5ae34839ec1",
-    "classifier_mnist": "d4d4c13bbe7c64fd5c6e83838c8227eeabd8c66eb00a09ed96cf16fdeec03693",
-    "classifier_cifar": "4ad716c953d923b6a7396612413f823e43089855bf2ca04bfd8e442a0a9f0e11",
-    "dverge": "4b8ef8a2a7b8c13bfe66f58e399fbb207ce9358825bdf1401ba58248b87c4058",
-    "dna_stage1": "c3c234bb17b30780d2f9736a162fa745ff37b591aa2594fb7625f5e4608e3633",
-    "dna_stage2": "62d3dad4cbb3145f115cee1883f8f6e88b19bd7f8f697d78208dd186aa9772eb",
+TOLERANCE = 3e-3
+
+# name -> (L2 norm, projection) of the final weights (every model file of the final checkpoint, keys sorted)
+EXPECTED: dict[str, tuple[float, float]] = {
+    "pair_cor": (6.962460478499396, -13.90959983542666),
+    "pair_dec": (78.43719126720652, -30.997758209036895),
+    "pair_param": (5.606303038066949, -12.872232232212781),
+    "classifier_mnist": (4.725717126848456, -2.013358726793882),
+    "classifier_cifar": (303.92222089889844, 595.5513607510345),
+    "dverge": (6.842803245221452, -3.3845288963014957),
+    "dna_stage1": (22.49394949943585, 4.566294044588378),
+    "dna_stage2": (22.997702647589076, 13.982730610105655),
 }
 
 
-def weights_sha256(checkpoint_dir: Path) -> str:
-    """SHA-256 over the model tensors of a checkpoint: files and keys in sorted order, name, dtype,
-    shape and raw bytes of each tensor (the optimizer's state is left out)."""
-    digest = hashlib.sha256()
+def weights_fingerprint(checkpoint_dir: Path) -> tuple[float, float]:
+    """(L2 norm, projection on a fixed random direction) of the model tensors of a checkpoint, in float64;
+    files and keys in sorted order (the optimizer's state is left out)."""
+    parts = []
     for path in sorted(checkpoint_dir.glob("*.safetensors")):
         if path.name == "optimizer.safetensors":
             continue
         tensors = load_file(str(path))
-        for key in sorted(tensors):
-            t = tensors[key].contiguous().reshape(-1)
-            digest.update(f"{path.stem}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+        parts += [tensors[key].detach().reshape(-1).double() for key in sorted(tensors)]
+    weights = torch.cat(parts)
+    direction = torch.randn(weights.numel(), generator=torch.Generator().manual_seed(12345), dtype=torch.float64)
+    return float(weights.norm()), float(weights @ direction)
 
 
 def check(name: str, checkpoint_dir: Path) -> None:
-    got = weights_sha256(checkpoint_dir)
+    norm, projection = weights_fingerprint(checkpoint_dir)
     if os.environ.get("DECORR_PRINT_FIXTURES"):
-        print(f'\n    "{name}": "{got}",')
-    assert got == EXPECTED[name], f"{name}: final weights changed ({got})"
+        print(f'\n    "{name}": ({norm!r}, {projection!r}),')
+    want_norm, want_projection = EXPECTED[name]
+    # the projection's scale is the norm (a unit-variance direction), so both differences are relative to it
+    assert math.isclose(norm, want_norm, rel_tol=TOLERANCE), f"{name}: final weights changed (norm {norm!r})"
+    assert abs(projection - want_projection) <= TOLERANCE * want_norm, \
+        f"{name}: final weights changed (projection {projection!r}, expected {want_projection!r})"
 
 
 @pytest.fixture(autouse=True)
