@@ -49,7 +49,7 @@ def weights_fingerprint(checkpoint_dir: Path) -> tuple[float, float]:
         if path.name == "optimizer.safetensors":
             continue
         tensors = load_file(str(path))
-        parts += [tensors[key].detach().reshape(-1).double() for key in sorted(tensors)]
+        parts += [tensors[key].reshape(-1).double() for key in sorted(tensors)]
     weights = torch.cat(parts)
     direction = torch.randn(weights.numel(), generator=torch.Generator().manual_seed(12345), dtype=torch.float64)
     return float(weights.norm()), float(weights @ direction)
