@@ -1,6 +1,6 @@
 """Benchmark: a DVERGE epoch against the same feature distillations done by themselves.
 
-The DVERGE epoch (per batch ``decorr.dverge.dverge_step``, the step the training loop runs: one
+The DVERGE epoch (per batch ``decorr.training.dverge.dverge_step``, the step the training loop runs: one
 distillation per model, then the training step of every model on the others' distilled examples) runs on the first ``--batches``
 batches of an MNIST epoch, with the paper's settings (batch 1000, eps 0.15, 20 steps of 3/255 at
 ``features.pool2``). The baseline runs exactly those distillations (same batches, same models, same
@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 
 from decorr.data import iterate_batches, load_dataset
-from decorr.dverge import (
+from decorr.training.dverge import (
     TARGET_SEED_OFFSET,
     DvergeConfig,
     dverge_step,
     feature_distillation,
 )
-from decorr.dverge_training import load_init_models
+from decorr.training.dverge_run import load_init_models
 from decorr.models import create_model
-from decorr.training import write_json
+from decorr.io import write_json
 
 LAYER = "features.pool2"
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from decorr.checkpoint import model_entry, save_checkpoint
-from decorr.ensemble_training import EnsembleConfig, train_ensemble
+from decorr.training.ensemble import EnsembleConfig, train_ensemble
 from decorr.models import create_model
-from decorr.training import write_json
+from decorr.io import write_json
 
 #: name in the results -> (method, extra settings)
 CASES = {

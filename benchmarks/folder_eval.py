@@ -3,7 +3,7 @@
 A folder of ``--num-images`` random PNGs (3 classes, sizes around 256) is read with ``--image-size`` (224:
 torchvision's Resize + CenterCrop); a torchvision resnet18 source and vgg11 target (random weights saved
 with ``torch.save`` in a temp dir, specs ``torchvision.resnet18=r18.pth`` ...) are evaluated by
-``decorr.transfer.evaluate_checkpoints`` with the folder streamed (``memory_budget_mb`` below the set's
+``decorr.evaluation.transfer.evaluate_checkpoints`` with the folder streamed (``memory_budget_mb`` below the set's
 size, DataLoader workers decoding), PGD Linf. "bare" is a loop over the same decoded tensors (in memory),
 the same random starts and the same models loaded by hand; every accuracy must be equal. Reported: time per
 image of each and their ratio (goal <= 1.10), and where the memory goes. Three fresh child processes report
@@ -42,10 +42,10 @@ import torchvision
 from PIL import Image
 
 from decorr.data import load_dataset, to_float
-from decorr.datasets.accounting import CountedSplit
-from decorr.datasets.stream import StreamedSplit
-from decorr.report import write_results_json
-from decorr.transfer import attack_generator, evaluate_checkpoints
+from decorr.data.accounting import CountedSplit
+from decorr.data.stream import StreamedSplit
+from decorr.io import write_results_json
+from decorr.evaluation.transfer import attack_generator, evaluate_checkpoints
 
 
 def make_folder(root: Path, n: int) -> None:
@@ -81,7 +81,7 @@ def bare_loop(files, x_all, y_all, eps, steps, step_size, batch_size, seed, arch
 
 
 def ours(args, folder, specs, budget):
-    """The evaluation; a streamed split is counted (decorr.datasets.accounting) as it is streamed."""
+    """The evaluation; a streamed split is counted (decorr.data.accounting) as it is streamed."""
     data = load_dataset(str(folder), image_size=args.image_size, memory_budget_mb=budget, workers=args.workers)
     split = CountedSplit(data.test) if isinstance(data.test, StreamedSplit) else data.test
     result = evaluate_checkpoints([specs[1]], split, surrogates=[specs[0]], eps_list=[args.eps], steps=args.steps,
@@ -122,7 +122,7 @@ def peak_rss_mb(after_load: float | None = None) -> dict[str, float | None]:
 
 def models_pass(args, specs, batches) -> dict[str, float | None]:
     """The attack and target pass of the evaluation on ``batches``, with the models decorr's loader builds."""
-    from decorr.models.specs import load_specs
+    from decorr.specs import load_specs
 
     loaded = load_specs(specs, log=lambda message: None)
     src, tgt = (loaded[name].module for name in loaded)
@@ -182,16 +182,16 @@ def main() -> None:
     if args.child:
         folder, r18, vgg, budget = args.child
         budget = float(budget)
-        import decorr.transfer
+        import decorr.evaluation.transfer
 
-        loads, load_specs = [], decorr.transfer.load_specs
+        loads, load_specs = [], decorr.evaluation.transfer.load_specs
 
         def load_then_reset(*a, **k):  # the peak of the evaluation itself starts when the models are in place
             models = load_specs(*a, **k)
             loads.append(reset_peak())
             return models
 
-        decorr.transfer.load_specs = load_then_reset
+        decorr.evaluation.transfer.load_specs = load_then_reset
         tick = time.perf_counter()
         data, result, resident = ours(args, Path(folder), specs_of(args, r18, vgg), budget)
         print(json.dumps({"max_rss_mb": peak_rss_mb(loads[-1]), "ours_s": time.perf_counter() - tick,

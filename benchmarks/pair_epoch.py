@@ -2,7 +2,7 @@
 
 Paper-style: torchvision's MNIST dataset with a per-sample ``ToTensor`` through a DataLoader (batch
 1000, shuffled) and the paper's correlation loss (pseudo-inverse, N x N projection). Ours: one epoch of
-``decorr.pairs.train_pair`` as ``train/pair_classifiers.py`` runs it (the one training loop, uint8 tensors
+``decorr.training.pairs.train_pair`` as ``train/pair_classifiers.py`` runs it (the one training loop, uint8 tensors
 in memory, batches made on the fly, the closed-form correlation loss). "ours_s" is the training part of
 the epoch as the loop times it (what ``PairTask.end_epoch`` receives), "ours_total_s" the whole call
 (dataset load, model creation, an evaluation on ``--test-subset`` test images, the checkpoint write).
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from decorr.data import load_dataset
 from decorr.features import record_features
 from decorr.models import create_model
-from decorr.pairs import PairConfig, PairTask, train_pair
+from decorr.training.pairs import PairConfig, PairTask, train_pair
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from correlation_loss import paper_correlation_loss  # noqa: E402

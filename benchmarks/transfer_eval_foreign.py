@@ -2,7 +2,7 @@
 
 Models: a torchvision resnet18 (10 classes, at the data's 32x32) saved with ``torch.save(state_dict)`` and
 the registry's resnet20 saved as ``.safetensors`` (random weights; the speed does not depend on them).
-"ours" is ``decorr.transfer.evaluate_checkpoints`` on the specs ``torchvision.resnet18=r18.pth`` and
+"ours" is ``decorr.evaluation.transfer.evaluate_checkpoints`` on the specs ``torchvision.resnet18=r18.pth`` and
 ``resnet20=r20.safetensors`` (loading, input check, natural accuracy, both attacked, both evaluated on
 every adversarial batch; feature statistics off). "bare" is the 20-line loop below on models loaded by
 hand, drawing the same random starts (``attack_generator``), so every accuracy must be equal; the report
@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from decorr.data import load_dataset, to_float
 from decorr.models import create_model
-from decorr.report import write_results_json
-from decorr.transfer import attack_generator, evaluate_checkpoints
+from decorr.io import write_results_json
+from decorr.evaluation.transfer import attack_generator, evaluate_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"

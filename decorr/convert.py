@@ -18,14 +18,14 @@ from typing import Any, Sequence
 
 from decorr.checkpoint import save_checkpoint
 from decorr.errors import DecorrError, cli_entry
-from decorr.models.specs import SPEC_HELP, SpecOptions, add_spec_arguments, load_specs, spec_options
+from decorr.specs import SPEC_HELP, SpecOptions, add_spec_arguments, load_specs, spec_options
 
 __all__ = ["convert_spec", "main"]
 
 
 def convert_spec(spec: str, out: str | Path, options: SpecOptions | None = None, *,
                  dataset: str | None = None) -> Path:
-    """Load ``spec`` (``decorr.models.specs``) and save its models as a checkpoint in ``out``."""
+    """Load ``spec`` (``decorr.specs``) and save its models as a checkpoint in ``out``."""
     out = Path(out)
     if out.exists() or out.with_name(out.name + ".tmp").exists():
         raise DecorrError(f"{out} already exists; choose another --out (a conversion never overwrites)")

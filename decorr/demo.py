@@ -20,10 +20,10 @@ import torch
 from decorr.checkpoint import load_checkpoint
 from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry
-from decorr.pairs import PairConfig, train_pair
-from decorr.report import format_table
-from decorr.training import write_json
-from decorr.transfer import evaluate_checkpoints, pair_transfer
+from decorr.training.pairs import PairConfig, train_pair
+from decorr.evaluation.tables import format_table
+from decorr.io import write_json
+from decorr.evaluation.transfer import evaluate_checkpoints, pair_transfer
 
 MODES = ("cor", "dec")
 

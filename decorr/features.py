@@ -1,4 +1,4 @@
-"""Hidden features by module name, with forward hooks.
+"""Hidden features by module name, with forward hooks; train/eval mode bookkeeping (:func:`eval_mode`).
 
 Any ``nn.Module`` works, including torchvision models and models wrapped for data parallelism: the
 layer is looked up in ``model.named_modules()`` (a ``module.`` prefix added by DDP is tolerated).
@@ -15,8 +15,8 @@ import torch.nn as nn
 
 from decorr.errors import DecorrError
 
-__all__ = ["DEAD_FEATURES_BELOW", "dead_features_warning", "feature_diagnostics", "find_module", "get_features",
-           "layer_output", "record_features"]
+__all__ = ["DEAD_FEATURES_BELOW", "dead_features_warning", "eval_mode", "feature_diagnostics", "find_module",
+           "get_features", "layer_output", "record_features"]
 
 #: A feature layer with fewer active columns than this fraction is reported as collapsed (the training
 #: scripts warn once per epoch; see :func:`dead_features_warning`).
@@ -155,3 +155,24 @@ def dead_features_warning(name: str, layer: str, active: float, *, correlation: 
     fix = "; restart with --corr-warmup-epochs 1 (or another --seed)" if correlation and warmup_epochs == 0 else ""
     return (f"warning: {name}'s features at {layer} are (almost) constant on the test set ({100 * active:.1f}% of "
             f"columns vary){why}{fix}")
+
+
+@contextmanager
+def eval_mode(*models: nn.Module | None) -> Iterator[None]:
+    """Within the block every module of ``models`` is in eval mode; on exit (also on an error) each
+    submodule gets back the mode it had, so a model with a frozen (eval) part keeps it. ``None``
+    entries are skipped, and a module listed twice (or inside another) is restored once."""
+    saved: dict[int, tuple[nn.Module, bool]] = {}
+    for model in models:
+        if model is None:
+            continue
+        for module in model.modules():
+            saved.setdefault(id(module), (module, module.training))
+    try:
+        for model in models:
+            if model is not None:
+                model.eval()
+        yield
+    finally:
+        for module, training in saved.values():
+            module.training = training

@@ -13,7 +13,7 @@ from typing import Any
 from decorr.config import opt
 from decorr.errors import DecorrError
 from decorr.models import model_spec
-from decorr.validation import check_at_least, check_finite, check_positive, check_seed, check_subset
+from decorr.config import check_at_least, check_finite, check_positive, check_seed, check_subset
 
 __all__ = ["FAMILIES", "MODEL_KINDS", "PAPER_DEFAULTS", "STAGE_DIRS", "DnaConfig"]
 

@@ -33,8 +33,8 @@ from decorr.attacks import fgsm, pgd
 from decorr.checkpoint import load_checkpoint, load_models
 from decorr.data import ImageSplit, epoch_generator, iterate_batches
 from decorr.errors import DecorrError
-from decorr.report import eps_text
-from decorr.report import format_table as report_table
+from decorr.evaluation.tables import eps_text
+from decorr.evaluation.tables import format_table as report_table
 from dna.objectives import adaptive_objective, dna_accuracy, paper_objective, path_predictions
 from dna.training import resolve_dna_checkpoint
 

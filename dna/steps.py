@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from decorr.data import Augment, ImageSplit, iterate_batches
 from decorr.distributed import all_gather_with_grad
-from decorr.loop import train_step
+from decorr.training.loop import train_step
 from decorr.loss import correlation_loss
-from decorr.modes import eval_mode
-from decorr.training import TrainingRun, unwrap
+from decorr.features import eval_mode
+from decorr.training.run import TrainingRun, unwrap
 from dna.models import forward_with_latents
 from dna.objectives import autoencoder_loss_from_errors, reconstruction_errors
 
@@ -134,7 +134,7 @@ def accumulated_step(
 ) -> dict[str, torch.Tensor]:
     """One optimiser step over ``micro_batches``; returns the loss terms averaged over them.
 
-    :func:`decorr.loop.train_step`: each micro-batch in ``accelerator.accumulate``, so
+    :func:`decorr.training.loop.train_step`: each micro-batch in ``accelerator.accumulate``, so
     ``accelerator.backward`` divides its loss by the number of accumulation steps, and the
     data-parallel gradient all-reduce and the optimiser step run once, on the last micro-batch.
     """

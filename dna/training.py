@@ -8,14 +8,14 @@ Stage 1 trains the autoencoder alone::
 Stage 2 freezes it (eval mode, no gradient) and trains the classifier with cross-entropy on every
 path's reconstruction of each batch (the reconstructions concatenated, the labels repeated).
 
-A run directory holds one autoencoder and its classifier, one :class:`~decorr.training.TrainingRun`
+A run directory holds one autoencoder and its classifier, one :class:`~decorr.training.run.TrainingRun`
 per stage::
 
     RUN_DIR/stage1/checkpoint/   autoencoder              (config kind "dna", "stage": 1)
     RUN_DIR/stage2/checkpoint/   autoencoder + classifier (config kind "dna", "stage": 2)
     RUN_DIR/stage{1,2}/tensorboard/
 
-As in :mod:`decorr.pairs`, every batch statistic is that of the global batch, gathered with gradient
+As in :mod:`decorr.training.pairs`, every batch statistic is that of the global batch, gathered with gradient
 across processes (the per-sample errors, the latents for the correlation loss, the classifier's
 per-sample cross-entropy, and with ``sync_bn`` the batch norm statistics), so N processes train like
 one process with the whole batch. With gradient accumulation each optimiser step sums ``k``
@@ -34,16 +34,16 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from decorr.batchnorm import convert_sync_batchnorm
+from decorr.training.batchnorm import convert_sync_batchnorm
 from decorr.checkpoint import build_model, load_checkpoint, model_entry, resolve_checkpoint
 from decorr.data import ImageDataset, ImageSplit, dataset_augment, iterate_batches, load_dataset, require_training_images
 from decorr.distributed import all_gather_with_grad
 from decorr.errors import DecorrError
-from decorr.loop import Built, Task, fit, prefixed
+from decorr.training.loop import Built, Task, fit, prefixed
 from decorr.loss import r_squared
 from decorr.models import create_model
-from decorr.modes import eval_mode
-from decorr.training import TrainingRun, default_run_dir, releases_run_lock, unwrap
+from decorr.features import eval_mode
+from decorr.training.run import TrainingRun, default_run_dir, releases_run_lock, unwrap
 from dna.config import STAGE_DIRS, DnaConfig
 from dna.models import forward_with_latents
 from dna.objectives import dna_accuracy, reconstruction_errors

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 
-from decorr.compare import compare_results, load_results
+from decorr.evaluation.compare import compare_results, load_results
 from decorr.errors import cli_entry
-from decorr.report import COMPARE_CSV_HEADER, compare_rows, format_comparison, write_csv, write_results_json
+from decorr.evaluation.report import COMPARE_CSV_HEADER, compare_rows, format_comparison
+from decorr.io import write_csv, write_results_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

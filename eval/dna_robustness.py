@@ -21,8 +21,8 @@ import torch
 from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry, pixel_value
 from decorr.models import model_spec
-from decorr.report import prepare_output_dir, staged_output_dir, write_results_json
-from decorr.validation import check_at_least, check_seed, check_subset, resolve_device
+from decorr.io import prepare_output_dir, staged_output_dir, write_results_json
+from decorr.config import check_at_least, check_seed, check_subset, resolve_device
 from dna.evaluation import (
     ATTACKS,
     OBJECTIVES,

@@ -7,7 +7,7 @@ input gradient (through skip_gradient(source, gamma, exclude=--sgm-exclude)) wit
 coordinates whose signs agree, on natural test images; plus each decayed gradient's cosine with the
 source's own true gradient. Without --surrogate every checkpoint's models are sources and targets.
 Models are specs: checkpoints (PATH, PATH:MODEL) or ARCH=WEIGHTS files (grammar below).
-Prints a table and writes JSON (schema in decorr/alignment.py).
+Prints a table and writes JSON (schema in decorr/evaluation/alignment.py).
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import sys
 from pathlib import Path
 
 
-from decorr.alignment import evaluate_gradient_alignment, format_gradient_alignment
+from decorr.evaluation.alignment import evaluate_gradient_alignment, format_gradient_alignment
 from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES
 from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry
-from decorr.models.specs import SPEC_HELP, add_spec_arguments, check_input_shape, load_specs, spec_options
-from decorr.report import write_results_json
-from decorr.transfer import checkpoint_dataset
-from decorr.validation import check_at_least, resolve_device, set_threads
+from decorr.specs import SPEC_HELP, add_spec_arguments, check_input_shape, load_specs, spec_options
+from decorr.io import write_results_json
+from decorr.evaluation.transfer import checkpoint_dataset
+from decorr.config import check_at_least, resolve_device, set_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

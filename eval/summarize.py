@@ -6,11 +6,11 @@
         [--baseline ce]
     python eval/summarize.py --defence ce=runs/eval/surr:ce_s0,runs/eval/surr:ce_s1 dec=runs/eval/dec_s0,... \\
         [--baseline ce] [--eps 0.0314]
-The first form: each target's error under one source's attack, 95% Wilson intervals (decorr/summary.py).
+The first form: each target's error under one source's attack, 95% Wilson intervals (decorr/evaluation/summary.py).
 With --across-seeds each LABEL names one method's evaluations, one per training seed (results.json files or
 their folders, comma-separated): member accuracy, feature R^2, active features, effective rank and the
 members' mean transfer rate, as means over seeds with 95% t-intervals, and with --baseline each group's
-seed-by-seed difference to that group (decorr/seeds.py). Every run must have evaluated the same images
+seed-by-seed difference to that group (decorr/evaluation/seeds.py). Every run must have evaluated the same images
 (their samples_sha256 agree). With --defence each LABEL names one defended model per seed (RESULTS:TARGET, or
 RESULTS alone when it has one ensemble target): its clean accuracy, white-box accuracy (when it was attacked),
 accuracy on every other source's examples and its members' disagreement-detection AUC, over seeds.
@@ -23,8 +23,8 @@ import json
 from pathlib import Path
 
 from decorr.errors import DecorrError, cli_entry, pixel_value
-from decorr.seeds import defence_table, plot_accuracy_transfer, seed_table
-from decorr.summary import error_table
+from decorr.evaluation.seeds import defence_table, plot_accuracy_transfer, seed_table
+from decorr.evaluation.summary import error_table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

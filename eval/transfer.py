@@ -14,7 +14,7 @@ table.txt, heatmap_<attack>_<norm>_eps<eps>.png, transfer_vs_eps_<attack>_<norm>
 resizes and centre-crops); --save-adversarial DIR writes the examples as 8-bit PNGs with an index.csv, and
 --adversarial DIR evaluates the targets on such a folder instead of attacking (docs/transfer.md).
 Epsilons and the PGD step are in pixel units ([0, 1]); for --norm l2 in Linf-equivalent units,
-scaled by --l2-scale (SPEC: eps * sqrt(image side)). The schema is in decorr/transfer.py.
+scaled by --l2-scale (SPEC: eps * sqrt(image side)). The schema is in decorr/evaluation/transfer.py.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import sys
 
 from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES
 from decorr.data import load_dataset
-from decorr.datasets.adversarial import AdversarialWriter, evaluate_adversarial_specs
-from decorr.ensembles import ENSEMBLE_RULES, parse_ensemble_spec
+from decorr.evaluation.adversarial_files import AdversarialWriter, evaluate_adversarial_specs
+from decorr.evaluation.ensembles import ENSEMBLE_RULES, parse_ensemble_spec
 from decorr.errors import DecorrError, cli_entry, pixel_value
-from decorr.models.specs import SPEC_HELP, add_spec_arguments, spec_options
-from decorr.report import default_output_dir, format_transfer, prepare_output_dir, save_transfer_report, staged_output_dir
-from decorr.validation import check_seed, check_subset, resolve_device, set_threads
-from decorr.transfer import (
+from decorr.specs import SPEC_HELP, add_spec_arguments, spec_options
+from decorr.io import default_output_dir, prepare_output_dir, staged_output_dir
+from decorr.evaluation.report import format_transfer, save_transfer_report
+from decorr.config import check_seed, check_subset, resolve_device, set_threads
+from decorr.evaluation.transfer import (
     ATTACKS,
     DEFAULT_EPS,
     L2_SCALES,

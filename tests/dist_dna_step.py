@@ -8,7 +8,7 @@ optimiser used (after the data-parallel all-reduce) and the weights and buffers 
 
 Cases: ``mnist`` (the MNIST DNA), ``mnist_accumulate`` (with 2 accumulation steps), ``cifar_sync_bn``
 (the CIFAR-10 DNA with ``sync_bn``), and ``batchnorm_global`` / ``batchnorm_local``, a small
-conv + batch-norm net with and without :func:`decorr.batchnorm.convert_sync_batchnorm` (the local one
+conv + batch-norm net with and without :func:`decorr.training.batchnorm.convert_sync_batchnorm` (the local one
 must differ from the whole-batch reference: that shows the comparison can fail).
 
 Models and batches are float64: the test checks that N processes compute the same function as one.
@@ -30,11 +30,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from decorr.batchnorm import convert_sync_batchnorm
+from decorr.training.batchnorm import convert_sync_batchnorm
 from decorr.data import Augment, ImageSplit
 from decorr.distributed import all_gather_with_grad
 from decorr.models import create_model
-from decorr.training import TrainingRun, unwrap
+from decorr.training.run import TrainingRun, unwrap
 from dna.config import DnaConfig
 from dna.steps import accumulated_step, autoencoder_objective, optimizer_steps
 

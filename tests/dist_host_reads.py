@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from decorr.batchnorm import convert_sync_batchnorm
+from decorr.training.batchnorm import convert_sync_batchnorm
 from decorr.data import Augment, ImageSplit
 from decorr.models import create_model
-from decorr.training import TrainingRun
+from decorr.training.run import TrainingRun
 from dna.config import DnaConfig
 from dna.steps import accumulated_step, autoencoder_objective, optimizer_steps
 

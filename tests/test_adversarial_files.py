@@ -136,7 +136,7 @@ def test_documented_sgm_command_runs_on_a_generated_folder(tmp_path, monkeypatch
 
 
 def test_torchvision_weights_by_name_offline_is_one_line_error(monkeypatch):
-    from decorr.models.specs import load_specs
+    from decorr.specs import load_specs
 
     def offline(self, *args, **kwargs):
         raise OSError("no network")

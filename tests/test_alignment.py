@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from decorr.alignment import evaluate_gradient_alignment, format_gradient_alignment, input_gradient
+from decorr.evaluation.alignment import evaluate_gradient_alignment, format_gradient_alignment, input_gradient
 from decorr.checkpoint import model_entry, save_checkpoint
 from decorr.data import to_float
 from decorr.errors import DecorrError
-from decorr.metrics import gradient_alignment
+from decorr.evaluation.metrics import gradient_alignment
 from decorr.models import create_model
 from decorr.models.blocks import ResidualUnit
 

@@ -1,4 +1,4 @@
-"""Single-classifier training (decorr.classifier, train/classifier.py) on small real subsets."""
+"""Single-classifier training (decorr.training.classifier, train/classifier.py) on small real subsets."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from decorr.checkpoint import load_checkpoint, load_models
-from decorr.classifier import (
+from decorr.training.classifier import (
     ClassifierConfig,
     check_model_fits,
     classifier_objective,
@@ -25,7 +25,7 @@ from decorr.classifier import (
 from decorr.data import ImageDataset, ImageSplit, to_float
 from decorr.errors import DecorrError
 from decorr.models import create_model
-from decorr.training import TrainingRun
+from decorr.training.run import TrainingRun
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "classifier.py"

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch.nn as nn
 
-from decorr.classifier import ClassifierConfig
+from decorr.training.classifier import ClassifierConfig
 from decorr.config import config_from_args
-from decorr.dverge import DvergeConfig
-from decorr.modes import eval_mode
-from decorr.pairs import PairConfig
+from decorr.training.dverge import DvergeConfig
+from decorr.features import eval_mode
+from decorr.training.pairs import PairConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from decorr import data
-from decorr.datasets import builtin, locate
+from decorr.data import builtin, locate
 from decorr.data import (
     Augment,
     AugmentDraw,
@@ -326,7 +326,7 @@ def test_register_custom_dataset():
         assert len(ds.train) == 10 and ds.source == "/somewhere"
         assert dataset_augment("tiny-test-set") == Augment(crop_padding=1)
     finally:
-        data._DATASETS.pop("tiny-test-set")
+        data.registry._DATASETS.pop("tiny-test-set")
 
 
 def test_builtin_registry_and_default_augmentation():

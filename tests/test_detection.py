@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from decorr.detection import detection_summary, disagreement, roc_auc
+from decorr.evaluation.detection import detection_summary, disagreement, roc_auc
 from decorr.errors import DecorrError
-from decorr.stats import wilson_interval
+from decorr.evaluation.stats import wilson_interval
 
 
 def pair_count_auc(neg, pos) -> float:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from decorr.diversity import (
+from decorr.training.diversity import (
     adp_loss,
     gal_loss,
     member_input_gradients,

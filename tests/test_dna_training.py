@@ -16,12 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from decorr.batchnorm import GlobalBatchNorm, convert_sync_batchnorm
+from decorr.training.batchnorm import GlobalBatchNorm, convert_sync_batchnorm
 from decorr.checkpoint import load_checkpoint
 from decorr.errors import DecorrError
 from decorr.loss import correlation_loss
 from decorr.models import create_model
-from decorr.training import TrainingRun
+from decorr.training.run import TrainingRun
 from dna.evaluation import (
     DefendedModel,
     craft,

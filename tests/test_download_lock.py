@@ -17,7 +17,7 @@ import sys, time
 from pathlib import Path
 import numpy as np
 from decorr import data
-from decorr.datasets import locate
+from decorr.data import locate
 
 root = Path(sys.argv[1])
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from decorr.attacks import pgd
 from decorr.checkpoint import load_checkpoint, model_entry, save_checkpoint
 from decorr.data import to_float
-from decorr.dverge import (
+from decorr.training.dverge import (
     DvergeConfig,
     choose_layer,
     dverge_objective,
@@ -24,7 +24,7 @@ from decorr.dverge import (
     feature_distillation,
     layer_output,
 )
-from decorr.dverge_training import format_history, train_dverge
+from decorr.training.dverge_run import format_history, train_dverge
 from decorr.errors import DecorrError
 from decorr.models import create_model
 

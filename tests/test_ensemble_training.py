@@ -1,4 +1,4 @@
-"""The ensemble trainer (train/ensemble.py, decorr.ensemble_training, decorr.methods) on real MNIST subsets.
+"""The ensemble trainer (train/ensemble.py, decorr.training.ensemble, decorr.training.methods) on real MNIST subsets.
 
 N = 2 equals the pair trainer bit for bit; every method trains N = 3 members into a loadable
 checkpoint; heterogeneous ensembles; one-line errors before any work; resume; the scripts end to end.
@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from decorr.checkpoint import load_checkpoint, load_models, model_entry, save_checkpoint
-from decorr.ensemble_training import EnsembleConfig, state_sha256, train_ensemble
+from decorr.training.ensemble import EnsembleConfig, state_sha256, train_ensemble
 from decorr.errors import DecorrError
-from decorr.methods import METHODS
+from decorr.training.methods import METHODS
 from decorr.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def surrogate(tmp_path_factory) -> Path:
     ("dec", "dec", {"arch": "mnist_fc", "train_subset": 420, "batch_size": 210}),  # batch norm, 200 features
 ])
 def test_two_members_equal_the_pair_trainer_bit_for_bit(mnist, tmp_path, mode, method, extra):
-    from decorr.pairs import PairConfig, train_pair
+    from decorr.training.pairs import PairConfig, train_pair
 
     settings = {**TINY, "epochs": 2, "test_subset": 64, "seed": 3, **extra}
     train_pair(PairConfig(mode=mode, **settings), tmp_path / "pair", log=False, cpu=True)
@@ -206,7 +206,7 @@ def test_script_bf16_double_backprop_then_transfer_evaluation(mnist, tmp_path):
     assert results["models"]["ens"]["members"] == ["trs/model0", "trs/model1", "trs/model2"]
     assert {"trs/model0", "trs/model1", "trs/model2", "ens"} <= set(results["targets"])
     # the seed summary reads accuracy, R^2 and the diagnostics from the run's last logged evaluation
-    from decorr.seeds import training_measures
+    from decorr.evaluation.seeds import training_measures
 
     last = config["history"][-1]
     logged = training_measures(results)
@@ -214,7 +214,7 @@ def test_script_bf16_double_backprop_then_transfer_evaluation(mnist, tmp_path):
     assert logged["accuracy"] == pytest.approx(sum(last[f"test/acc_model{i}"] for i in range(3)) / 3)
     assert logged["effective_rank"] == pytest.approx(sum(last[f"test/effective_rank_model{i}"] for i in range(3)) / 3)
     assert logged["epoch_seconds"] == pytest.approx(last["time/train_epoch_s"])  # one epoch: its own time
-    from decorr.seeds import defence_measures
+    from decorr.evaluation.seeds import defence_measures
 
     defended = defence_measures(results)  # the only ensemble target; its members' examples are not outside attacks
     assert defended == {"natural": results["models"]["ens"]["natural_accuracy"],

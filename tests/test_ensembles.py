@@ -15,14 +15,14 @@ import torch.nn.functional as F
 
 from decorr.attacks import ce_loss, pgd, skip_gradient
 from decorr.checkpoint import model_entry, save_checkpoint
-from decorr.compare import compare_results, pack_outcomes, unpack_outcomes
+from decorr.evaluation.compare import compare_results, pack_outcomes, unpack_outcomes
 from decorr.data import iterate_batches, to_float
-from decorr.ensembles import Ensemble, load_ensembles, parse_ensemble_spec
+from decorr.evaluation.ensembles import Ensemble, load_ensembles, parse_ensemble_spec
 from decorr.errors import DecorrError
 from decorr.models import create_model
-from decorr.report import DETECTION_CSV_HEADER
-from decorr.stats import wilson_interval
-from decorr.transfer import TransferSettings, attack_generator, craft, evaluate_checkpoints, evaluate_transfer
+from decorr.evaluation.report import DETECTION_CSV_HEADER
+from decorr.evaluation.stats import wilson_interval
+from decorr.evaluation.transfer import TransferSettings, attack_generator, craft, evaluate_checkpoints, evaluate_transfer
 
 REPO = Path(__file__).resolve().parents[1]
 

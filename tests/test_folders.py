@@ -13,9 +13,9 @@ from PIL import Image
 from torchvision import transforms
 
 from decorr.data import load_dataset, require_training_images
-from decorr.datasets import StreamedSplit
+from decorr.data import StreamedSplit
 from decorr.errors import DecorrError
-from decorr.transfer import evaluate_transfer
+from decorr.evaluation.transfer import evaluate_transfer
 
 
 def _image(rng, w, h, gray=False):
@@ -192,7 +192,7 @@ def test_hostile_folders_are_one_line_errors_naming_the_file(tmp_path, case, exp
 @pytest.mark.parametrize("workers, budget_images, batch", [(2, 24, 3), (2, 20, 4), (0, 12, 5), (1, 25, 8)])
 def test_the_stream_holds_no_more_decoded_images_than_its_plan(tmp_path, workers, budget_images, batch):
     # counted, not guessed from RSS: every decode (in any worker) against the batches the consumer moved past
-    from decorr.datasets.accounting import CountedSplit
+    from decorr.data.accounting import CountedSplit
 
     _class_folder(tmp_path, [(40 + k % 7, 36 + k % 5) for k in range(30)])
     budget = budget_images * 3 * 16 * 16 / 2**20

@@ -326,7 +326,7 @@ def test_correlation_loss_refuses(z1, z2, kwargs, expect):
 
 
 def test_evaluation_refuses_nan_images(made):
-    from decorr.transfer import evaluate_checkpoints
+    from decorr.evaluation.transfer import evaluate_checkpoints
 
     x = torch.rand(8, 1, 28, 28)
     x[0, 0, 0, 0] = float("nan")
@@ -362,7 +362,7 @@ def test_two_runs_into_one_directory_exactly_one_proceeds(tmp_path, mnist):
 
 
 def test_a_dead_owners_lock_is_taken_over(tmp_path, mnist):
-    from decorr.runlock import RunLock
+    from decorr.training.runlock import RunLock
 
     run = tmp_path / "run"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

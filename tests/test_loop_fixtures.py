@@ -1,7 +1,7 @@
 """Behaviour fixtures: a short fixed-seed CPU run of every trainer must end at these final weights.
 
 The fingerprints were recorded from the trainers (first as exact SHA-256 hashes, before they were ported
-onto :mod:`decorr.loop`). Exact hashes held only on one CPU: the same torch build on an AVX2 and an AVX-512
+onto :mod:`decorr.training.loop`). Exact hashes held only on one CPU: the same torch build on an AVX2 and an AVX-512
 machine picks different kernels and rounds differently, so a fresh CI machine failed every fixture with
 unchanged code. Each run is now reduced to two float64 numbers, the L2 norm of all its model weights and
 their projection on a fixed pseudo-random direction, compared with a relative tolerance of TOLERANCE.
@@ -86,7 +86,7 @@ def tiny_mnist(mnist):
     ("param", {"target_distance": 10.0, "distance_weight": 1e-3}),
 ])
 def test_pair(mode, extra, tmp_path):
-    from decorr.pairs import PairConfig, train_pair
+    from decorr.training.pairs import PairConfig, train_pair
 
     config = PairConfig(mode=mode, epochs=2, batch_size=200, train_subset=500, test_subset=128, eval_batch_size=64,
                         seed=3, **extra)
@@ -95,7 +95,7 @@ def test_pair(mode, extra, tmp_path):
 
 
 def test_classifier_mnist(tiny_mnist, tmp_path):
-    from decorr.classifier import ClassifierConfig, train_classifier
+    from decorr.training.classifier import ClassifierConfig, train_classifier
 
     config = ClassifierConfig(arch="mnist_cnn", dataset="mnist", epochs=2, batch_size=100, lr=0.05, seed=1,
                               eval_batch_size=64)
@@ -104,7 +104,7 @@ def test_classifier_mnist(tiny_mnist, tmp_path):
 
 
 def test_classifier_cifar(cifar_subset, tmp_path):
-    from decorr.classifier import ClassifierConfig, train_classifier
+    from decorr.training.classifier import ClassifierConfig, train_classifier
 
     config = ClassifierConfig(arch="resnet20", dataset="cifar10_subset.npz", epochs=1, batch_size=32, lr=0.05,
                               optimizer="adam", schedule="none", train_subset=96, test_subset=32, seed=2)
@@ -113,8 +113,8 @@ def test_classifier_cifar(cifar_subset, tmp_path):
 
 
 def test_dverge(mnist, tmp_path):
-    from decorr.dverge import DvergeConfig
-    from decorr.dverge_training import train_dverge
+    from decorr.training.dverge import DvergeConfig
+    from decorr.training.dverge_run import train_dverge
 
     torch.manual_seed(30)
     models = {"model0": create_model("mnist_cnn"), "model1": create_model("mnist_cnn")}

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from decorr.errors import DecorrError
-from decorr.metrics import accuracy, error_rate, pair_average, predict, transfer_matrix, transfer_rate
+from decorr.evaluation.metrics import accuracy, error_rate, pair_average, predict, transfer_matrix, transfer_rate
 
 Y = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
 

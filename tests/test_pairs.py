@@ -20,7 +20,7 @@ from decorr.errors import DecorrError
 from decorr.loss import correlation_loss, parameter_distance
 from decorr.models import create_model
 from decorr.features import dead_features_warning
-from decorr.pairs import PairConfig, evaluate_models, pair_objective, train_pair
+from decorr.training.pairs import PairConfig, evaluate_models, pair_objective, train_pair
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "pair_classifiers.py"

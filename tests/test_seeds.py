@@ -1,4 +1,4 @@
-"""Summaries across seeds (decorr.seeds, eval/summarize.py --across-seeds) against hand computations."""
+"""Summaries across seeds (decorr.evaluation.seeds, eval/summarize.py --across-seeds) against hand computations."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from scipy import stats
 
 from decorr.errors import DecorrError
-from decorr.seeds import defence_measures, defence_table, ensemble_measures, seed_table
-from decorr.stats import t_interval
+from decorr.evaluation.seeds import defence_measures, defence_table, ensemble_measures, seed_table
+from decorr.evaluation.stats import t_interval
 from eval import summarize
 
 

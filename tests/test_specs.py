@@ -1,4 +1,4 @@
-"""Model specs (decorr.models.specs): foreign weights in every tool, checked against plain torch forwards.
+"""Model specs (decorr.specs): foreign weights in every tool, checked against plain torch forwards.
 
 Oracles: the models built here by hand (torchvision / registry builders + load_state_dict) and their
 plain forward passes; files written with torch.save / safetensors; hashlib for the checksum.
@@ -22,11 +22,11 @@ from safetensors.torch import save_file
 from decorr.checkpoint import build_model, model_entry, save_checkpoint
 from decorr.convert import main as convert_main
 from decorr.data import to_float
-from decorr.dverge_training import load_init_models
+from decorr.training.dverge_run import load_init_models
 from decorr.errors import DecorrError
 from decorr.models import create_model
-from decorr.models.specs import Preprocessed, SpecOptions, load_specs, parse_spec
-from decorr.transfer import evaluate_checkpoints, load_named_models
+from decorr.specs import Preprocessed, SpecOptions, load_specs, parse_spec
+from decorr.evaluation.transfer import evaluate_checkpoints, load_named_models
 
 from conftest import CIFAR_SUBSET
 

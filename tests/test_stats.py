@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import binomtest
 
 from decorr.errors import DecorrError
-from decorr.stats import mcnemar, mcnemar_exact, wilson_interval
+from decorr.evaluation.stats import mcnemar, mcnemar_exact, wilson_interval
 
 COUNTS = [(0, 1), (1, 1), (0, 10), (10, 10), (1, 10), (3, 7), (50, 100), (436, 1000), (9999, 10000), (1, 10000)]
 

@@ -1,4 +1,4 @@
-"""decorr.summary: errors and Wilson intervals across runs, checked against scipy on hand-made results."""
+"""decorr.evaluation.summary: errors and Wilson intervals across runs, checked against scipy on hand-made results."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from scipy.stats import binomtest
 
 from decorr.errors import DecorrError
-from decorr.summary import error_table
+from decorr.evaluation.summary import error_table
 
 
 def result(white_box_correct: int, target_correct: int, sha: str = "abc") -> dict:

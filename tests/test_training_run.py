@@ -7,8 +7,8 @@ import json
 import torch
 
 from decorr.checkpoint import load_checkpoint
-from decorr.loop import Built, Task, fit
-from decorr.training import TrainingRun
+from decorr.training.loop import Built, Task, fit
+from decorr.training.run import TrainingRun
 
 
 class _TinyTask(Task):

@@ -14,15 +14,15 @@ import torch.nn.functional as F
 
 from decorr.attacks import ce_loss, fgsm, pgd, skip_gradient
 from decorr.checkpoint import model_entry, save_checkpoint
-from decorr.compare import unpack_outcomes
+from decorr.evaluation.compare import unpack_outcomes
 from decorr.data import iterate_batches, to_float
 from decorr.errors import DecorrError
 from decorr.features import feature_diagnostics, get_features
 from decorr.loss import parameter_distance, pca_pearson, pearson, r_squared
 from decorr.models import create_model
-from decorr.report import PAIRS_CSV_HEADER, TRANSFER_CSV_HEADER
-from decorr.stats import wilson_interval
-from decorr.transfer import (
+from decorr.evaluation.report import PAIRS_CSV_HEADER, TRANSFER_CSV_HEADER
+from decorr.evaluation.stats import wilson_interval
+from decorr.evaluation.transfer import (
     TransferSettings,
     attack_generator,
     craft,

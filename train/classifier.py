@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from decorr.classifier import ClassifierConfig, train_classifier
+from decorr.training.classifier import ClassifierConfig, train_classifier
 from decorr.config import add_config_arguments, add_run_arguments, config_from_args
 from decorr.distributed import rank
 from decorr.errors import cli_entry

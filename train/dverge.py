@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 
 from decorr.config import add_config_arguments, add_run_arguments, config_from_args
-from decorr.dverge import DvergeConfig
-from decorr.dverge_training import format_history, train_dverge
+from decorr.training.dverge import DvergeConfig
+from decorr.training.dverge_run import format_history, train_dverge
 from decorr.errors import cli_entry
-from decorr.models.specs import SPEC_HELP, add_spec_arguments, spec_options
+from decorr.specs import SPEC_HELP, add_spec_arguments, spec_options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,9 +19,9 @@ import json
 
 from decorr.config import add_config_arguments, add_run_arguments, config_from_args
 from decorr.distributed import rank
-from decorr.ensemble_training import EnsembleConfig, train_ensemble
+from decorr.training.ensemble import EnsembleConfig, train_ensemble
 from decorr.errors import cli_entry
-from decorr.models.specs import SPEC_HELP, SpecOptions
+from decorr.specs import SPEC_HELP, SpecOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,7 +13,7 @@ import json
 from decorr.distributed import rank
 from decorr.config import add_config_arguments, add_run_arguments, config_from_args
 from decorr.errors import cli_entry
-from decorr.pairs import PairConfig, train_pair
+from decorr.training.pairs import PairConfig, train_pair
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

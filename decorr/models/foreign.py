@@ -2,7 +2,7 @@
 that puts a model's input preprocessing (normalisation, resize) inside it.
 
 ``build_architecture(arch, kwargs, preprocess)`` is what ``decorr.checkpoint.build_model`` and
-``decorr.models.specs`` build from; a checkpoint entry ``{"arch": "torchvision.resnet18", "kwargs":
+``decorr.specs`` build from; a checkpoint entry ``{"arch": "torchvision.resnet18", "kwargs":
 {"num_classes": 10}, "preprocess": {"mean": [...], "std": [...], "input_size": [224, 224]}}`` rebuilds
 ``Preprocessed(torchvision resnet18)``.
 """

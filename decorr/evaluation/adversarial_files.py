@@ -1,0 +1,312 @@
+"""Adversarial examples as image files: written during the attack pass, evaluated later (by any target).
+
+Folder format (``eval/transfer.py --save-adversarial DIR`` writes it; another tool can too)::
+
+    DIR/index.csv      header file,source,eps,index,label[,source_pred][,float_file]; one row per image
+    DIR/<source>/eps_<eps>/<index>.png   lossless 8-bit PNG, round(255 * x_adv), RGB or grayscale
+    DIR/<source>/eps_<eps>/<index>.npy   with --save-float: x_adv itself, float32 (C, H, W) in [0, 1]
+    DIR/settings.json  the attack's settings (optional; decorr writes its results' "settings")
+
+``file`` (and ``float_file``) are paths relative to DIR; ``source`` names the model the image was crafted
+on, ``eps`` the radius in pixel units, ``index`` the image's position in the evaluated split, ``label`` its
+true class, ``source_pred`` the source's label on the unrounded example (what tells which successes the
+rounding to 8 bits lost). Only file, source, eps and label are required.
+
+:func:`evaluate_adversarial_folder` evaluates every target on every (source, eps) group of images, by
+default on the 8-bit images as an attacker delivers them (``use_float=True``: the float copies, which
+reproduce the in-process evaluation exactly; the 8-bit results are then given beside them, under
+``quantised``). A source model given by its name (as a target or surrogate) is run on the images too, so its
+white-box accuracy and the transfer rates are those of the evaluated images; otherwise the ``source_pred``
+column stands in for it (the rates are then conditioned on the unrounded examples, and a note says so).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from decorr.data.base import to_float
+from decorr.data.decode import probe_images
+from decorr.data.stream import file_split
+from decorr.errors import DecorrError
+from decorr.evaluation.metrics import accuracy, transfer_rate
+from decorr.evaluation.stats import wilson_interval
+
+__all__ = ["INDEX_FILE", "INDEX_HEADER", "AdversarialWriter", "evaluate_adversarial_folder",
+           "evaluate_adversarial_specs", "read_index"]
+
+INDEX_FILE = "index.csv"
+INDEX_HEADER = ["file", "source", "eps", "index", "label", "source_pred", "float_file"]
+REQUIRED = ("file", "source", "eps", "label")
+SETTINGS_FILE = "settings.json"
+
+
+def quantise(x: Tensor) -> Tensor:
+    """Pixels in [0, 1] as 8-bit values, rounded (half to even) rather than truncated: ``round(255 * x)``."""
+    return torch.round(x.detach().float().cpu() * 255).clamp_(0, 255).to(torch.uint8)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^\w.\-]+", "_", name).strip("._") or "model"
+
+
+class AdversarialWriter:
+    """``on_adversarial`` hook of ``evaluate_transfer``: writes each batch's examples as PNG (and .npy)."""
+
+    def __init__(self, folder: str | Path, *, save_float: bool = False) -> None:
+        self.folder = Path(folder)
+        if self.folder.exists() and (not self.folder.is_dir() or any(self.folder.iterdir())):
+            raise DecorrError(f"--save-adversarial {self.folder} exists and is not an empty folder; choose a new one")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.save_float = save_float
+        self._handle = open(self.folder / INDEX_FILE, "w", newline="")
+        self._csv = csv.writer(self._handle)
+        self._csv.writerow(INDEX_HEADER if save_float else INDEX_HEADER[:-1])
+        self.count = 0
+
+    def __call__(self, source: str, eps: float, indices: Tensor, x_adv: Tensor, y: Tensor,
+                 source_pred: Tensor) -> None:
+        from PIL import Image
+
+        sub = Path(_slug(source)) / f"eps_{eps:.6g}"
+        (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        pixels = quantise(x_adv).numpy()
+        x_float = x_adv.detach().float().cpu().numpy() if self.save_float else None
+        for k, (index, label, pred) in enumerate(zip(indices.tolist(), y.tolist(), source_pred.tolist())):
+            name = sub / f"{index:06d}.png"
+            image = pixels[k, 0] if pixels.shape[1] == 1 else pixels[k].transpose(1, 2, 0)
+            Image.fromarray(np.ascontiguousarray(image)).save(self.folder / name, format="PNG", compress_level=1)
+            row = [name.as_posix(), source, repr(float(eps)), index, label, pred]
+            if x_float is not None:
+                np.save(self.folder / name.with_suffix(".npy"), x_float[k])
+                row.append(name.with_suffix(".npy").as_posix())
+            self._csv.writerow(row)
+        self._handle.flush()
+        self.count += len(indices)
+
+    def close(self, settings: Mapping[str, Any] | None = None) -> None:
+        self._handle.close()
+        if settings is not None:
+            from decorr.io import write_results_json
+
+            write_results_json(self.folder / SETTINGS_FILE, dict(settings))
+
+
+def read_index(folder: str | Path) -> dict[tuple[str, float], dict[str, list]]:
+    """``{(source, eps): {files, float_files, labels, indices, source_pred}}`` from ``DIR/index.csv``."""
+    folder = Path(folder)
+    path = folder / INDEX_FILE
+    if not path.is_file():
+        raise DecorrError(f"{folder} has no {INDEX_FILE}; an adversarial folder needs one (columns "
+                          f"{','.join(REQUIRED)}; see docs/transfer.md)")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        missing = [c for c in REQUIRED if c not in columns]
+        if missing:
+            raise DecorrError(f"{path} lacks the column(s) {', '.join(missing)}; its header must name "
+                              f"{','.join(REQUIRED)} (and optionally index,source_pred,float_file)")
+        groups: dict[tuple[str, float], dict[str, list]] = {}
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            where = f"{path.name} line {line}"
+            try:
+                eps, label = float(row["eps"]), int(row["label"])
+                index = int(row["index"]) if row.get("index") else line - 2
+                pred = int(row["source_pred"]) if row.get("source_pred") else None
+            except ValueError:
+                raise DecorrError(f"{where}: eps, label, index and source_pred must be numbers, got "
+                                  f"{row.get('eps')!r}, {row.get('label')!r}; fix the row") from None
+            if not row["file"] or not row["source"]:
+                raise DecorrError(f"{where} names no file or no source; give every column")
+            if label < 0 or not math.isfinite(eps):
+                raise DecorrError(f"{where}: label {label} / eps {eps} out of range; labels are 0..K-1")
+            file = folder / row["file"]
+            if not file.is_file():
+                raise DecorrError(f"{where}: image {file} not found; fix the path (relative to {folder})")
+            group = groups.setdefault((row["source"], eps), {k: [] for k in
+                                                             ("files", "float_files", "labels", "indices", "source_pred")})
+            group["files"].append(file)
+            group["float_files"].append(folder / row["float_file"] if row.get("float_file") else None)
+            group["labels"].append(label)
+            group["indices"].append(index)
+            group["source_pred"].append(pred)
+    if not groups:
+        raise DecorrError(f"{path} lists no images; write one row per adversarial image")
+    return groups
+
+
+def _float_batches(files: Sequence[Path | None], batch_size: int) -> Any:
+    if any(f is None for f in files):
+        raise DecorrError("--adversarial-float needs every image's float copy (float_file column; --save-float)")
+    for start in range(0, len(files), batch_size):
+        arrays = []
+        for f in files[start : start + batch_size]:
+            try:
+                arrays.append(np.load(f, allow_pickle=False))
+            except (OSError, ValueError) as err:
+                raise DecorrError(f"cannot read the float copy {f} ({type(err).__name__}); save it with numpy.save") from None
+        yield torch.from_numpy(np.stack(arrays).astype(np.float32))
+
+
+@torch.no_grad()
+def evaluate_adversarial_folder(
+    targets: Mapping[str, nn.Module], folder: str | Path, *, surrogates: Mapping[str, nn.Module] | None = None,
+    use_float: bool = False, batch_size: int = 256, device: torch.device | str = "cpu",
+    memory_budget_mb: float | None = None, workers: int | None = None,
+    model_info: Mapping[str, Mapping[str, Any]] | None = None, log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The targets (and named sources) on the saved examples: a ``decorr-transfer/1`` result (see above)."""
+    folder = Path(folder)
+    groups = read_index(folder)
+    models = {**dict(surrogates or {}), **dict(targets)}
+    for model in models.values():
+        model.to(device).eval()
+    say = log or (lambda _m: None)
+    sources = list(dict.fromkeys(src for src, _ in groups))
+    eps_list = list(dict.fromkeys(eps for _, eps in groups))
+    notes: set[str] = set()
+    saved = json.loads((folder / SETTINGS_FILE).read_text()) if (folder / SETTINGS_FILE).is_file() else {}
+    rows = []
+    for eps in eps_list:
+        kinds = ["float", "8bit"] if use_float else ["8bit"]
+        record = {kind: _empty(sources, list(targets)) for kind in kinds}
+        lost: dict[str, int | None] = {}
+        counts: dict[str, int] = {}
+        for src in sources:
+            group = groups.get((src, eps))
+            if group is None:
+                lost[src] = None
+                continue
+            say(f"adversarial files: {src} at eps {eps:g} ({len(group['files'])} images)")
+            y = torch.tensor(group["labels"], dtype=torch.int64)
+            counts[src] = len(y)
+            run = list(targets) + ([src] if src in models and src not in targets else [])
+            split = file_split(group["files"], y, probe_images(group["files"], None, None),
+                               memory_budget_mb=memory_budget_mb, workers=workers, source=str(folder))
+            streams = {"8bit": (to_float(images) for images, _ in split.batches(batch_size))}
+            if use_float:
+                streams["float"] = _float_batches(group["float_files"], batch_size)
+            preds = {kind: {name: [] for name in run} for kind in kinds}
+            for kind, stream in streams.items():
+                for x in stream:
+                    x = x.to(device)
+                    for name in run:
+                        preds[kind][name].append(models[name](x).argmax(dim=1).cpu())
+            preds = {kind: {name: torch.cat(p) for name, p in by.items()} for kind, by in preds.items()}
+            recorded = group["source_pred"]
+            reference = preds["float"].get(src) if use_float else None
+            if reference is None and all(p is not None for p in recorded):
+                reference = torch.tensor(recorded, dtype=torch.int64)
+            for kind in kinds:
+                src_pred = preds[kind].get(src)
+                if src_pred is None:
+                    if kind == "8bit" and reference is not None:
+                        notes.add(f"source {src} was not loaded: its fooled set is the index's source_pred (the "
+                                  "unrounded examples); give it as --surrogate for rates on the saved images")
+                    src_pred = reference
+                _fill(record[kind], src, list(targets), preds[kind], src_pred, y)
+            delivered = preds["8bit"].get(src)
+            lost[src] = (None if reference is None or delivered is None
+                         else int(((reference != y) & (delivered == y)).sum()))
+        row = {"eps": eps, "attack_eps": _attack_eps(saved, eps), **record[kinds[0]], "num_samples": counts,
+               "quantisation_lost": lost, "pairs": _pairs(record[kinds[0]]["transfer"], list(targets))}
+        if use_float:
+            row["quantised"] = record["8bit"]
+        rows.append(row)
+    target_names = list(targets)
+    settings = {**{k: v for k, v in saved.items() if k not in ("num_samples", "num_candidates")},
+                "eps": eps_list, "adversarial": str(folder), "images": "float" if use_float else "8-bit PNG",
+                "batch_size": batch_size, "num_samples": max(len(g["files"]) for g in groups.values()),
+                "num_candidates": None}
+    settings.setdefault("attack", "external")
+    settings.setdefault("norm", "linf")
+    settings.setdefault("steps", None)
+    model_records = {}
+    for name in models:
+        role = "target+source" if name in targets and name in sources else "target" if name in targets else "source"
+        model_records[name] = {"role": role, "arch": (model_info or {}).get(name, {}).get("arch"), "feature_layer": None,
+                               "natural_accuracy": None, "natural_correct": None, "natural_accuracy_ci95": None,
+                               **{k: v for k, v in (model_info or {}).get(name, {}).items() if k != "arch"}}
+    return {"format": "decorr-transfer/1", "kind": "adversarial-files", "settings": settings, "models": model_records,
+            "sources": sources, "targets": target_names,
+            "pairs": [{"a": a, "b": b, "same_arch": None, "parameter_distance": None, "natural_features": None}
+                      for i, a in enumerate(target_names) for b in target_names[i + 1:]],
+            "by_eps": rows, "notes": sorted(notes), "timing": {}}
+
+
+def evaluate_adversarial_specs(specs: Sequence[str], folder: str | Path, *, surrogates: Sequence[str] = (),
+                               device: torch.device | str = "cpu", spec_options: Any = None,
+                               **kwargs: Any) -> dict[str, Any]:
+    """:func:`evaluate_adversarial_folder` on the models of ``specs`` (targets) and ``surrogates`` (sources)."""
+    from decorr.specs import load_specs
+
+    groups = read_index(folder)  # a bad folder fails before any model is loaded
+    del groups
+    targets = load_specs(specs, spec_options, device=device)
+    sources = load_specs(surrogates, spec_options, device=device) if surrogates else {}
+    loaded = {**sources, **targets}
+    return evaluate_adversarial_folder(
+        {n: m.module for n, m in targets.items()}, folder, surrogates={n: m.module for n, m in sources.items()},
+        device=device, model_info={n: m.info for n, m in loaded.items()}, **kwargs)
+
+
+def _attack_eps(saved: Mapping[str, Any], eps: float) -> float:
+    pairs = dict(zip(saved.get("eps", []), saved.get("attack_eps", [])))
+    return float(pairs.get(eps, eps))
+
+
+def _empty(sources: list[str], targets: list[str]) -> dict[str, Any]:
+    per_target = lambda: {s: {t: None for t in targets} for s in sources}  # noqa: E731
+    return {"white_box_accuracy": {s: None for s in sources}, "white_box_correct": {s: None for s in sources},
+            "white_box_accuracy_ci95": {s: None for s in sources}, "accuracy": per_target(), "correct": per_target(),
+            "accuracy_ci95": per_target(), "transfer": per_target(), "transfer_ci95": per_target(),
+            "source_fooled": {s: None for s in sources}, "transferred": per_target()}
+
+
+def _count(pred: Tensor, y: Tensor) -> tuple[int, tuple[float, float] | None]:
+    correct = int((pred == y).sum())
+    return correct, wilson_interval(correct, len(y))
+
+
+def _number(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _fill(record: dict[str, Any], src: str, targets: list[str], preds: Mapping[str, Tensor],
+          src_pred: Tensor | None, y: Tensor) -> None:
+    if src in preds:
+        record["white_box_accuracy"][src] = _number(accuracy(preds[src], y))
+        record["white_box_correct"][src], record["white_box_accuracy_ci95"][src] = _count(preds[src], y)
+    for tgt in targets:
+        record["accuracy"][src][tgt] = _number(accuracy(preds[tgt], y))
+        record["correct"][src][tgt], record["accuracy_ci95"][src][tgt] = _count(preds[tgt], y)
+        if src_pred is not None:
+            result = transfer_rate(src_pred, preds[tgt], y)
+            record["source_fooled"][src] = result.source_fooled
+            if tgt != src:
+                record["transfer"][src][tgt], record["transferred"][src][tgt] = _number(result.rate), result.transferred
+                if result.source_fooled:
+                    record["transfer_ci95"][src][tgt] = wilson_interval(result.transferred, result.source_fooled)
+    if src_pred is not None and not targets:
+        record["source_fooled"][src] = int((src_pred != y).sum())
+
+
+def _pairs(matrix: Mapping[str, Mapping[str, float | None]], targets: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for i, a in enumerate(targets):
+        for b in targets[i + 1:]:
+            ab, ba = (matrix.get(a) or {}).get(b), (matrix.get(b) or {}).get(a)
+            out.append({"a": a, "b": b, "a_to_b": ab, "b_to_a": ba,
+                        "mean": 0.5 * (ab + ba) if ab is not None and ba is not None else None,
+                        "on_adv_of_a": None, "on_adv_of_b": None})
+    return out
