@@ -6,14 +6,15 @@ step, then project the perturbation onto the eps-ball, then clip to [0, 1].
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
 
-from decorr.attacks.losses import LossFn
 from decorr.errors import DecorrError
 
+#: ``loss_fn(x_adv, y) -> scalar``: what an attack maximises (``x_adv`` in pixel units [0, 1]).
+LossFn = Callable[[Tensor, Tensor], Tensor]
 Norm = Literal["linf", "l2"]
 NORMS = ("linf", "l2")
 

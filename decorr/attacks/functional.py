@@ -1,4 +1,9 @@
-"""PGD (Madry et al. 2018) in Linf and L2, with the MI, DI and TI transferability tricks."""
+"""The attacks as functions of a loss closure: :func:`pgd` (with MI/DI/TI), :func:`fgsm`, :func:`eps_sweep`.
+
+They build the suite's :class:`~decorr.attacks.base.Attack` (``pgd`` with ``dim``/``kernel`` components) and
+craft on ``Source(loss_fn=...)``: one implementation of every step, whichever way it is called. DVERGE's
+feature distillation, TRS's smoothing batch and the DNA's evaluation call them.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from decorr.attacks._common import (
-    Norm,
-    check_attack_inputs,
-    input_gradient,
-    normalise_l1,
-    project,
-    random_start as draw_random_start,
-    step_direction,
-)
-from decorr.attacks.losses import LossFn
-from decorr.attacks.transforms import gaussian_kernel, input_diversity as apply_input_diversity
-from decorr.attacks.transforms import smooth_gradient
+from decorr.attacks._common import Norm
+from decorr.attacks.base import Attack, LossFn, Source
+from decorr.attacks.gradient import FGSM, PGD
+from decorr.attacks.inputs import DIM, KernelSmoothing, TIM
 from decorr.errors import DecorrError
+
+__all__ = ["eps_sweep", "fgsm", "pgd"]
 
 
 def pgd(
@@ -60,7 +59,6 @@ def pgd(
     are taken even under ``torch.no_grad()``. Returns a detached tensor in [0, 1] within the ball.
     For SGM, run this inside ``with skip_gradient(model, gamma):``.
     """
-    check_attack_inputs(x, y, eps=eps, norm=norm)
     if steps < 0:
         raise DecorrError(f"PGD steps must be >= 0, got {steps}")
     if not step_size >= 0:
@@ -68,44 +66,45 @@ def pgd(
     if not momentum >= 0:
         raise DecorrError(f"momentum must be >= 0 (MI-FGSM uses 1.0), got {momentum}")
     if not 0.0 <= input_diversity <= 1.0:
-        raise DecorrError(
-            f"input_diversity is a probability in [0, 1] (DI uses 0.5), got {input_diversity}"
-        )
-    kernel = _translation_kernel(translation_kernel)
-
-    x = x.detach()
-    y = y.detach()
-    x_adv = draw_random_start(x, eps=eps, norm=norm, generator=generator) if random_start else x.clone()
-    accumulated = torch.zeros_like(x)
-    for _ in range(steps):
-        # enable_grad: callers often evaluate under torch.no_grad().
-        with torch.enable_grad():
-            x_adv.requires_grad_(True)
-            x_in = x_adv
-            if input_diversity > 0:
-                x_in = apply_input_diversity(
-                    x_adv, prob=input_diversity, resize_rate=diversity_resize_rate, generator=generator
-                )
-            grad = input_gradient(loss_fn, x_in, x_adv, y)
-        if kernel is not None:
-            grad = smooth_gradient(grad, kernel)
-        if momentum > 0:
-            grad = normalise_l1(grad) + momentum * accumulated
-            accumulated = grad
-        x_adv = x_adv.detach() + step_size * step_direction(grad, norm)
-        delta = project(x_adv - x, eps=eps, norm=norm)
-        x_adv = torch.clamp(x + delta, min=0, max=1).detach()
-    return x_adv
+        raise DecorrError(f"input_diversity is a probability in [0, 1] (DI uses 0.5), got {input_diversity}")
+    if steps == 0:
+        return x.detach().clone() if not random_start else _start_only(x, eps, norm, generator)
+    inputs = (DIM(prob=input_diversity, resize_rate=diversity_resize_rate),) if input_diversity > 0 else ()
+    smoothing = (_smoothing(translation_kernel),) if translation_kernel is not None else ()
+    optimizer = PGD(steps=steps, step_size=step_size if step_size > 0 else None, random_start=random_start,
+                    momentum=momentum)
+    if step_size == 0:  # a zero step: the iterate never moves (kept for API compatibility)
+        return x.detach().clone() if not random_start else _start_only(x, eps, norm, generator)
+    attack = Attack(optimizer=optimizer, inputs=inputs, gradient_transforms=smoothing)
+    return attack.craft(Source(loss_fn=loss_fn), x, y, eps=eps, norm=norm, generator=generator)
 
 
-def _translation_kernel(translation_kernel: int | Tensor | None) -> Tensor | None:
-    if translation_kernel is None or isinstance(translation_kernel, Tensor):
-        return translation_kernel
-    if isinstance(translation_kernel, bool) or not isinstance(translation_kernel, int):
-        raise DecorrError(
-            f"translation_kernel must be an int kernel size or a tensor, got {translation_kernel!r}"
-        )
-    return gaussian_kernel(translation_kernel)
+def _start_only(x: Tensor, eps: float, norm: Norm, generator: torch.Generator | None) -> Tensor:
+    from decorr.attacks._common import random_start as draw
+
+    return draw(x.detach(), eps=eps, norm=norm, generator=generator)
+
+
+def _smoothing(kernel: int | Tensor) -> TIM | KernelSmoothing:
+    if isinstance(kernel, Tensor):
+        return KernelSmoothing(kernel_tensor=kernel)
+    if isinstance(kernel, bool) or not isinstance(kernel, int):
+        raise DecorrError(f"translation_kernel must be an int kernel size or a tensor, got {kernel!r}")
+    if kernel < 1:
+        raise DecorrError(f"translation kernel size must be a positive integer, got {kernel}")
+    return TIM(kernel=kernel) if kernel % 2 == 1 else KernelSmoothing(kernel_tensor=_even_kernel(kernel))
+
+
+def _even_kernel(size: int) -> Tensor:
+    from decorr.attacks.transforms import gaussian_kernel
+
+    return gaussian_kernel(size)
+
+
+def fgsm(loss_fn: LossFn, x: Tensor, y: Tensor, *, eps: float, norm: Norm = "linf") -> Tensor:
+    """One step of size ``eps``: ``clip(x + eps * sign(g))`` (Linf) or ``clip(x + eps * g / ||g||_2)``
+    per sample (L2), g the gradient of ``loss_fn(x, y)`` w.r.t. ``x``. Returns a detached tensor."""
+    return Attack(optimizer=FGSM()).craft(Source(loss_fn=loss_fn), x, y, eps=eps, norm=norm)
 
 
 def eps_sweep(
@@ -119,7 +118,6 @@ def eps_sweep(
 ) -> dict[float, Tensor]:
     """Run ``attack`` (``fgsm`` or ``pgd``) once per epsilon: ``{eps: x_adv}`` (foolbox-style sweep).
 
-    Craft once per source model and epsilon, then evaluate every target on the same ``x_adv``.
     ``attack_kwargs`` (steps, step_size, norm, generator, ...) are shared by all epsilons; a
     ``generator``'s draws continue from one epsilon to the next.
     """
