@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from decorr.training.entry import RunOptions
 from decorr.data import dataset_augment, iterate_batches, load_dataset
 from decorr.loss import correlation_loss
 from decorr.models import create_model
@@ -64,8 +65,7 @@ def bare_epoch(dataset, config: DnaConfig, device: torch.device, precision: str,
 
 
 def ours_epoch(dataset, config: DnaConfig, device: torch.device, precision: str, run_dir: Path) -> None:
-    train_autoencoder(config, run_dir, dataset=dataset, mixed_precision=precision, cpu=device.type == "cpu",
-                      log=False)
+    train_autoencoder(config, RunOptions(run_dir=run_dir, dataset=dataset, mixed_precision=precision, cpu=device.type == "cpu", no_tensorboard=True))
 
 
 def count_syncs(fn) -> int:

@@ -23,13 +23,9 @@ from pathlib import Path
 import torch
 
 from decorr.data import iterate_batches, load_dataset
-from decorr.training.dverge import (
-    TARGET_SEED_OFFSET,
-    DvergeConfig,
-    dverge_step,
-    feature_distillation,
-)
-from decorr.training.dverge_run import load_init_models
+from decorr.training.methods.dverge import TARGET_SEED_OFFSET, dverge_step, feature_distillation
+from decorr.training.recipes import DvergeConfig
+from decorr.training.ensemble import load_init_models
 from decorr.models import create_model
 from decorr.io import write_json
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from decorr.training.entry import RunOptions
 from decorr.checkpoint import model_entry, save_checkpoint
 from decorr.training.ensemble import EnsembleConfig, train_ensemble
 from decorr.models import create_model
@@ -66,7 +67,7 @@ def main() -> None:
             extra = {**extra, "surrogate": str(surrogate)}
         config = EnsembleConfig(method=method, **common, **extra)
         wall = time.perf_counter()
-        metrics = train_ensemble(config, work / f"{name}_{run}", log=False, cpu=True)
+        metrics = train_ensemble(config, RunOptions(run_dir=work / f"{name}_{run}", no_tensorboard=True, cpu=True))
         return float(metrics["time/train_epoch_s"]), time.perf_counter() - wall
 
     epoch_seconds("ce", -1)  # warm-up, not reported

@@ -2,9 +2,9 @@
 
 Paper-style: torchvision's MNIST dataset with a per-sample ``ToTensor`` through a DataLoader (batch
 1000, shuffled) and the paper's correlation loss (pseudo-inverse, N x N projection). Ours: one epoch of
-``decorr.training.pairs.train_pair`` as ``train/pair_classifiers.py`` runs it (the one training loop, uint8 tensors
+``decorr.training.recipes.train_pair`` as ``train/pair_classifiers.py`` runs it (the one training loop, uint8 tensors
 in memory, batches made on the fly, the closed-form correlation loss). "ours_s" is the training part of
-the epoch as the loop times it (what ``PairTask.end_epoch`` receives), "ours_total_s" the whole call
+the epoch as the loop times it (what the ``dec`` method's ``end_epoch`` receives), "ours_total_s" the whole call
 (dataset load, model creation, an evaluation on ``--test-subset`` test images, the checkpoint write).
 Same architecture, seed, optimiser and batch size; the two run one after the other in one process
 (``--repeats`` times, interleaved) and the JSON reports the median times, the ratio, and both runs'
@@ -29,10 +29,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from decorr.training.entry import RunOptions
 from decorr.data import load_dataset
 from decorr.features import record_features
 from decorr.models import create_model
-from decorr.training.pairs import PairConfig, PairTask, train_pair
+from decorr.training.recipes import PairConfig, train_pair
+from decorr.training.methods.independent import DecorrelatedTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from correlation_loss import paper_correlation_loss  # noqa: E402
@@ -91,13 +93,13 @@ def main() -> None:
     torch.manual_seed(config.seed)
     initial = (create_model("mnist_cnn"), create_model("mnist_cnn"))
     epoch_seconds: list[float] = []
-    end_epoch = PairTask.end_epoch
+    end_epoch = DecorrelatedTask.end_epoch
 
     def timed_end_epoch(self, epoch, terms, seconds):  # the loop's own timing of the epoch's training steps
         epoch_seconds.append(seconds)
         return end_epoch(self, epoch, terms, seconds)
 
-    PairTask.end_epoch = timed_end_epoch
+    DecorrelatedTask.end_epoch = timed_end_epoch
 
     def fresh(start=initial):
         models = tuple(copy.deepcopy(m) for m in start)
@@ -109,7 +111,8 @@ def main() -> None:
         for repeat in range(args.repeats):
             with tempfile.TemporaryDirectory(prefix="pair_epoch_") as run_dir:
                 start = time.perf_counter()
-                metrics = train_pair(config, Path(run_dir) / "run", data_root=args.data_root, cpu=True, log=False)
+                metrics = train_pair(config, RunOptions(run_dir=Path(run_dir) / "run", data_root=args.data_root, cpu=True,
+                                                        no_tensorboard=True))
                 ours_totals.append(time.perf_counter() - start)
             ours_times.append(epoch_seconds[-1])
             ours_loss.append(metrics["train/loss"])

@@ -11,7 +11,7 @@ A config field is declared once, with its help text and anything argparse needs 
 and a script turns the dataclass into flags and back::
 
     add_config_arguments(parser, PairConfig, exclude=("model_kwargs",))
-    add_run_arguments(parser)          # --data-root, --run-dir, --resume, --mixed-precision, --cpu, ...
+    add_run_arguments(parser)          # decorr.training.entry: --run-dir, --resume, --data-root, ...
     config = config_from_args(PairConfig, parser.parse_args(argv))
 
 The flag is ``--field-name``; a bool field that defaults to False is ``--field-name`` (store_true),
@@ -34,7 +34,7 @@ import torch
 
 from decorr.errors import DecorrError, json_object
 
-__all__ = ["add_config_arguments", "add_run_arguments", "check_at_least", "check_finite", "check_positive", "check_seed",
+__all__ = ["add_config_arguments", "check_at_least", "check_finite", "check_positive", "check_seed",
            "check_subset", "config_from_args", "config_kwargs", "flag", "opt", "resolve_device", "set_threads"]
 
 C = TypeVar("C")
@@ -71,9 +71,10 @@ def _flag(f: dataclasses.Field, default: Any, is_bool: bool) -> str:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, exclude: Iterable[str] = (),
-                         defaults: Mapping[str, Any] | None = None) -> None:
+                         defaults: Mapping[str, Any] | None = None, helps: Mapping[str, str] | None = None) -> None:
     """Add one option per field of the dataclass ``cls`` (but ``exclude``); ``defaults`` override the
-    fields' defaults (e.g. a family's paper setting). Each option's ``dest`` is the field name."""
+    fields' defaults (e.g. a family's paper setting) and ``helps`` their help texts. Each option's
+    ``dest`` is the field name."""
     hints = typing.get_type_hints(cls)
     skipped = set(exclude)
     for f in dataclasses.fields(cls):
@@ -83,7 +84,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, exclude:
         hint = hints[f.name]
         meta = f.metadata
         is_bool = hint is bool
-        kwargs: dict[str, Any] = {"dest": f.name, "help": meta.get("help") or None}
+        kwargs: dict[str, Any] = {"dest": f.name, "help": (helps or {}).get(f.name) or meta.get("help") or None}
         if is_bool:
             kwargs["action"] = "store_false" if default else "store_true"
             kwargs["default"] = default
@@ -131,41 +132,6 @@ def config_kwargs(cls: type, args: argparse.Namespace, *, exclude: Iterable[str]
 def config_from_args(cls: type[C], args: argparse.Namespace, **overrides: Any) -> C:
     """``cls(**fields from args, **overrides)``: validation stays in the config's ``__post_init__``."""
     return cls(**{**config_kwargs(cls, args), **overrides})
-
-
-def add_run_arguments(parser: argparse.ArgumentParser, *, run_dir_help: str | None = None,
-                      resume_help: str | None = None) -> None:
-    """The options every training script shares: data and run directory, resume, precision, device, logging."""
-    parser.add_argument("--data-root", default=None,
-                        help="folder holding the dataset files (else $DECORR_DATA_ROOT, ./data)")
-    parser.add_argument("--run-dir", default=None, help=run_dir_help or
-                        "where checkpoints and TensorBoard logs go (default: a new runs/<name>/<timestamp>)")
-    parser.add_argument("--resume", action="store_true",
-                        help=resume_help or "continue the run in --run-dir from its last checkpoint")
-    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
-                        help="autocast the models (default: accelerate launch's --mixed_precision, else no)")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    parser.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard logs")
-    parser.add_argument("--deterministic", action=_Deterministic, nargs=0,
-                        help="torch.use_deterministic_algorithms and no cuDNN autotuning (slower; see docs/design.md)")
-    parser.add_argument("--threads", type=int, default=None, action=_Threads,
-                        help="torch CPU threads (e.g. 1 on a shared machine)")
-
-
-class _Threads(argparse.Action):
-    """``--threads N`` sets torch's intra-op CPU threads when parsed (validated there: a positive integer)."""
-
-    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
-        set_threads(values)
-        setattr(namespace, self.dest, values)
-
-
-class _Deterministic(argparse.Action):
-    """``--deterministic`` sets ``$DECORR_DETERMINISTIC``, which every TrainingRun of the process reads."""
-
-    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
-        os.environ["DECORR_DETERMINISTIC"] = "1"
-        setattr(namespace, self.dest, True)
 
 
 def env_int(name: str, default: int) -> int:

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
+from decorr.training.entry import RunOptions
 from decorr.checkpoint import load_checkpoint
 from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry
-from decorr.training.pairs import PairConfig, train_pair
+from decorr.training.recipes import PairConfig, train_pair
 from decorr.evaluation.tables import format_table
 from decorr.io import write_json
 from decorr.evaluation.transfer import evaluate_checkpoints, pair_transfer
@@ -49,7 +50,7 @@ def _train(mode: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         if (saved.get("dataset"), saved.get("seed"), saved.get("mode")) != (args.dataset, args.seed, mode):
             raise DecorrError(f"{run_dir} holds a run with other settings; remove it (make clean-demo) or pick another --out")
     print(f"== training the {mode} pair ({args.epochs} epochs on {args.dataset}) ==", flush=True)
-    return train_pair(config, run_dir, resume=resume, data_root=args.data_root, log=True)
+    return train_pair(config, RunOptions(run_dir=run_dir, resume=resume, data_root=args.data_root, no_tensorboard=False))
 
 
 @cli_entry

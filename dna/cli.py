@@ -8,7 +8,8 @@ from dataclasses import asdict
 from typing import Any
 
 
-from decorr.config import add_config_arguments, add_run_arguments, config_kwargs, env_int
+from decorr.config import add_config_arguments, config_kwargs, env_int
+from decorr.training.entry import RunOptions, add_run_arguments
 
 from dna.config import DnaConfig
 from dna.training import train_dna
@@ -25,9 +26,9 @@ def parse_args(family: str, argv: list[str] | None = None, description: str | No
     p.add_argument("--from", dest="init_from", default=None,
                    help="stage-1 checkpoint whose autoencoder stage 2 uses (default: RUN_DIR/stage1)")
     add_config_arguments(p, DnaConfig, exclude=("family",), defaults=defaults)
-    add_run_arguments(p, run_dir_help="where both stages' checkpoints and TensorBoard logs go (default: a new "
-                                      "runs/<model>_<family>/<timestamp>)",
-                      resume_help="continue the stages in --run-dir from their checkpoints")
+    add_run_arguments(p, helps={"run_dir": "where both stages' checkpoints and TensorBoard logs go (default: a new "
+                                          "runs/<model>_<family>/<timestamp>)",
+                                "resume": "continue the stages in --run-dir from their checkpoints"})
     return p.parse_args(argv)
 
 
@@ -35,9 +36,7 @@ def main(family: str, argv: list[str] | None = None, description: str | None = N
     """Parse the command line, train, print the final metrics as JSON and return them."""
     args = parse_args(family, argv, description)
     config = DnaConfig.paper(family, **config_kwargs(DnaConfig, args, exclude=("family",)))
-    results = train_dna(config, args.run_dir, stage=args.stage, init_from=args.init_from, resume=args.resume,
-                        data_root=args.data_root, mixed_precision=args.mixed_precision, cpu=args.cpu,
-                        log=not args.no_tensorboard)
+    results = train_dna(config, RunOptions.from_args(args), stage=args.stage, init_from=args.init_from)
     from decorr.distributed import rank
 
     if rank() == 0:

@@ -39,11 +39,12 @@ from decorr.checkpoint import build_model, load_checkpoint, model_entry, resolve
 from decorr.data import ImageDataset, ImageSplit, dataset_augment, iterate_batches, load_dataset, require_training_images
 from decorr.distributed import all_gather_with_grad
 from decorr.errors import DecorrError
-from decorr.training.loop import Built, Task, fit, prefixed
+from decorr.training.loop import Built, Task, prefixed
 from decorr.loss import r_squared
 from decorr.models import create_model
 from decorr.features import eval_mode
-from decorr.training.run import TrainingRun, default_run_dir, releases_run_lock, unwrap
+from decorr.training.entry import RunOptions, run_training
+from decorr.training.run import TrainingRun, default_run_dir, unwrap
 from dna.config import STAGE_DIRS, DnaConfig
 from dna.models import forward_with_latents
 from dna.objectives import dna_accuracy, reconstruction_errors
@@ -150,22 +151,6 @@ def _maybe_sync_bn(model: nn.Module, config: DnaConfig) -> nn.Module:
     return convert_sync_batchnorm(model) if config.sync_bn else model
 
 
-def _training_run(config: DnaConfig, run_dir: str | Path, run_config: dict[str, Any], *, resume: bool,
-                  mixed_precision: str, cpu: bool, log: bool) -> TrainingRun:
-    run = TrainingRun(Path(run_dir), run_config, seed=config.seed, resume=resume, mixed_precision=mixed_precision,
-                      extendable=("epochs", "classifier_epochs"),
-                      gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=cpu, log=log)
-    # `accelerate launch --gradient_accumulation_steps` overrides the value given to the Accelerator;
-    # the micro-batches here are cut by the config, so the two must agree.
-    if run.accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
-        raise DecorrError(
-            f"accelerate is set to {run.accelerator.gradient_accumulation_steps} gradient accumulation steps but the "
-            f"run to {config.gradient_accumulation_steps}; pass --gradient-accumulation-steps to the script, not to "
-            "accelerate launch"
-        )
-    return run
-
-
 def _run_config(config: DnaConfig, stage: int, models: Mapping[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
     return {"kind": "dna", "stage": stage, "models": dict(models), "dataset": config.dataset,
             "hyperparameters": asdict(config), **extra}
@@ -175,24 +160,18 @@ def _run_config(config: DnaConfig, stage: int, models: Mapping[str, dict[str, An
 # Stage 1
 
 
-@releases_run_lock
-def train_autoencoder(
-    config: DnaConfig,
-    run_dir: str | Path,
-    *,
-    resume: bool = False,
-    data_root: str | None = None,
-    dataset: ImageDataset | None = None,
-    mixed_precision: str | None = None,
-    cpu: bool = False,
-    log: bool = True,
-) -> dict[str, Any]:
-    """Stage 1 in ``run_dir`` (a stage directory, e.g. ``RUN_DIR/stage1``); returns the last metrics."""
-    dataset = dataset if dataset is not None else _load_data(config, data_root)
+def _train(task: Any, config: DnaConfig, run_config: dict[str, Any], options: RunOptions) -> dict[str, Any]:
+    return run_training(task, run_config, options, seed=config.seed, default_name=config.autoencoder_arch,
+                        gradient_accumulation_steps=config.gradient_accumulation_steps,
+                        extendable=("epochs", "classifier_epochs"))
+
+
+def train_autoencoder(config: DnaConfig, options: RunOptions) -> dict[str, Any]:
+    """Stage 1 in ``options.run_dir`` (a stage directory, e.g. ``RUN_DIR/stage1``); returns the last metrics."""
+    dataset = options.dataset if options.dataset is not None else _load_data(config, options.data_root)
     entry = model_entry(config.autoencoder_arch, config.autoencoder_kwargs)
-    run = _training_run(config, run_dir, _run_config(config, 1, {"autoencoder": entry}), resume=resume,
-                        mixed_precision=mixed_precision, cpu=cpu, log=log)
-    return fit(run, AutoencoderTask(config, run.place(dataset), run))
+    return _train(lambda run: AutoencoderTask(config, run.place(dataset), run), config,
+                  _run_config(config, 1, {"autoencoder": entry}), options)
 
 
 class AutoencoderTask(Task):
@@ -274,27 +253,16 @@ def _load_autoencoder(source: str | Path, config: DnaConfig) -> tuple[nn.Module,
     return autoencoder, {"path": str(checkpoint.path.resolve()), "epoch": saved.get("epoch")}
 
 
-@releases_run_lock
-def train_classifier(
-    config: DnaConfig,
-    run_dir: str | Path,
-    autoencoder_checkpoint: str | Path,
-    *,
-    resume: bool = False,
-    data_root: str | None = None,
-    dataset: ImageDataset | None = None,
-    mixed_precision: str | None = None,
-    cpu: bool = False,
-    log: bool = True,
-) -> dict[str, Any]:
-    """Stage 2 in ``run_dir`` (e.g. ``RUN_DIR/stage2``) on the frozen autoencoder of a stage-1 checkpoint."""
-    dataset = dataset if dataset is not None else _load_data(config, data_root)
+def train_classifier(config: DnaConfig, autoencoder_checkpoint: str | Path, options: RunOptions) -> dict[str, Any]:
+    """Stage 2 in ``options.run_dir`` (e.g. ``RUN_DIR/stage2``) on the frozen autoencoder of a stage-1
+    checkpoint."""
+    dataset = options.dataset if options.dataset is not None else _load_data(config, options.data_root)
     autoencoder, source = _load_autoencoder(autoencoder_checkpoint, config)
     entries = {"autoencoder": model_entry(config.autoencoder_arch, config.autoencoder_kwargs),
                "classifier": model_entry(config.classifier_arch)}
-    run = _training_run(config, run_dir, _run_config(config, 2, entries, autoencoder_from=source), resume=resume,
-                        mixed_precision=mixed_precision, cpu=cpu, log=log)
-    return fit(run, ReconstructionClassifierTask(config, run.place(dataset), run, autoencoder, source, run_dir))
+    return _train(lambda run: ReconstructionClassifierTask(config, run.place(dataset), run, autoencoder, source,
+                                                           run.run_dir),
+                  config, _run_config(config, 2, entries, autoencoder_from=source), options)
 
 
 class ReconstructionClassifierTask(Task):
@@ -360,19 +328,9 @@ def _has_checkpoint(stage_dir: Path) -> bool:
     return True
 
 
-def train_dna(
-    config: DnaConfig,
-    run_dir: str | Path | None = None,
-    *,
-    stage: str = "both",
-    init_from: str | Path | None = None,
-    resume: bool = False,
-    data_root: str | None = None,
-    mixed_precision: str | None = None,
-    cpu: bool = False,
-    log: bool = True,
-) -> dict[str, Any]:
-    """Run stage "1", "2" or "both" in ``run_dir``; return ``{"stage1": metrics, "stage2": metrics}``.
+def train_dna(config: DnaConfig, options: RunOptions = RunOptions(), *, stage: str = "both",
+              init_from: str | Path | None = None) -> dict[str, Any]:
+    """Run stage "1", "2" or "both" in ``options.run_dir``; return ``{"stage1": metrics, "stage2": metrics}``.
 
     Stage 2 starts from the autoencoder in ``init_from`` (a stage-1 checkpoint or run directory),
     by default ``run_dir/stage1``. With ``resume`` each requested stage continues from its own
@@ -383,25 +341,26 @@ def train_dna(
         raise DecorrError(f"unknown stage {stage!r}; use --stage 1, 2 or both")
     if init_from is not None and stage != "2":
         raise DecorrError("--from gives stage 2 its autoencoder; use it with --stage 2")
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config.autoencoder_arch, cpu=cpu)
+    resume = options.resume
+    run_dir = Path(options.run_dir) if options.run_dir is not None else default_run_dir(config.autoencoder_arch,
+                                                                                         cpu=options.cpu)
     stage_dirs = {n: run_dir / d for n, d in STAGE_DIRS.items()}
     wanted = [1, 2] if stage == "both" else [int(stage)]
     if resume and not any(_has_checkpoint(stage_dirs[n]) for n in wanted):
         raise DecorrError(f"--resume given but {run_dir} has no checkpoint of stage {' or '.join(map(str, wanted))}; "
                           "drop --resume to start a new run")
-    dataset = _load_data(config, data_root)
-    common = dict(data_root=data_root, dataset=dataset, mixed_precision=mixed_precision, cpu=cpu, log=log)
+    dataset = options.dataset if options.dataset is not None else _load_data(config, options.data_root)
     results: dict[str, Any] = {}
     if 1 in wanted:
-        results["stage1"] = train_autoencoder(
-            config, stage_dirs[1], resume=resume and _has_checkpoint(stage_dirs[1]), **common)
+        results["stage1"] = train_autoencoder(config, options.replace(
+            run_dir=stage_dirs[1], resume=resume and _has_checkpoint(stage_dirs[1]), dataset=dataset))
     if 2 in wanted:
         source = Path(init_from) if init_from is not None else stage_dirs[1]
         if init_from is None and not _has_checkpoint(source):
             raise DecorrError(f"stage 2 needs a trained autoencoder but {source} has none; run --stage 1 first "
                               "or pass --from STAGE1_CHECKPOINT")
-        results["stage2"] = train_classifier(
-            config, stage_dirs[2], source, resume=resume and _has_checkpoint(stage_dirs[2]), **common)
+        results["stage2"] = train_classifier(config, source, options.replace(
+            run_dir=stage_dirs[2], resume=resume and _has_checkpoint(stage_dirs[2]), dataset=dataset))
     return results
 
 

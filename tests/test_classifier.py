@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
+from decorr.training.entry import RunOptions
 from decorr.checkpoint import load_checkpoint, load_models
 from decorr.training.classifier import (
     ClassifierConfig,
@@ -111,7 +112,7 @@ def test_objective_is_mean_cross_entropy_and_accuracy():
 def trained_run(cifar_subset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("classifier") / "run"
     config = ClassifierConfig(dataset="cifar10_subset.npz", **SMALL)
-    metrics = train_classifier(config, run_dir, dataset=cifar_subset, log=False)
+    metrics = train_classifier(config, RunOptions(run_dir=run_dir, dataset=cifar_subset, no_tensorboard=True))
     return run_dir, metrics
 
 
@@ -153,13 +154,13 @@ def test_resume_after_crash_equals_uninterrupted(trained_run, cifar_subset, tmp_
 
     monkeypatch.setattr(TrainingRun, "save", save_then_crash)
     with pytest.raises(Crash):
-        train_classifier(config, run_dir, dataset=cifar_subset, log=False)
+        train_classifier(config, RunOptions(run_dir=run_dir, dataset=cifar_subset, no_tensorboard=True))
     monkeypatch.undo()
     assert load_checkpoint(run_dir).config["epoch"] == 1
 
     with pytest.raises(DecorrError, match="already holds a checkpoint; pass --resume"):
-        train_classifier(config, run_dir, dataset=cifar_subset, log=False)
-    train_classifier(config, run_dir, dataset=cifar_subset, resume=True, log=False)
+        train_classifier(config, RunOptions(run_dir=run_dir, dataset=cifar_subset, no_tensorboard=True))
+    train_classifier(config, RunOptions(run_dir=run_dir, dataset=cifar_subset, resume=True, no_tensorboard=True))
 
     want = load_checkpoint(reference)
     got = load_checkpoint(run_dir)
@@ -173,7 +174,7 @@ def test_resume_after_crash_equals_uninterrupted(trained_run, cifar_subset, tmp_
 def test_grayscale_dataset_builds_one_channel_model(mnist, tmp_path):
     config = ClassifierConfig(arch="vgg_small", dataset="mnist", epochs=1, batch_size=64, train_subset=256,
                               test_subset=128)
-    metrics = train_classifier(config, tmp_path / "run", dataset=mnist, log=False)
+    metrics = train_classifier(config, RunOptions(run_dir=tmp_path / "run", dataset=mnist, no_tensorboard=True))
     entry = load_checkpoint(tmp_path / "run").config["models"]["model"]
     assert entry["kwargs"] == {"in_channels": 1}
     model = load_models(tmp_path / "run")["model"]
@@ -197,7 +198,7 @@ def test_two_processes_train_like_one(mnist, tmp_path):
     """torchrun with 2 processes (gloo, each half of every batch) against one process on whole batches."""
     settings = dict(arch="mnist_cnn", dataset="mnist", epochs=1, batch_size=201, train_subset=402, test_subset=200)
     one = tmp_path / "one"
-    train_classifier(ClassifierConfig(**settings), one, dataset=mnist, log=False)
+    train_classifier(ClassifierConfig(**settings), RunOptions(run_dir=one, dataset=mnist, no_tensorboard=True))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     args = ["--arch", "mnist_cnn", "--dataset", "mnist", "--epochs", "1", "--batch-size", "201",
             "--train-subset", "402", "--test-subset", "200", "--no-tensorboard", "--run-dir", str(tmp_path / "two")]

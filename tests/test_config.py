@@ -14,9 +14,9 @@ import torch.nn as nn
 
 from decorr.training.classifier import ClassifierConfig
 from decorr.config import config_from_args
-from decorr.training.dverge import DvergeConfig
+from decorr.training.recipes import DvergeConfig
 from decorr.features import eval_mode
-from decorr.training.pairs import PairConfig
+from decorr.training.recipes import PairConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,14 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from decorr.training.diversity import (
-    adp_loss,
-    gal_loss,
-    member_input_gradients,
-    trs_loss,
-    trs_schedule,
-    trs_smooth_inputs,
-)
+from decorr.training.methods.adp import adp_loss
+from decorr.training.methods.gal import gal_loss
+from decorr.training.methods.shared import member_input_gradients
+from decorr.training.methods.trs import trs_loss, trs_schedule, trs_smooth_inputs
 from decorr.errors import DecorrError
 
 D = torch.float64

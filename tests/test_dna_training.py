@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from decorr.training.entry import RunOptions
 from decorr.training.batchnorm import GlobalBatchNorm, convert_sync_batchnorm
 from decorr.checkpoint import load_checkpoint
 from decorr.errors import DecorrError
@@ -165,19 +166,19 @@ def test_bad_settings_are_one_line_errors(overrides, needle):
 def test_micro_batch_smaller_than_the_latent_is_a_clear_error(tiny_mnist, tmp_path):
     config = _tiny_config(batch_size=128, gradient_accumulation_steps=2)  # 64 per micro-batch, latent 64
     with pytest.raises(DecorrError, match=r"at least 66 samples.*--batch-size 132"):
-        train_autoencoder(config, tmp_path / "run", dataset=tiny_mnist, log=False)
+        train_autoencoder(config, RunOptions(run_dir=tmp_path / "run", dataset=tiny_mnist, no_tensorboard=True))
 
 
 # --- training, checkpoints, resume ---------------------------------------------------------------
 
 def test_two_stages_resume_and_checkpoint_layout(tiny_mnist, tmp_path):
     config = _tiny_config()
-    straight = train_autoencoder(config, tmp_path / "straight" / "stage1", dataset=tiny_mnist, log=False)
+    straight = train_autoencoder(config, RunOptions(run_dir=tmp_path / "straight" / "stage1", dataset=tiny_mnist, no_tensorboard=True))
     assert straight["train/corr"] > 0 and 0 <= straight["test/bottleneck_r2"] <= 1
 
     # One epoch, then resume to two: the weights equal the uninterrupted run's bit for bit.
-    train_autoencoder(_tiny_config(epochs=1), tmp_path / "resumed" / "stage1", dataset=tiny_mnist, log=False)
-    train_autoencoder(config, tmp_path / "resumed" / "stage1", dataset=tiny_mnist, resume=True, log=False)
+    train_autoencoder(_tiny_config(epochs=1), RunOptions(run_dir=tmp_path / "resumed" / "stage1", dataset=tiny_mnist, no_tensorboard=True))
+    train_autoencoder(config, RunOptions(run_dir=tmp_path / "resumed" / "stage1", dataset=tiny_mnist, resume=True, no_tensorboard=True))
     for name in ("autoencoder.safetensors", "optimizer.safetensors"):
         want = load_file(str(tmp_path / "straight" / "stage1" / "checkpoint" / name))
         got = load_file(str(tmp_path / "resumed" / "stage1" / "checkpoint" / name))
@@ -186,7 +187,7 @@ def test_two_stages_resume_and_checkpoint_layout(tiny_mnist, tmp_path):
 
     # Stage 2 from the stage-1 checkpoint: the autoencoder is frozen, the classifier learns.
     stage1 = tmp_path / "straight" / "stage1"
-    metrics = train_classifier(config, tmp_path / "straight" / "stage2", stage1, dataset=tiny_mnist, log=False)
+    metrics = train_classifier(config, stage1, RunOptions(run_dir=tmp_path / "straight" / "stage2", dataset=tiny_mnist, no_tensorboard=True))
     assert 0 <= metrics["test/acc_path0"] <= metrics["test/acc_either"] <= 1
     saved = load_checkpoint(resolve_dna_checkpoint(tmp_path / "straight"))
     assert saved.config["kind"] == "dna" and saved.config["stage"] == 2
@@ -196,24 +197,23 @@ def test_two_stages_resume_and_checkpoint_layout(tiny_mnist, tmp_path):
     assert all(torch.equal(frozen[k], saved.state_dicts["autoencoder"][k]) for k in frozen)
 
     # Stage 1 trained further: the classifier of the old autoencoder cannot be continued on the new one.
-    train_autoencoder(_tiny_config(epochs=3), stage1, dataset=tiny_mnist, resume=True, log=False)
+    train_autoencoder(_tiny_config(epochs=3), RunOptions(run_dir=stage1, dataset=tiny_mnist, resume=True, no_tensorboard=True))
     with pytest.raises(DecorrError, match="another autoencoder"):
-        train_classifier(_tiny_config(classifier_epochs=2), tmp_path / "straight" / "stage2", stage1,
-                         dataset=tiny_mnist, resume=True, log=False)
+        train_classifier(_tiny_config(classifier_epochs=2), stage1, RunOptions(run_dir=tmp_path / "straight" / "stage2", dataset=tiny_mnist, resume=True, no_tensorboard=True))
 
     with pytest.raises(DecorrError, match="stage-1"):
         resolve_dna_checkpoint(stage1)
     with pytest.raises(DecorrError, match="--resume"):  # never overwrite a run silently
-        train_autoencoder(config, stage1, dataset=tiny_mnist, log=False)
+        train_autoencoder(config, RunOptions(run_dir=stage1, dataset=tiny_mnist, no_tensorboard=True))
     with pytest.raises(DecorrError, match="--model"):  # an autoencoder of another kind
-        train_classifier(_tiny_config(model="ae"), tmp_path / "other", stage1, dataset=tiny_mnist, log=False)
+        train_classifier(_tiny_config(model="ae"), stage1, RunOptions(run_dir=tmp_path / "other", dataset=tiny_mnist, no_tensorboard=True))
 
 
 def test_train_dna_needs_stage_one_before_stage_two(tmp_path, mnist):
     with pytest.raises(DecorrError, match="--stage 1 first"):
-        train_dna(_tiny_config(train_subset=600, test_subset=200), tmp_path / "run", stage="2", log=False)
+        train_dna(_tiny_config(train_subset=600, test_subset=200), RunOptions(run_dir=tmp_path / "run", no_tensorboard=True), stage="2")
     with pytest.raises(DecorrError, match="drop --resume"):
-        train_dna(_tiny_config(train_subset=600, test_subset=200), tmp_path / "run", resume=True, log=False)
+        train_dna(_tiny_config(train_subset=600, test_subset=200), RunOptions(run_dir=tmp_path / "run", resume=True, no_tensorboard=True))
 
 
 def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -13,18 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from decorr.training.entry import RunOptions
 from decorr.attacks import pgd
 from decorr.checkpoint import load_checkpoint, model_entry, save_checkpoint
 from decorr.data import to_float
-from decorr.training.dverge import (
-    DvergeConfig,
-    choose_layer,
-    dverge_objective,
-    dverge_step,
-    feature_distillation,
-    layer_output,
-)
-from decorr.training.dverge_run import format_history, train_dverge
+from decorr.training.recipes import DvergeConfig
+from decorr.training.methods.dverge import choose_layer, dverge_objective, dverge_step, feature_distillation, layer_output
+from decorr.evaluation.monitor import TransferMonitor, format_history
+from decorr.training.recipes import train_dverge
 from decorr.errors import DecorrError
 from decorr.models import create_model
 
@@ -233,7 +229,9 @@ TINY = dict(batch_size=500, batches_per_epoch=1, steps=2, train_subset=1000, eva
 
 def test_run_logs_every_epoch_and_resumes_exactly(mnist, tmp_path):
     pair = make_pair(tmp_path / "pair")
-    full = train_dverge(DvergeConfig(epochs=2, **TINY), [str(pair)], tmp_path / "full", log=False)
+    config = DvergeConfig(epochs=2, **TINY)
+    full = train_dverge(config, [str(pair)], RunOptions(run_dir=tmp_path / "full", no_tensorboard=True),
+                        monitors=[TransferMonitor(config)])
     assert [e["epoch"] for e in full["epochs"]] == [0, 1, 2]
     on_disk = json.loads((tmp_path / "full" / "dverge.json").read_text())
     assert on_disk["epochs"][2]["metrics"]["transfer/eps0.1/model0-model1"] == full["epochs"][2]["metrics"]["transfer/eps0.1/model0-model1"]
@@ -248,8 +246,11 @@ def test_run_logs_every_epoch_and_resumes_exactly(mnist, tmp_path):
     assert [h["epoch"] for h in checkpoint.config["history"]] == [0, 1, 2]
     assert checkpoint.config["models"]["model1"]["feature_layer"] == LAYER
 
-    train_dverge(DvergeConfig(epochs=1, **TINY), [str(pair)], tmp_path / "split", log=False)
-    resumed = train_dverge(DvergeConfig(epochs=2, **TINY), [str(pair)], tmp_path / "split", resume=True, log=False)
+    first = DvergeConfig(epochs=1, **TINY)
+    train_dverge(first, [str(pair)], RunOptions(run_dir=tmp_path / "split", no_tensorboard=True),
+                 monitors=[TransferMonitor(first)])
+    resumed = train_dverge(config, [str(pair)], RunOptions(run_dir=tmp_path / "split", resume=True, no_tensorboard=True),
+                           monitors=[TransferMonitor(config)])
     assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2]
     for name in ("model0", "model1"):
         want = load_file(str(tmp_path / "full" / "checkpoint" / f"{name}.safetensors"))

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from decorr.training.entry import RunOptions
 from decorr.checkpoint import load_checkpoint, load_models, model_entry, save_checkpoint
 from decorr.training.ensemble import EnsembleConfig, state_sha256, train_ensemble
 from decorr.errors import DecorrError
@@ -67,13 +68,12 @@ def surrogate(tmp_path_factory) -> Path:
     ("dec", "dec", {"arch": "mnist_fc", "train_subset": 420, "batch_size": 210}),  # batch norm, 200 features
 ])
 def test_two_members_equal_the_pair_trainer_bit_for_bit(mnist, tmp_path, mode, method, extra):
-    from decorr.training.pairs import PairConfig, train_pair
+    from decorr.training.recipes import PairConfig, train_pair
 
     settings = {**TINY, "epochs": 2, "test_subset": 64, "seed": 3, **extra}
-    train_pair(PairConfig(mode=mode, **settings), tmp_path / "pair", log=False, cpu=True)
+    train_pair(PairConfig(mode=mode, **settings), RunOptions(run_dir=tmp_path / "pair", no_tensorboard=True, cpu=True))
     ensemble = {k: ((v,) if k in ("arch", "feature_layer") else v) for k, v in settings.items()}
-    metrics = train_ensemble(EnsembleConfig(method=method, num_models=2, **ensemble), tmp_path / "ens", log=False,
-                             cpu=True)
+    metrics = train_ensemble(EnsembleConfig(method=method, num_models=2, **ensemble), RunOptions(run_dir=tmp_path / "ens", no_tensorboard=True, cpu=True))
     for name in ("model0", "model1"):
         pair, ens = _weights(tmp_path / "pair", name), _weights(tmp_path / "ens", name)
         assert pair.keys() == ens.keys()
@@ -90,7 +90,7 @@ def test_every_method_trains_three_loadable_members(mnist, tmp_path, surrogate, 
     count = 1 if method == "dec-frozen" else 3
     config = EnsembleConfig(method=method, feature_layer=NARROW, seed=1, **TINY, **extra)
     assert config.num_models == count and config.arch == ("mnist_cnn",) * count
-    metrics = train_ensemble(config, tmp_path / "run", log=False, cpu=True)
+    metrics = train_ensemble(config, RunOptions(run_dir=tmp_path / "run", no_tensorboard=True, cpu=True))
     checkpoint = load_checkpoint(tmp_path / "run")
     names = [f"model{m}" for m in range(count)]
     assert checkpoint.config["kind"] == "ensemble" and checkpoint.model_names == names
@@ -116,14 +116,14 @@ def test_heterogeneous_ensemble_and_dverge_from_its_checkpoint(mnist, tmp_path):
     config = EnsembleConfig(method="dec", arch=archs, feature_layer=("blocks.3", "head.pool3", "blocks.3"),
                             **{**TINY, "batch_size": 250})
     assert config.num_models == 3
-    train_ensemble(config, tmp_path / "dec", log=False, cpu=True)
+    train_ensemble(config, RunOptions(run_dir=tmp_path / "dec", no_tensorboard=True, cpu=True))
     entries = load_checkpoint(tmp_path / "dec", load_weights=False).config["models"]
     assert [entries[f"model{m}"]["arch"] for m in range(3)] == list(archs)
     assert [type(m).__name__ for m in load_models(tmp_path / "dec").values()] == ["MnistFC", "MnistCNN", "MnistFC"]
     # dec + dverge: DVERGE from the decorrelated members
     start = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in load_models(tmp_path / "dec").items()}
     train_ensemble(EnsembleConfig(method="dverge", init=(str(tmp_path / "dec"),), dverge_steps=1,
-                                  **{**TINY, "batch_size": 250}), tmp_path / "dverge", log=False, cpu=True)
+                                  **{**TINY, "batch_size": 250}), RunOptions(run_dir=tmp_path / "dverge", no_tensorboard=True, cpu=True))
     checkpoint = load_checkpoint(tmp_path / "dverge")
     assert checkpoint.config["hyperparameters"]["arch"] == list(archs)
     assert checkpoint.config["models"] == entries
@@ -145,10 +145,9 @@ def test_bad_settings_are_one_line_errors_before_any_work(mnist, tmp_path, capsy
         with pytest.raises(DecorrError, match=message.replace("(", r"\(")):
             EnsembleConfig(**kwargs)
     with pytest.raises(DecorrError, match="batch size 150 is too small for the correlation loss on 784 features"):
-        train_ensemble(EnsembleConfig(method="dec", **TINY), tmp_path / "small", log=False, cpu=True)
+        train_ensemble(EnsembleConfig(method="dec", **TINY), RunOptions(run_dir=tmp_path / "small", no_tensorboard=True, cpu=True))
     with pytest.raises(DecorrError, match="too small for the correlation loss on 32 features .*surrogate"):
-        train_ensemble(EnsembleConfig(method="dec-frozen", surrogate=str(surrogate), **{**TINY, "batch_size": 20}),
-                       tmp_path / "small", log=False, cpu=True)
+        train_ensemble(EnsembleConfig(method="dec-frozen", surrogate=str(surrogate), **{**TINY, "batch_size": 20}), RunOptions(run_dir=tmp_path / "small", no_tensorboard=True, cpu=True))
     assert not (tmp_path / "small").exists()
     script = _script("ensemble")
     for argv, message in [(["--method", "dec", "--num-models", "1"], "error: --num-models 1"),
@@ -165,16 +164,14 @@ def test_bad_settings_are_one_line_errors_before_any_work(mnist, tmp_path, capsy
 
 def test_resume_continues_and_refuses_changed_settings(mnist, tmp_path):
     settings = dict(method="dec", num_models=3, feature_layer=NARROW, **TINY)
-    train_ensemble(EnsembleConfig(**settings), tmp_path / "run", log=False, cpu=True)
+    train_ensemble(EnsembleConfig(**settings), RunOptions(run_dir=tmp_path / "run", no_tensorboard=True, cpu=True))
     with pytest.raises(DecorrError, match="cannot resume .*lambda_corr: 0.05 -> 0.1"):
-        train_ensemble(EnsembleConfig(**{**settings, "epochs": 2, "lambda_corr": 0.1}), tmp_path / "run",
-                       resume=True, log=False, cpu=True)
+        train_ensemble(EnsembleConfig(**{**settings, "epochs": 2, "lambda_corr": 0.1}), RunOptions(run_dir=tmp_path / "run", resume=True, no_tensorboard=True, cpu=True))
     with pytest.raises(DecorrError, match="cannot resume .*num_models: 3 -> 4"):
-        train_ensemble(EnsembleConfig(**{**settings, "epochs": 2, "num_models": 4}), tmp_path / "run",
-                       resume=True, log=False, cpu=True)
-    train_ensemble(EnsembleConfig(**{**settings, "epochs": 2}), tmp_path / "run", resume=True, log=False, cpu=True)
+        train_ensemble(EnsembleConfig(**{**settings, "epochs": 2, "num_models": 4}), RunOptions(run_dir=tmp_path / "run", resume=True, no_tensorboard=True, cpu=True))
+    train_ensemble(EnsembleConfig(**{**settings, "epochs": 2}), RunOptions(run_dir=tmp_path / "run", resume=True, no_tensorboard=True, cpu=True))
     # equals an uninterrupted 2-epoch run
-    train_ensemble(EnsembleConfig(**{**settings, "epochs": 2}), tmp_path / "once", log=False, cpu=True)
+    train_ensemble(EnsembleConfig(**{**settings, "epochs": 2}), RunOptions(run_dir=tmp_path / "once", no_tensorboard=True, cpu=True))
     config = load_checkpoint(tmp_path / "run", load_weights=False).config
     assert config["epoch"] == 2 and len(config["resumes"]) == 1
     for name in ("model0", "model1", "model2"):

@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from decorr.training.entry import RunOptions
 from decorr.checkpoint import model_entry, save_checkpoint
 from decorr.models import create_model
 
@@ -86,11 +87,11 @@ def tiny_mnist(mnist):
     ("param", {"target_distance": 10.0, "distance_weight": 1e-3}),
 ])
 def test_pair(mode, extra, tmp_path):
-    from decorr.training.pairs import PairConfig, train_pair
+    from decorr.training.recipes import PairConfig, train_pair
 
     config = PairConfig(mode=mode, epochs=2, batch_size=200, train_subset=500, test_subset=128, eval_batch_size=64,
                         seed=3, **extra)
-    train_pair(config, tmp_path / "run", log=False, cpu=True)
+    train_pair(config, RunOptions(run_dir=tmp_path / "run", no_tensorboard=True, cpu=True))
     check(f"pair_{mode}", tmp_path / "run" / "checkpoint")
 
 
@@ -99,7 +100,7 @@ def test_classifier_mnist(tiny_mnist, tmp_path):
 
     config = ClassifierConfig(arch="mnist_cnn", dataset="mnist", epochs=2, batch_size=100, lr=0.05, seed=1,
                               eval_batch_size=64)
-    train_classifier(config, tmp_path / "run", dataset=tiny_mnist, log=False, cpu=True)
+    train_classifier(config, RunOptions(run_dir=tmp_path / "run", dataset=tiny_mnist, no_tensorboard=True, cpu=True))
     check("classifier_mnist", tmp_path / "run" / "checkpoint")
 
 
@@ -108,13 +109,13 @@ def test_classifier_cifar(cifar_subset, tmp_path):
 
     config = ClassifierConfig(arch="resnet20", dataset="cifar10_subset.npz", epochs=1, batch_size=32, lr=0.05,
                               optimizer="adam", schedule="none", train_subset=96, test_subset=32, seed=2)
-    train_classifier(config, tmp_path / "run", dataset=cifar_subset, log=False, cpu=True)
+    train_classifier(config, RunOptions(run_dir=tmp_path / "run", dataset=cifar_subset, no_tensorboard=True, cpu=True))
     check("classifier_cifar", tmp_path / "run" / "checkpoint")
 
 
 def test_dverge(mnist, tmp_path):
-    from decorr.training.dverge import DvergeConfig
-    from decorr.training.dverge_run import train_dverge
+    from decorr.training.recipes import DvergeConfig
+    from decorr.training.recipes import train_dverge
 
     torch.manual_seed(30)
     models = {"model0": create_model("mnist_cnn"), "model1": create_model("mnist_cnn")}
@@ -125,7 +126,7 @@ def test_dverge(mnist, tmp_path):
                           eval_eps=(0.1,), eval_steps=2, eval_features=False, accuracy_subset=32,
                           layers=("features.pool1", "features.pool2"), random_start=True, plus_adv=True,
                           adv_steps=2, seed=4)
-    train_dverge(config, [str(tmp_path / "pair")], tmp_path / "run", log=False, cpu=True)
+    train_dverge(config, [str(tmp_path / "pair")], RunOptions(run_dir=tmp_path / "run", no_tensorboard=True, cpu=True))
     check("dverge", tmp_path / "run" / "checkpoint")
 
 
@@ -135,8 +136,7 @@ def test_dna_both_stages_with_accumulation(tiny_mnist, tmp_path):
 
     config = DnaConfig.paper("mnist", epochs=2, batch_size=200, classifier_epochs=1, classifier_batch_size=100,
                              gradient_accumulation_steps=2, eval_batch_size=64, image_samples=0, seed=5)
-    train_autoencoder(config, tmp_path / "run" / "stage1", dataset=tiny_mnist, log=False, cpu=True)
+    train_autoencoder(config, RunOptions(run_dir=tmp_path / "run" / "stage1", dataset=tiny_mnist, no_tensorboard=True, cpu=True))
     check("dna_stage1", tmp_path / "run" / "stage1" / "checkpoint")
-    train_classifier(config, tmp_path / "run" / "stage2", tmp_path / "run" / "stage1", dataset=tiny_mnist,
-                     log=False, cpu=True)
+    train_classifier(config, tmp_path / "run" / "stage1", RunOptions(run_dir=tmp_path / "run" / "stage2", dataset=tiny_mnist, no_tensorboard=True, cpu=True))
     check("dna_stage2", tmp_path / "run" / "stage2" / "checkpoint")

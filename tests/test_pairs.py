@@ -15,12 +15,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from decorr.training.entry import RunOptions
 from decorr.checkpoint import load_checkpoint, load_models
 from decorr.errors import DecorrError
 from decorr.loss import correlation_loss, parameter_distance
 from decorr.models import create_model
 from decorr.features import dead_features_warning
-from decorr.training.pairs import PairConfig, evaluate_models, pair_objective, train_pair
+from decorr.training.recipes import PairConfig, pair_ensemble_config, train_pair
+from decorr.training.methods.distance import distance_objective
+from decorr.training.methods.independent import decorrelated_objective
+from decorr.training.epoch_metrics import evaluate_models
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "pair_classifiers.py"
@@ -33,6 +37,16 @@ def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def _pair_loss(logits, feats, y, config, models, lambda_corr=None):
+    """The loss the pair recipe trains with: its mode's registered method's objective (2 members)."""
+    ce = [F.cross_entropy(out, y) for out in logits]
+    if config.mode == "param":
+        return distance_objective(ce, models, config.target_distance, config.distance_weight)
+    weight = (config.lambda_corr if config.mode == "dec" else 0.0) if lambda_corr is None else lambda_corr
+    direction = "one-way" if config.corr_direction == "forward" else "both"
+    return decorrelated_objective(ce, feats, weight, direction=direction)
+
+
 def test_objective_matches_formula():
     torch.manual_seed(0)
     models = (create_model("mnist_cnn"), create_model("mnist_cnn"))
@@ -41,19 +55,21 @@ def test_objective_matches_formula():
     logits = tuple(m(x) for m in models)
     feats = tuple(m.features(x) for m in models)
     config = PairConfig(mode="dec", lambda_corr=0.05)
-    loss, terms = pair_objective(logits, feats, y, config, models)
+    loss, terms = _pair_loss(logits, feats, y, config, models)
     ce = [F.cross_entropy(out, y) for out in logits]
     expected = torch.sqrt(ce[0] ** 2 + ce[1] ** 2) + 0.05 * correlation_loss(*feats)
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
-    both, _ = pair_objective(logits, feats, y, PairConfig(mode="dec", corr_direction="both"), models)
+    both, _ = _pair_loss(logits, feats, y, PairConfig(mode="dec", corr_direction="both"), models)
     symmetric = 0.5 * (correlation_loss(*feats) + correlation_loss(feats[1], feats[0]))
     assert float(both.detach()) == pytest.approx(float((torch.sqrt(ce[0] ** 2 + ce[1] ** 2) + 0.05 * symmetric).detach()), rel=1e-6)
-    cor, _ = pair_objective(logits, feats, y, PairConfig(mode="cor"), models)
+    cor, _ = _pair_loss(logits, feats, y, PairConfig(mode="cor"), models)
     assert float(cor.detach()) == pytest.approx(float(torch.sqrt(ce[0] ** 2 + ce[1] ** 2).detach()), rel=1e-6)
     param_cfg = PairConfig(mode="param", target_distance=100.0, distance_weight=1e-5)
-    param, terms = pair_objective(logits, feats, y, param_cfg, models)
+    param, terms = _pair_loss(logits, feats, y, param_cfg, models)
     distance = parameter_distance(*models)
     assert float(param.detach()) == pytest.approx(float((ce[0] + ce[1] + 1e-5 * (distance - 100.0) ** 2).detach()), rel=1e-6)
+    assert pair_ensemble_config(PairConfig(mode="cor")).method == "ce"
+    assert pair_ensemble_config(param_cfg).method == "param" and pair_ensemble_config(config).method == "dec"
 
 
 def test_corr_warmup_switches_the_correlation_term_off():
@@ -64,10 +80,10 @@ def test_corr_warmup_switches_the_correlation_term_off():
     config = PairConfig(mode="dec", corr_warmup_epochs=2, epochs=5)
     assert [config.lambda_at(e) for e in range(4)] == [0.0, 0.0, 0.05, 0.05]
     assert PairConfig(mode="cor", corr_warmup_epochs=2).lambda_at(3) == 0.0
-    off, terms = pair_objective(logits, feats, y, config, models, lambda_corr=config.lambda_at(0))
-    cor, _ = pair_objective(logits, feats, y, PairConfig(mode="cor"), models)
+    off, terms = _pair_loss(logits, feats, y, config, models, lambda_corr=config.lambda_at(0))
+    cor, _ = _pair_loss(logits, feats, y, PairConfig(mode="cor"), models)
     assert torch.equal(off, cor) and "corr" not in terms
-    on, terms = pair_objective(logits, feats, y, config, models, lambda_corr=config.lambda_at(2))
+    on, terms = _pair_loss(logits, feats, y, config, models, lambda_corr=config.lambda_at(2))
     assert float((on - cor).detach()) == pytest.approx(0.05 * float(terms["corr"]), rel=1e-5) and float(terms["corr"]) > 0
     with pytest.raises(DecorrError, match="leaves none of the 3"):
         PairConfig(mode="dec", corr_warmup_epochs=3, epochs=3)
@@ -99,7 +115,7 @@ def test_dead_feature_layer_is_detected_and_explained(mnist):
 @pytest.mark.slow
 def test_dec_pair_trains_and_checkpoint_loads(mnist, tmp_path):
     config = PairConfig(mode="dec", epochs=2, train_subset=4000, test_subset=1000, batch_size=1000)
-    metrics = train_pair(config, tmp_path / "run", log=False)
+    metrics = train_pair(config, RunOptions(run_dir=tmp_path / "run", no_tensorboard=True))
     history = load_checkpoint(tmp_path / "run").config["history"]
     # The paper's CNN starts slowly (avgpool over 7x7); after 8 steps the losses must have fallen.
     assert history[1]["train/ce0"] < history[0]["train/ce0"] and history[1]["train/ce1"] < history[0]["train/ce1"]

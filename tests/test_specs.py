@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from decorr.checkpoint import build_model, model_entry, save_checkpoint
 from decorr.convert import main as convert_main
 from decorr.data import to_float
-from decorr.training.dverge_run import load_init_models
+from decorr.training.ensemble import load_init_models
 from decorr.errors import DecorrError
 from decorr.models import create_model
 from decorr.specs import Preprocessed, SpecOptions, load_specs, parse_spec

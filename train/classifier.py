@@ -14,7 +14,8 @@ import argparse
 import json
 
 from decorr.training.classifier import ClassifierConfig, train_classifier
-from decorr.config import add_config_arguments, add_run_arguments, config_from_args
+from decorr.config import add_config_arguments, config_from_args
+from decorr.training.entry import RunOptions, add_run_arguments
 from decorr.distributed import rank
 from decorr.errors import cli_entry
 
@@ -29,9 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    metrics = train_classifier(config_from_args(ClassifierConfig, args), args.run_dir, resume=args.resume,
-                               data_root=args.data_root, mixed_precision=args.mixed_precision, cpu=args.cpu,
-                               log=not args.no_tensorboard)
+    metrics = train_classifier(config_from_args(ClassifierConfig, args), RunOptions.from_args(args))
     if rank() == 0:
         print(json.dumps(metrics, indent=2))
     return metrics

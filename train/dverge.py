@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 
-from decorr.config import add_config_arguments, add_run_arguments, config_from_args
-from decorr.training.dverge import DvergeConfig
-from decorr.training.dverge_run import format_history, train_dverge
+from decorr.config import add_config_arguments, config_from_args
 from decorr.errors import cli_entry
+from decorr.evaluation.monitor import TransferMonitor, format_history
 from decorr.specs import SPEC_HELP, add_spec_arguments, spec_options
+from decorr.training.entry import RunOptions, add_run_arguments
+from decorr.training.recipes import DvergeConfig, train_dverge
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,8 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     start.add_argument("--init-from", metavar="PAIR_DIR", help="a pair run whose models are the starting point")
     add_config_arguments(p, DvergeConfig)
     p.add_argument("--json", default=None, help="the run's JSON record (default RUN_DIR/dverge.json)")
-    add_run_arguments(p, run_dir_help="where checkpoints, TensorBoard logs and dverge.json go "
-                                      "(default: a new runs/<name>/<timestamp>)")
+    add_run_arguments(p, helps={"run_dir": "where checkpoints, TensorBoard logs and dverge.json go "
+                                          "(default: a new runs/dverge/<timestamp>)"})
     add_spec_arguments(p)
     return p.parse_args(argv)
 
@@ -44,9 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     config = config_from_args(DvergeConfig, args)
     init = args.init if args.init else [args.init_from]
-    record = train_dverge(config, init, args.run_dir, resume=args.resume, data_root=args.data_root,
-                          mixed_precision=args.mixed_precision, cpu=args.cpu, log=not args.no_tensorboard,
-                          json_path=args.json, spec_options=spec_options(args))
+    record = train_dverge(config, init, RunOptions.from_args(args), spec_options=spec_options(args),
+                          monitors=[TransferMonitor(config, args.json)])
     print(format_history(record))
     return record
 

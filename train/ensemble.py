@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from decorr.config import add_config_arguments, add_run_arguments, config_from_args
+from decorr.config import add_config_arguments, config_from_args
+from decorr.training.entry import RunOptions, add_run_arguments
 from decorr.distributed import rank
 from decorr.training.ensemble import EnsembleConfig, train_ensemble
 from decorr.errors import cli_entry
@@ -37,9 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    metrics = train_ensemble(config_from_args(EnsembleConfig, args), args.run_dir, resume=args.resume,
-                             data_root=args.data_root, mixed_precision=args.mixed_precision, cpu=args.cpu,
-                             log=not args.no_tensorboard, spec_options=SpecOptions(match_by_order=args.match_by_order))
+    metrics = train_ensemble(config_from_args(EnsembleConfig, args), RunOptions.from_args(args),
+                             spec_options=SpecOptions(match_by_order=args.match_by_order))
     if rank() == 0:
         print(json.dumps(metrics, indent=2))
     return metrics

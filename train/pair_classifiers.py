@@ -11,9 +11,10 @@ import argparse
 import json
 
 from decorr.distributed import rank
-from decorr.config import add_config_arguments, add_run_arguments, config_from_args
+from decorr.config import add_config_arguments, config_from_args
+from decorr.training.entry import RunOptions, add_run_arguments
 from decorr.errors import cli_entry
-from decorr.training.pairs import PairConfig, train_pair
+from decorr.training.recipes import PairConfig, train_pair
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,9 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    metrics = train_pair(config_from_args(PairConfig, args), args.run_dir, resume=args.resume,
-                         data_root=args.data_root, mixed_precision=args.mixed_precision, cpu=args.cpu,
-                         log=not args.no_tensorboard)
+    metrics = train_pair(config_from_args(PairConfig, args), RunOptions.from_args(args))
     if rank() == 0:
         print(json.dumps(metrics, indent=2))
 

@@ -27,25 +27,24 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from decorr.training.batchnorm import convert_sync_batchnorm
 from decorr.checkpoint import model_entry
-from decorr.config import opt
+from decorr.config import check_at_least, check_finite, check_positive, check_seed, check_subset, opt
 from decorr.data import ImageDataset, dataset_augment, iterate_batches, load_dataset, num_batches, require_training_images
 from decorr.distributed import global_mean
 from decorr.errors import DecorrError
-from decorr.training.loop import Built, Task, fit, prefixed
-from decorr.models import create_model, model_spec
 from decorr.features import eval_mode
-from decorr.training.pairs import evaluate_models
-from decorr.config import check_at_least, check_finite, check_positive, check_seed, check_subset
-from decorr.training.run import TrainingRun, releases_run_lock
+from decorr.models import create_model, model_spec
+from decorr.training.batchnorm import convert_sync_batchnorm
+from decorr.training.entry import RunOptions, run_training
+from decorr.training.epoch_metrics import evaluate_models
+from decorr.training.loop import Built, Task, prefixed
+from decorr.training.run import TrainingRun
 
 __all__ = [
     "ClassifierConfig",
@@ -199,24 +198,15 @@ def _load_data(config: ClassifierConfig, data_root: str | None) -> ImageDataset:
     return dataset
 
 
-@releases_run_lock
-def train_classifier(
-    config: ClassifierConfig,
-    run_dir: str | Path | None = None,
-    *,
-    resume: bool = False,
-    data_root: str | None = None,
-    dataset: ImageDataset | None = None,
-    mixed_precision: str | None = None,
-    cpu: bool = False,
-    log: bool = True,
-) -> dict[str, Any]:
+def train_classifier(config: ClassifierConfig, options: RunOptions = RunOptions()) -> dict[str, Any]:
     """Train ``config.arch`` on ``config.dataset``, checkpointing after every epoch; return the last metrics.
 
-    ``dataset`` overrides loading ``config.dataset`` (subsets still apply); ``config.dataset`` is what
-    the checkpoint records, so it should name the same data.
+    ``options.dataset`` overrides loading ``config.dataset`` (subsets still apply); ``config.dataset`` is
+    what the checkpoint records, so it should name the same data.
     """
-    dataset = _load_data(config, data_root) if dataset is None else dataset.subset(config.train_subset, config.test_subset)
+    dataset = options.dataset
+    dataset = _load_data(config, options.data_root) if dataset is None else dataset.subset(config.train_subset,
+                                                                                         config.test_subset)
     steps = num_batches(len(dataset.train), config.batch_size, drop_last=True)
     if steps == 0:
         raise DecorrError(
@@ -231,9 +221,8 @@ def train_classifier(
         "dataset": config.dataset,
         "hyperparameters": asdict(config),
     }
-    run = TrainingRun(None if run_dir is None else Path(run_dir), run_config, seed=config.seed, resume=resume,
-                      mixed_precision=mixed_precision, cpu=cpu, log=log, default_name=config.arch)
-    return fit(run, ClassifierTask(config, run.place(dataset), kwargs, steps, run))
+    return run_training(lambda run: ClassifierTask(config, run.place(dataset), kwargs, steps, run), run_config,
+                        options, seed=config.seed, default_name=config.arch)
 
 
 class ClassifierTask(Task):

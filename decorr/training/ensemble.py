@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -27,17 +26,19 @@ from decorr.training.classifier import check_model_fits, dataset_model_kwargs
 from decorr.config import opt
 from decorr.data import ImageDataset, load_dataset, require_training_images
 from decorr.errors import DecorrError, pixel_value
-from decorr.training.loop import fit
+from decorr.features import find_module
 from decorr.training.methods import METHODS, EnsembleTask, Members, Surrogate, method_class
+from decorr.training.methods.base import EpochMonitor
 from decorr.models import create_model, model_spec
 from decorr.specs import SpecOptions, load_specs
-from decorr.training.pairs import drop_small_last_batch, feature_width
-from decorr.training.run import TrainingRun, releases_run_lock
+from decorr.training.epoch_metrics import drop_small_last_batch, feature_width
+from decorr.training.entry import RunOptions, run_training
 from decorr.config import check_at_least, check_finite, check_positive, check_seed, check_subset
 
 __all__ = ["EnsembleConfig", "train_ensemble", "state_sha256", "DEFAULT_ARCH", "DEFAULT_MODELS"]
 
 DEFAULT_ARCH = "mnist_cnn"
+DEFAULT_DATASET = "mnist"
 #: Members when neither --num-models nor several --arch names say (DVERGE's and TRS's 3).
 DEFAULT_MODELS = 3
 
@@ -51,10 +52,11 @@ class EnsembleConfig:
                                        "--init models; dec-frozen trains 1)")
     arch: tuple[str, ...] = opt((), f"registry model name, repeated N times, or one per member (heterogeneous "
                                     f"ensembles; default {DEFAULT_ARCH})")
-    dataset: str = opt("mnist", "dataset name or path to an .npz")
+    dataset: str | None = opt(None, "dataset name or path to an .npz (default: the --init models' dataset, else mnist)")
     epochs: int = opt(20, "number of epochs")
     batch_size: int = opt(1000, "global batch size")
     lr: float = opt(5e-3, "Adam learning rate")
+    batches_per_epoch: int | None = opt(None, "stop every epoch after N batches of its shuffle (default: all)")
     feature_layer: tuple[str, ...] = opt((), "module name of the features, one for all members or one per member "
                                              "(default: each model's)")
     lambda_corr: float = opt(0.05, "weight of the correlation loss (dec, dec-frozen)")
@@ -80,7 +82,15 @@ class EnsembleConfig:
     dverge_layers: tuple[str, ...] = opt((), "DVERGE: distillation layer(s), one drawn per epoch (default: each "
                                              "member's feature layer)", metavar="MODULE")
     dverge_random_start: bool = opt(False, "DVERGE: random start of the distillation")
+    dverge_momentum: float = opt(0.0, "DVERGE: MI momentum of the distillation")
     dverge_plus_adv: bool = opt(False, "DVERGE: also train each member on its own PGD examples")
+    dverge_adv_weight: float = opt(1.0, "DVERGE: weight of the plus-adv cross-entropy")
+    dverge_adv_eps: float | None = opt(None, "DVERGE: plus-adv PGD radius (default: --dverge-eps)", type=pixel_value)
+    dverge_adv_steps: int = opt(10, "DVERGE: plus-adv PGD steps")
+    dverge_adv_step_size: float | None = opt(None, "DVERGE: plus-adv PGD step (default: --dverge-step-size)",
+                                             type=pixel_value)
+    param_distance: float = opt(1000.0, "param: the squared parameter distance D every pair is pushed to")
+    param_weight: float = opt(1e-5, "param: weight of the distance term")
     init: tuple[str, ...] = opt((), "start from these models (model specs: checkpoints, CKPT:MODEL, ARCH=WEIGHTS) "
                                     "instead of fresh ones", metavar="SPEC")
     surrogate: str | None = opt(None, "dec-frozen: the frozen surrogate (a model spec)", metavar="SPEC")
@@ -95,14 +105,22 @@ class EnsembleConfig:
         cls = method_class(self.method)
         self.arch, self.feature_layer = tuple(self.arch), tuple(self.feature_layer)
         self.init, self.dverge_layers = tuple(self.init), tuple(self.dverge_layers)
-        for name in ("epochs", "batch_size", "eval_batch_size", "trs_steps"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "trs_steps", "dverge_adv_steps"):
             check_at_least(name, getattr(self, name), 1)
+        check_subset("batches_per_epoch", self.batches_per_epoch)
         check_at_least("corr_warmup_epochs", self.corr_warmup_epochs, 0)
         check_at_least("dverge_steps", self.dverge_steps, 0)
         check_positive("lr", self.lr)
         for name in ("lambda_corr", "adp_alpha", "adp_beta", "gal_lambda", "trs_scale", "trs_coeff", "trs_lambda",
-                     "trs_init_eps", "trs_adv_eps", "dverge_eps", "dverge_step_size"):
+                     "trs_init_eps", "trs_adv_eps", "dverge_eps", "dverge_step_size", "dverge_momentum",
+                     "dverge_adv_weight", "param_weight"):
             check_finite(name, getattr(self, name), minimum=0)
+        check_finite("param_distance", self.param_distance)
+        for name in ("dverge_adv_eps", "dverge_adv_step_size"):
+            if getattr(self, name) is not None:
+                check_finite(name, getattr(self, name), minimum=0)
+        if len(set(self.dverge_layers)) != len(self.dverge_layers):
+            raise DecorrError("a layer is listed twice in --dverge-layers; list each once")
         check_seed(self.seed)
         check_subset("train_subset", self.train_subset)
         check_subset("test_subset", self.test_subset)
@@ -164,15 +182,49 @@ def state_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _load_init(config: EnsembleConfig, options: SpecOptions | None) -> tuple[Members, dict[str, Any], str | None]:
-    from decorr.training.dverge_run import load_init_models
+def load_init_models(paths: Sequence[str], options: SpecOptions | None = None
+                     ) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]], list[dict[str, Any]], str | None]:
+    """The starting models: every model of each spec in order (``decorr.specs``: checkpoints,
+    ``PATH:MODEL``, or ``ARCH=WEIGHTS`` files), renamed ``model0 .. model{N-1}``.
 
+    Returns the models, their checkpoint entries (arch, kwargs, feature_layer, and for preprocessed
+    foreign models ``preprocess``: what the run's checkpoints rebuild them from), where each came from
+    (``{"name", "checkpoint", "model", "epoch"}``, or ``{"name", "spec", "weights", "sha256"}``) and the
+    checkpoints' common dataset.
+    """
+    loaded = load_specs(paths, options)
+    models: dict[str, nn.Module] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    origins: list[dict[str, Any]] = []
+    datasets: set[str] = set()
+    for full_name, model in loaded.items():
+        name = f"model{len(models)}"
+        models[name] = model.module
+        entries[name] = {k: v for k, v in model.entry.items() if k in ("arch", "kwargs", "feature_layer", "preprocess")}
+        info = model.info
+        if "checkpoint" in info:
+            origins.append({"name": name, "checkpoint": info["checkpoint"], "model": full_name.rsplit("/", 1)[1],
+                            "epoch": info["epoch"]})
+            if info.get("dataset"):
+                datasets.add(info["dataset"])
+        else:
+            origins.append({"name": name, "spec": info["spec"], "weights": info["weights"], "sha256": info["sha256"]})
+    if len(models) < 2:
+        raise DecorrError(f"an ensemble trains at least 2 models but {', '.join(map(str, paths))} hold "
+                          f"{len(models)}; pass a pair run (--init-from) or several checkpoints (--init A B)")
+    if len(datasets) > 1:
+        raise DecorrError(f"the starting checkpoints were trained on different datasets ({', '.join(sorted(datasets))}); "
+                          "start from models of one dataset")
+    return models, entries, origins, (datasets.pop() if datasets else None)
+
+
+def _load_init(config: EnsembleConfig, options: SpecOptions | None) -> tuple[Members, dict[str, Any], str | None]:
     models, entries, origins, dataset = load_init_models(config.init, options)
     layers = [entries[n].get("feature_layer") for n in models]
     config.set_members(tuple(entries[n]["arch"] for n in models), config.feature_layer or tuple(layers))
     names = list(models)
     members = Members({n: entries[n]["arch"] for n in names}, {n: dict(entries[n].get("kwargs", {})) for n in names},
-                      dict(zip(names, config.feature_layer)), initial=models)
+                      dict(zip(names, config.feature_layer)), initial=models, origins=origins)
     for n, layer in members.layers.items():
         entries[n] = {**entries[n], "feature_layer": layer}
     return members, entries, dataset
@@ -201,6 +253,8 @@ def _check_members(config: EnsembleConfig, cls: type[EnsembleTask], dataset: Ima
             modules["surrogate"], layers["surrogate"] = members.surrogate.module, members.surrogate.layer
         for n in members.names:
             check_model_fits(probes[n], members.archs[n], dataset)
+            for layer in config.dverge_layers:
+                find_module(probes[n], layer)  # a one-line error naming the layer a member lacks
         minimum = cls.min_batch
         if cls.uses_correlation:
             widths = {n: feature_width(modules[n], layers[n], dataset.input_shape)
@@ -214,36 +268,31 @@ def _check_members(config: EnsembleConfig, cls: type[EnsembleTask], dataset: Ima
     return drop_small_last_batch(list(probes.values()), len(dataset.train), config.batch_size, minimum)
 
 
-@releases_run_lock
-def train_ensemble(
-    config: EnsembleConfig,
-    run_dir: str | Path | None = None,
-    *,
-    resume: bool = False,
-    data_root: str | None = None,
-    dataset: ImageDataset | None = None,
-    mixed_precision: str | None = None,
-    cpu: bool = False,
-    log: bool = True,
-    spec_options: SpecOptions | None = None,
-) -> dict[str, Any]:
-    """Train ``config.method`` as configured, checkpointing after every epoch; return the last metrics.
+def train_ensemble(config: EnsembleConfig, options: RunOptions = RunOptions(), *,
+                   spec_options: SpecOptions | None = None, kind: str = "ensemble",
+                   recorded: dict[str, Any] | None = None, monitors: Sequence[EpochMonitor] = (),
+                   default_name: str | None = None) -> Any:
+    """Train ``config.method`` as configured, checkpointing after every epoch; return the last metrics
+    (or what a monitor returns: the DVERGE recipe's record).
 
-    ``dataset`` overrides loading ``config.dataset`` (subsets still apply). Everything is checked
-    before the run directory is written: the method and N, the models against the data, the batch
-    against the correlation loss; ``--init`` and ``--surrogate`` models are loaded first.
+    Everything is checked before the run directory is written: the method and N, the models against
+    the data, the batch against the correlation loss; ``--init`` and ``--surrogate`` models are loaded
+    first. ``kind`` and ``recorded`` are what the checkpoint records as its kind and hyperparameters
+    (a recipe's own settings: ``train/pair_classifiers.py`` records its PairConfig); ``monitors`` add
+    evaluations before training and after every epoch (:class:`EpochMonitor`).
     """
     cls = method_class(config.method)
     extra: dict[str, Any] = {}
-    entries: dict[str, Any] | None = None
-    members = None
+    members, entries = None, None
     if config.init:
         members, entries, init_dataset = _load_init(config, spec_options)
-        if init_dataset is not None and init_dataset != config.dataset:
+        if config.dataset is None:
+            config.dataset = init_dataset
+        elif init_dataset is not None and init_dataset != config.dataset:
             raise DecorrError(f"the --init models were trained on {init_dataset!r}, not --dataset {config.dataset!r}; "
                               f"pass --dataset {init_dataset}")
-    if dataset is None:
-        dataset = load_dataset(config.dataset, data_root)
+    config.dataset = config.dataset or DEFAULT_DATASET
+    dataset = options.dataset if options.dataset is not None else load_dataset(config.dataset, options.data_root)
     require_training_images(dataset)
     if config.train_subset or config.test_subset:
         dataset = dataset.subset(train=config.train_subset, test=config.test_subset)
@@ -256,9 +305,11 @@ def train_ensemble(
         members.surrogate = _load_surrogate(config, spec_options)
         extra["surrogate_sha256"] = members.surrogate.sha256
     drop_last = _check_members(config, cls, dataset, members)
-    run_config = {"kind": "ensemble", "models": entries, "dataset": config.dataset,
-                  "hyperparameters": {**asdict(config), **extra}}
-    run = TrainingRun(None if run_dir is None else Path(run_dir), run_config, seed=config.seed, resume=resume,
-                      mixed_precision=mixed_precision, cpu=cpu, log=log,
-                      default_name=f"ensemble_{config.method}{config.num_models}")
-    return fit(run, cls(config, run.place(dataset), members, drop_last, run))
+    hyperparameters = asdict(config) if recorded is None else dict(recorded)
+    if hyperparameters.get("dataset") is None:  # a recipe that let the --init models name it
+        hyperparameters["dataset"] = config.dataset
+    run_config = {"kind": kind, "models": entries, "dataset": config.dataset,
+                  "hyperparameters": {**hyperparameters, **extra}}
+    return run_training(lambda run: cls(config, run.place(dataset), members, drop_last, run, monitors), run_config,
+                        options, seed=config.seed,
+                        default_name=default_name or f"ensemble_{config.method}{config.num_models}")

@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable
+from itertools import islice
+from typing import Any, Callable, ClassVar, Iterable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,10 +35,10 @@ from decorr.errors import DecorrError
 from decorr.training.loop import Built, Task, prefixed
 from decorr.models import create_model
 from decorr.features import DEAD_FEATURES_BELOW, dead_features_warning, record_features
-from decorr.training.pairs import evaluate_models
+from decorr.training.epoch_metrics import evaluate_models
 from decorr.training.run import TrainingRun, unwrap
 
-__all__ = ["METHODS", "EnsembleTask", "Members", "Surrogate", "register_method", "method_class",
+__all__ = ["METHODS", "EnsembleTask", "EpochMonitor", "Members", "Surrogate", "register_method", "method_class",
            "sqrt_sum_of_squares"]
 
 #: Method name -> task class (filled by :func:`register_method`; ``decorr.training.methods`` imports them all).
@@ -77,17 +78,38 @@ class Surrogate:
 @dataclass
 class Members:
     """What the task builds: per member name (``model0 ..``) its arch, kwargs and feature layer;
-    ``initial`` the starting models (``--init``; None: fresh ones); ``surrogate`` for dec-frozen."""
+    ``initial`` the starting models (``--init``; None: fresh ones) and ``origins`` where each came from
+    (a checkpoint and its epoch, or a weights file and its SHA-256); ``surrogate`` for dec-frozen."""
 
     archs: dict[str, str]
     kwargs: dict[str, dict[str, Any]]
     layers: dict[str, str]
     initial: dict[str, nn.Module] | None = None
     surrogate: Surrogate | None = None
+    origins: list[dict[str, Any]] | None = None
 
     @property
     def names(self) -> list[str]:
         return list(self.archs)
+
+
+class EpochMonitor(Protocol):
+    """An evaluation of the members beyond the task's own, run before training and after every epoch
+    (the DVERGE recipe's transfer rates: :mod:`decorr.evaluation.monitor`). Given to the trainer from
+    above, so that training imports no evaluation code."""
+
+    def before(self, models: dict[str, nn.Module]) -> dict[str, Any] | None:
+        """Metrics of the starting models, saved as epoch 0 of a fresh run (None: nothing to save)."""
+
+    def after(self, epoch: int, models: dict[str, nn.Module], metrics: dict[str, Any]) -> dict[str, Any]:
+        """Metrics to add after 0-based ``epoch`` (``metrics``: the task's own)."""
+
+    def start(self, task: "EnsembleTask", start_epoch: int) -> None:
+        """Called once before training (``start_epoch`` > 0 on resume), with the task: its data
+        (``task.dataset``), run (``task.run``), members and config."""
+
+    def result(self, metrics: dict[str, Any]) -> Any:
+        """What the run returns (None: the last epoch's metrics)."""
 
 
 def sqrt_sum_of_squares(ce: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -114,11 +136,13 @@ class EnsembleTask(Task):
     uses_correlation: ClassVar[bool] = False
     min_batch: ClassVar[int] = 1
 
-    def __init__(self, config: Any, dataset: Any, members: Members, drop_last: bool, run: TrainingRun) -> None:
+    def __init__(self, config: Any, dataset: Any, members: Members, drop_last: bool, run: TrainingRun,
+                 monitors: Sequence[EpochMonitor] = ()) -> None:
         self.config, self.dataset, self.members, self.drop_last, self.run = config, dataset, members, drop_last, run
         self.epochs = config.epochs
         self.names = members.names
         self.layers = dict(members.layers)
+        self.monitors = list(monitors)
 
     @classmethod
     def regressors(cls, config: Any, names: list[str]) -> list[str]:
@@ -140,12 +164,20 @@ class EnsembleTask(Task):
     def start(self, models: dict[str, nn.Module], optimizer: torch.optim.Optimizer, start_epoch: int) -> None:
         super().start(models, optimizer, start_epoch)
         self.wrapped = [models[n] for n in self.names]
+        for monitor in self.monitors:
+            monitor.start(self, start_epoch)
 
     # -- batches -------------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
-        return num_batches(len(self.dataset.train), self.config.batch_size, self.drop_last)
+        steps = num_batches(len(self.dataset.train), self.config.batch_size, self.drop_last)
+        limit = self.config.batches_per_epoch
+        return steps if limit is None else min(steps, limit)
 
-    def batches(self, epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
+    def batches(self, epoch: int) -> Iterable[Any]:
+        """The epoch's micro-batches (:meth:`epoch_batches`), cut at ``--batches-per-epoch``."""
+        return islice(self.epoch_batches(epoch), self.steps_per_epoch())
+
+    def epoch_batches(self, epoch: int) -> Iterable[Any]:
         return self.draw(epoch, self.config.seed)
 
     def draw(self, epoch: int, seed: int) -> Iterable[tuple[Tensor, Tensor]]:
@@ -177,7 +209,28 @@ class EnsembleTask(Task):
         """The models (and their layers) evaluated after every epoch: the members."""
         return {n: self.models[n] for n in self.names}, self.layers
 
+    def evaluate_before(self) -> dict[str, Any] | None:
+        found = [m for m in (monitor.before(self.member_models()) for monitor in self.monitors) if m is not None]
+        return {k: v for m in found for k, v in m.items()} if found else None
+
+    def member_models(self) -> dict[str, nn.Module]:
+        return {n: self.models[n] for n in self.names}
+
+    def result(self, metrics: dict[str, Any]) -> Any:
+        for monitor in self.monitors:
+            value = monitor.result(metrics)
+            if value is not None:
+                return value
+        return metrics
+
     def end_epoch(self, epoch: int, terms: dict[str, float], seconds: float) -> dict[str, Any]:
+        metrics = self.evaluate_epoch(epoch, terms, seconds)
+        for monitor in self.monitors:
+            metrics.update(monitor.after(epoch, self.member_models(), metrics))
+        return metrics
+
+    def evaluate_epoch(self, epoch: int, terms: dict[str, float], seconds: float) -> dict[str, Any]:
+        """The members' accuracy, feature statistics and the ensemble's accuracy; printed as one line."""
         config, run = self.config, self.run
         models, layers = self.evaluated_models()
         evaluation = evaluate_models(models, self.dataset.test, layers, batch_size=config.eval_batch_size,

@@ -1,4 +1,4 @@
-"""``ce`` (independent members) and ``dec`` (decorrelated members): the pair trainer for N members.
+"""``ce`` (independent members) and ``dec`` (decorrelated members): the paper's pairs for N members.
 
 SPEC section 2 (Wiedeman & Wang 2022, the paper's MNIST recipe: Adam 5e-3, batch 1000, 20 epochs,
 lambda 0.05)::
@@ -7,21 +7,41 @@ lambda 0.05)::
     dec:  L = sqrt(sum_m CE_m^2) + lambda * mean over pairs of L_corr(f_i, f_j)
 
 ``L_corr`` is :func:`decorr.loss.pairwise_correlation_loss` (one-way: member j regressed on member i
-for i < j; both: every ordered pair; eps absolute (the paper's) or relative). With N = 2, one-way and
-absolute eps this is exactly ``train/pair_classifiers.py --mode dec`` (and ``ce`` is ``--mode cor``):
-same model creation order, batches and arithmetic, so the weights are bit-identical
-(``tests/test_ensemble_training.py``). CE means and the correlation loss are those of the global batch
-(gathered with gradient across processes).
+for i < j; both: every ordered pair; eps absolute (the paper's) or relative). ``train/pair_classifiers.py
+--mode cor|dec`` is this trainer with two members (:mod:`decorr.training.recipes`). CE means and the
+correlation loss are those of the global batch (gathered with gradient across processes).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from torch import Tensor
 
 from decorr.loss import pairwise_correlation_loss
 from decorr.training.methods.base import EnsembleTask, register_method, sqrt_sum_of_squares
+
+__all__ = ["DecorrelatedTask", "IndependentTask", "decorrelated_objective", "independent_objective"]
+
+
+def independent_objective(ce: Sequence[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """``sqrt(sum_m CE_m^2)`` of the members' (global-batch mean) cross-entropies, and its terms."""
+    loss, terms = sqrt_sum_of_squares(list(ce))
+    terms["loss"] = loss.detach()
+    return loss, terms
+
+
+def decorrelated_objective(ce: Sequence[Tensor], features: Sequence[Tensor], lambda_corr: float, *,
+                           direction: str = "one-way", eps_mode: str = "absolute") -> tuple[Tensor, dict[str, Tensor]]:
+    """``sqrt(sum_m CE_m^2) + lambda * L_corr`` over the members' feature pairs, and its terms (no
+    correlation term, nor its cost, when ``lambda_corr`` is 0: the warm-up)."""
+    loss, terms = sqrt_sum_of_squares(list(ce))
+    if lambda_corr > 0:
+        corr = pairwise_correlation_loss(list(features), direction, "mean", eps_mode=eps_mode)
+        terms["corr"] = corr.detach()
+        loss = loss + lambda_corr * corr
+    terms["loss"] = loss.detach()
+    return loss, terms
 
 
 @register_method("ce")
@@ -31,9 +51,7 @@ class IndependentTask(EnsembleTask):
     def loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         x, y = batch
         logits, _ = self.forward(x, features=False)
-        loss, terms = sqrt_sum_of_squares(self.member_ce(logits, y))
-        terms["loss"] = loss.detach()
-        return loss, terms
+        return independent_objective(self.member_ce(logits, y))
 
 
 @register_method("dec")
@@ -47,12 +65,6 @@ class DecorrelatedTask(EnsembleTask):
 
     def loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Any]]:
         x, y = batch
-        logits, features = self.forward(x)
-        loss, terms = sqrt_sum_of_squares(self.member_ce(logits, y))
-        if self.lambda_corr > 0:
-            corr = pairwise_correlation_loss(features, self.config.corr_direction, "mean",
-                                             eps_mode=self.config.corr_eps)
-            terms["corr"] = corr.detach()
-            loss = loss + self.lambda_corr * corr
-        terms["loss"] = loss.detach()
-        return loss, terms
+        logits, features = self.forward(x, features=self.lambda_corr > 0)
+        return decorrelated_objective(self.member_ce(logits, y), features, self.lambda_corr,
+                                      direction=self.config.corr_direction, eps_mode=self.config.corr_eps)
