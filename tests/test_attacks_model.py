@@ -210,7 +210,8 @@ def test_linbp_default_positions():
     assert default_position(preact_net()) == "stage.1"
 
 
-@pytest.mark.parametrize("build,position", [(cifar_resnet, "layer2.1"), (lambda: cifar_resnet("projection"), "layer1.1"),
+@pytest.mark.parametrize("build,position", [(cifar_resnet, "layer2.1"), (lambda: cifar_resnet("projection"),
+                                                                          "layer1.1"),
                                             (bottleneck_resnet, "layer2.1"), (preact_net, "stage.1")])
 def test_linbp_linear_backward_is_identity_relu_backward(build, position):
     model = build()

@@ -75,7 +75,8 @@ class LinBP(ModelModifier):
     and (residual networks) rescales each unit's branch gradient to the norm of its true one, as the
     authors' code and TransferAttack's ``linbp.py`` (:mod:`decorr.attacks.linear_backprop`). Position:
     default the second unit of the next-to-last stage, the authors' ResNet-50 ``3_1`` (``layer3.1``);
-    ``resnet20``/``resnet56``: ``layer2.1``. TransferAttack runs it on MI-FGSM (decay 1, eps/10 steps)."""
+    ``resnet20``/``resnet56``: ``layer2.1``. TransferAttack runs it on MI-FGSM (decay 1, eps/10 steps; its
+    class defaults to the paper's 300 iterations, its documented setting is 10, the suite's protocol)."""
 
     position: str | None = opt(None, "module from which ReLUs backpropagate linearly (default: the second unit "
                                      "of the next-to-last stage, ResNet-50's layer3.1)", flag="--linbp-position")
