@@ -16,7 +16,7 @@ TRS and the DNA use them. docs/design.md, "Adding an attack", says how to add on
 from decorr.attacks.base import Attack, AttackComponent, Context, Source
 from decorr.attacks.registry import (ATTACKS, add_attack_arguments, attack_class, attack_overrides, list_attacks,
                                      parse_attack, parse_attacks, register_attack)
-from decorr.attacks import feature_level, gradient, inputs, losses, model_side  # noqa: F401  (they register themselves)
+from decorr.attacks import ensemble, feature_level, gradient, inputs, losses, model_side  # noqa: F401  (they register themselves)
 from decorr.attacks.functional import eps_sweep, fgsm, pgd
 from decorr.attacks.losses import LossFn, ce_loss, ensemble_ce_loss, mean_ce_loss
 from decorr.attacks.skip_gradient import register_residual_branch, residual_branches, skip_gradient

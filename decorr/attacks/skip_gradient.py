@@ -179,6 +179,23 @@ def _excluded(model: nn.Module, units: list[tuple[str, nn.Module, list[nn.Module
     )
 
 
+def residual_units(model: nn.Module) -> list[tuple[str, nn.Module, list[nn.Module]]]:
+    """(name, unit, branch modules) of every residual unit of ``model`` the registry knows, in
+    ``named_modules`` order (what LinBP and Ghost networks find their units with)."""
+    _register_defaults()
+    return _units(model)
+
+
+def additive_units(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(name, unit, branch module) of the units whose output is their skip path plus one branch module's
+    output (ResNet blocks, ``ResidualUnit``), not DenseNet layers, whose "branch" is the whole unit."""
+    units = []
+    for name, unit, branches in residual_units(model):
+        if len(branches) == 1 and branches[0] is not unit:
+            units.append((name, unit, branches[0]))
+    return units
+
+
 def residual_branches(model: nn.Module, exclude: Exclude = DEFAULT_EXCLUDE) -> list[nn.Module]:
     """The modules whose outputs ``skip_gradient(model, gamma, exclude=exclude)`` decays.
 
