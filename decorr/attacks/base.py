@@ -295,8 +295,11 @@ class Context:
             for transform in self.attack.inputs:
                 copies = transform.expand(copies, self)
             total: Tensor | int = 0
-            for copy in copies:
-                (grad,) = torch.autograd.grad(self.loss_value(copy, member), point)
+            for index, copy in enumerate(copies):
+                # Chained transforms (sim+admix) give copies that share the first one's graph: keep it
+                # until the last copy (only input-sized tensors; each copy's model graph is freed).
+                (grad,) = torch.autograd.grad(self.loss_value(copy, member), point,
+                                              retain_graph=index < len(copies) - 1)
                 total = total + grad
         return total / len(copies)  # type: ignore[operator]
 

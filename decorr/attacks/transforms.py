@@ -1,10 +1,14 @@
-"""Transferability tricks that act on the input or the gradient: DI (input diversity), TI (smoothing).
+"""Transferability tricks that act on the input or the gradient: DI (input diversity), TI (smoothing),
+and the image operations of SSM and BSR (orthonormal 2-D DCT, rotation).
 
-Both follow the authors' code and torchattacks (DIFGSM, TIFGSM), so that with the global RNG
+DI and TI follow the authors' code and torchattacks (DIFGSM, TIFGSM), so that with the global RNG
 (``generator=None``) the random draws are the same as torchattacks' for square images.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import numpy as np
 import torch
@@ -84,3 +88,50 @@ def smooth_gradient(grad: Tensor, kernel: Tensor) -> Tensor:
             f"translation kernel must have shape (k, k) or ({channels}, 1, k, k), got {tuple(kernel.shape)}"
         )
     return F.conv2d(grad, kernel.to(grad), padding="same", groups=channels)
+
+
+@functools.lru_cache(maxsize=16)
+def _dct_matrix_cpu(size: int) -> Tensor:
+    k = torch.arange(size, dtype=torch.float64)[:, None]
+    n = torch.arange(size, dtype=torch.float64)[None, :]
+    matrix = torch.cos(math.pi * (2 * n + 1) * k / (2 * size)) * math.sqrt(2.0 / size)
+    matrix[0] /= math.sqrt(2.0)
+    return matrix
+
+
+def dct_matrix(size: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+    """The orthonormal DCT-II matrix D (size x size): ``D @ v`` is ``scipy.fft.dct(v, norm="ortho")`` and
+    ``D.T`` is its inverse (built in float64, then cast)."""
+    return _dct_matrix_cpu(size).to(dtype=dtype, device=device)
+
+
+def dct_2d(x: Tensor) -> Tensor:
+    """Orthonormal 2-D DCT-II over the last two dimensions (H, W) of ``x``, each channel on its own:
+    ``D_H x D_W^T`` (``scipy.fft.dctn(x, axes=(-2, -1), norm="ortho")``)."""
+    rows = dct_matrix(x.shape[-2], dtype=x.dtype, device=x.device)
+    cols = dct_matrix(x.shape[-1], dtype=x.dtype, device=x.device)
+    return rows @ x @ cols.T
+
+
+def idct_2d(coefficients: Tensor) -> Tensor:
+    """The inverse of :func:`dct_2d`: ``D_H^T X D_W`` (orthonormal, so the transpose)."""
+    rows = dct_matrix(coefficients.shape[-2], dtype=coefficients.dtype, device=coefficients.device)
+    cols = dct_matrix(coefficients.shape[-1], dtype=coefficients.dtype, device=coefficients.device)
+    return rows.T @ coefficients @ cols
+
+
+def rotate(x: Tensor, degrees: float) -> Tensor:
+    """``x`` (N, C, H, W) rotated counter-clockwise by ``degrees`` about its centre, same size, bilinear
+    (torchvision's ``rotate`` with ``fill=None``): output pixels whose source lies outside the image are
+    0, and those within half a pixel of the edge blend with that 0. Differentiable in ``x``."""
+    if degrees == 0 or x.numel() == 0:
+        return x
+    height, width = x.shape[-2:]
+    angle = math.radians(degrees)
+    cos, sin = math.cos(angle), math.sin(angle)
+    # Each output pixel samples the input at the output position rotated back (clockwise on screen, y
+    # pointing down), in affine_grid's coordinates normalised per axis, hence the aspect-ratio factors.
+    theta = torch.tensor([[cos, -sin * height / width, 0.0], [sin * width / height, cos, 0.0]],
+                         dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
