@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 
 def is_distributed() -> bool:
@@ -75,3 +76,8 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a data-parallel wrapper (DDP keeps it as ``.module``)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -23,16 +23,18 @@ enough to cross the ball 2.5 times) from a uniform random start, drawn from a ge
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-from decorr.attacks import fgsm, pgd
+from decorr.attacks import Attack, Source, parse_attack
 from decorr.checkpoint import load_checkpoint, load_models
 from decorr.data import ImageSplit, epoch_generator, iterate_batches
-from decorr.errors import DecorrError
+from decorr.config import check_at_least, check_finite, check_seed, opt
+from decorr.errors import DecorrError, pixel_value
 from decorr.evaluation.tables import eps_text
 from decorr.evaluation.tables import format_table as report_table
 from dna.objectives import adaptive_objective, dna_accuracy, paper_objective, path_predictions
@@ -44,6 +46,7 @@ __all__ = [
     "WORST",
     "DefendedModel",
     "craft",
+    "RobustnessOptions",
     "evaluate_robustness",
     "format_table",
     "load_defended_model",
@@ -116,27 +119,52 @@ def pgd_step_size(eps: float, steps: int, step_size: float | None) -> float:
     return step_size if step_size is not None else 2.5 * eps / max(steps, 1)
 
 
-def craft(
-    model: DefendedModel,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    attack: str,
-    objective: str,
-    eps: float,
-    steps: int = 40,
-    step_size: float | None = None,
-    kappa: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Adversarial examples for ``x`` against ``model`` with one attack and objective."""
-    loss_fn = _objective(model, objective, kappa)
-    if attack == "fgsm":
-        return fgsm(loss_fn, x, y, eps=eps)
-    if attack == "pgd":
-        return pgd(loss_fn, x, y, eps=eps, steps=steps, step_size=pgd_step_size(eps, steps, step_size),
-                   generator=generator)
-    raise DecorrError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
+@dataclass(frozen=True)
+class RobustnessOptions:
+    """What ``eval/dna_robustness.py`` runs (its flags, with the attack flags of the suite): attacks of the
+    suite (each crafts on the objective as a loss closure: a DNA has no single logits to attack), objectives,
+    epsilons, the margin objective's cap, batches and seed. PGD takes ``2.5 * eps / steps`` as its step
+    unless ``--step-size`` (or ``pgd(step_size=...)``) says otherwise (Madry et al.: enough to cross the ball
+    2.5 times)."""
+
+    attacks: tuple[str, ...] = opt(ATTACKS, "attacks of the suite (as eval/transfer.py's --attack)", flag="--attack")
+    objectives: tuple[str, ...] = opt(("paper", "adaptive-min"), "paper: sum of squared per-path CE (P1); "
+                                      "adaptive-*: must fool every path", flag="--objective", choices=OBJECTIVES)
+    eps: tuple[float, ...] = opt((), "Linf radii in pixel units (default MNIST 0.05 0.1 0.15, CIFAR-10 2/255 "
+                                     "4/255 8/255)", type=pixel_value)
+    kappa: float = opt(0.0, "cap of the per-path margin of adaptive-margin")
+    batch_size: int = opt(500, "images per batch")
+    seed: int = opt(0, "seeds the attacks' randomness (per batch)")
+    attack_settings: dict[str, Any] = opt({}, "attack flags by name (not a flag: the attack flags set it)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attacks", tuple(self.attacks))
+        object.__setattr__(self, "objectives", tuple(self.objectives))
+        object.__setattr__(self, "eps", tuple(float(e) for e in self.eps))
+        for name in self.objectives:
+            if name not in OBJECTIVES:
+                raise DecorrError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")
+        if any(not 0 < e <= 1 for e in self.eps):
+            raise DecorrError(f"epsilons are in pixel units (0, 1], got {list(self.eps)}")
+        check_at_least("batch_size", self.batch_size, 1)
+        check_seed(self.seed)
+        check_finite("kappa", self.kappa, minimum=0)
+        for name in self.attacks:  # every attack and setting checked before any work
+            self.attack(name, 0.1).check_source(Source(loss_fn=lambda x, y: x.sum()))
+
+    def attack(self, name: str, eps: float) -> Attack:
+        """The attack ``name`` at radius ``eps``, PGD with its step rule (class docstring)."""
+        attack = parse_attack(name, self.attack_settings)
+        if attack.optimizer.name == "pgd" and "--step-size" not in self.attack_settings and "step_size" not in name:
+            attack = parse_attack(name, {**self.attack_settings,
+                                         "--step-size": pgd_step_size(eps, attack.optimizer.steps, None)})
+        return attack
+
+
+def craft(model: DefendedModel, x: torch.Tensor, y: torch.Tensor, *, attack: Attack, objective: str, eps: float,
+          kappa: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Adversarial examples for ``x`` against ``model`` with one attack of the suite and one objective."""
+    return attack.craft(Source(loss_fn=_objective(model, objective, kappa)), x, y, eps=eps, generator=generator)
 
 
 def worst_case_accuracy(preds: Sequence[torch.Tensor], y: torch.Tensor) -> dict[str, float]:
@@ -154,21 +182,9 @@ def _device_of(model: DefendedModel) -> torch.device:
     return next(iter(model.classifier.parameters())).device
 
 
-def evaluate_robustness(
-    dna: DefendedModel,
-    split: ImageSplit,
-    *,
-    baseline: DefendedModel | None = None,
-    attacks: Sequence[str] = ATTACKS,
-    objectives: Sequence[str] = ("paper", "adaptive-min"),
-    eps: Sequence[float] = (0.05, 0.10, 0.15),
-    steps: int = 40,
-    step_size: float | None = None,
-    kappa: float = 0.0,
-    batch_size: int = 500,
-    seed: int = 0,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+def evaluate_robustness(dna: DefendedModel, split: ImageSplit, options: RobustnessOptions = RobustnessOptions(), *,
+                        baseline: DefendedModel | None = None,
+                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Accuracy of ``dna`` (and ``baseline``) on ``split``, clean and under every attack/objective/eps.
 
     Returns a plain dict (JSON-able): ``settings``, ``models`` and ``results``, a list of rows
@@ -178,22 +194,44 @@ def evaluate_robustness(
     objective, each attack's block ends with rows of objective ``"worst"``: a sample is correct only
     if it is correct under every objective (:func:`worst_case_accuracy`).
     """
-    for name in attacks:
-        if name not in ATTACKS:
-            raise DecorrError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
-    for name in objectives:
-        if name not in OBJECTIVES:
-            raise DecorrError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")
-    if any(not 0 < e <= 1 for e in eps):
-        raise DecorrError(f"epsilons are in pixel units (0, 1], got {list(eps)}")
+    eps = options.eps or (0.05, 0.10, 0.15)
     models = {"dna": dna, **({"baseline": baseline} if baseline is not None else {})}
-    settings = [("none", "none", 0.0)] + [(a, o, float(e)) for a in attacks for o in objectives for e in eps]
-    # Predictions per model and setting, [P, N] per batch; identical attacks are crafted once.
+    settings = [("none", "none", 0.0)] + [(a, o, float(e)) for a in options.attacks for o in options.objectives
+                                          for e in eps]
+    attacks = {(a, float(e)): options.attack(a, float(e)) for a in options.attacks for e in eps}
+    started = time.perf_counter()
+    stacked, y_all = _predictions(models, split, settings, attacks, options, progress, started)
+    results = []
+    for setting in settings:
+        attack, objective, e = setting
+        results.append({"attack": attack, "objective": objective, "eps": e,
+                        **{k: dna_accuracy(stacked[k][setting], y_all) for k in models}})
+        if len(options.objectives) > 1 and objective == options.objectives[-1] and e == float(eps[-1]):
+            for e_worst in eps:  # after each attack's block: the per-sample worst case over its objectives
+                runs = {k: [stacked[k][(attack, o, float(e_worst))] for o in options.objectives] for k in models}
+                results.append({"attack": attack, "objective": WORST, "eps": float(e_worst),
+                                **{k: worst_case_accuracy(runs[k], y_all) for k in models}})
+    return {
+        "settings": {
+            "n": len(y_all), "attacks": list(options.attacks), "objectives": list(options.objectives),
+            "eps": [float(e) for e in eps], "attack_settings": dict(options.attack_settings),
+            "resolved": {f"{a} eps {e:g}": attack.describe() for (a, e), attack in attacks.items()},
+            "margin_kappa": options.kappa, "batch_size": options.batch_size, "seed": options.seed,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+        "models": {k: {"name": m.name, "source": m.source, "paths": m.paths, **m.info} for k, m in models.items()},
+        "results": results,
+    }
+
+
+def _predictions(models: Mapping[str, DefendedModel], split: ImageSplit, settings: Sequence[tuple[str, str, float]],
+                 attacks: Mapping[tuple[str, float], Attack], options: RobustnessOptions,
+                 progress: Callable[[str], None] | None, started: float) -> tuple[dict[str, Any], torch.Tensor]:
+    """Per model and setting, the per-path predictions [P, N] over the split; identical attacks crafted once."""
     preds: dict[str, dict[tuple[str, str, float], list[torch.Tensor]]] = {k: {s: [] for s in settings} for k in models}
     labels: list[torch.Tensor] = []
-    started = time.perf_counter()
-    device = _device_of(dna)
-    for index, (x, y) in enumerate(iterate_batches(split, batch_size, shuffle=False, device=device)):
+    device = _device_of(next(iter(models.values())))
+    for index, (x, y) in enumerate(iterate_batches(split, options.batch_size, shuffle=False, device=device)):
         labels.append(y.cpu())
         for key, model in models.items():
             done: dict[tuple[str, str, float], torch.Tensor] = {}
@@ -201,40 +239,16 @@ def evaluate_robustness(
                 attack, objective, e = setting
                 canonical = (attack, _canonical_objective(objective, model.paths), e)
                 if canonical not in done:
-                    if attack == "none":
-                        x_eval = x
-                    else:
-                        generator = epoch_generator(seed, index) if attack == "pgd" else None
-                        x_eval = craft(model, x, y, attack=attack, objective=objective, eps=e, steps=steps,
-                                       step_size=step_size, kappa=kappa, generator=generator)
+                    x_eval = x if attack == "none" else craft(
+                        model, x, y, attack=attacks[(attack, e)], objective=objective, eps=e, kappa=options.kappa,
+                        generator=epoch_generator(options.seed, index))
                     done[canonical] = path_predictions(model.autoencoder, model.classifier, x_eval).cpu()
                 preds[key][setting].append(done[canonical])
         if progress is not None:
             seen = sum(len(t) for t in labels)
             progress(f"{seen}/{len(split)} images, {time.perf_counter() - started:.0f} s")
-    y_all = torch.cat(labels)
     stacked = {k: {s: torch.cat(p, dim=1) for s, p in per_setting.items()} for k, per_setting in preds.items()}
-    results = []
-    for setting in settings:
-        attack, objective, e = setting
-        results.append({"attack": attack, "objective": objective, "eps": e,
-                        **{k: dna_accuracy(stacked[k][setting], y_all) for k in models}})
-        if len(objectives) > 1 and objective == objectives[-1] and e == float(eps[-1]):
-            for e_worst in eps:  # after each attack's block: the per-sample worst case over its objectives
-                runs = {k: [stacked[k][(attack, o, float(e_worst))] for o in objectives] for k in models}
-                results.append({"attack": attack, "objective": WORST, "eps": float(e_worst),
-                                **{k: worst_case_accuracy(runs[k], y_all) for k in models}})
-    return {
-        "settings": {
-            "n": len(y_all), "attacks": list(attacks), "objectives": list(objectives), "eps": [float(e) for e in eps],
-            "pgd_steps": steps,
-            "pgd_step_size": "2.5 * eps / steps" if step_size is None else step_size,
-            "pgd_random_start": True, "margin_kappa": kappa, "batch_size": batch_size, "seed": seed,
-            "seconds": round(time.perf_counter() - started, 1),
-        },
-        "models": {k: {"name": m.name, "source": m.source, "paths": m.paths, **m.info} for k, m in models.items()},
-        "results": results,
-    }
+    return stacked, torch.cat(labels)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,7 +311,9 @@ def plot_accuracy(report: Mapping[str, Any], path: str | Path) -> Path:
             if "baseline" in models:
                 ax.plot(eps, [100 * r["baseline"]["either"] for r in rows], style, color="C3", marker="^",
                         markersize=4, label=f"{models['baseline']['name']} ({objective})")
-        ax.set_title(f"{attack.upper()}" + (f", {settings['pgd_steps']} steps" if attack == "pgd" else ""))
+        resolved = settings.get("resolved", {}).get(f"{attack} eps {max(settings['eps']):g}", {})
+        steps = next(iter(resolved.get("components", {}).values()), {}).get("steps")
+        ax.set_title(attack + (f", {steps} steps" if steps and steps > 1 else ""))
         ax.set_xlabel("epsilon (pixel units, L-inf)")
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 100)

@@ -18,7 +18,8 @@ from decorr.distributed import all_gather_with_grad
 from decorr.training.loop import train_step
 from decorr.loss import correlation_loss
 from decorr.features import eval_mode
-from decorr.training.run import TrainingRun, unwrap
+from decorr.training.run import TrainingRun
+from decorr.distributed import unwrap
 from dna.models import forward_with_latents
 from dna.objectives import autoencoder_loss_from_errors, reconstruction_errors
 

@@ -44,7 +44,8 @@ from decorr.loss import r_squared
 from decorr.models import create_model
 from decorr.features import eval_mode
 from decorr.training.entry import RunOptions, run_training
-from decorr.training.run import TrainingRun, default_run_dir, unwrap
+from decorr.training.run import TrainingRun, default_run_dir
+from decorr.distributed import unwrap
 from dna.config import STAGE_DIRS, DnaConfig
 from dna.models import forward_with_latents
 from dna.objectives import dna_accuracy, reconstruction_errors

@@ -34,7 +34,8 @@ from decorr.training.batchnorm import convert_sync_batchnorm
 from decorr.data import Augment, ImageSplit
 from decorr.distributed import all_gather_with_grad
 from decorr.models import create_model
-from decorr.training.run import TrainingRun, unwrap
+from decorr.training.run import TrainingRun
+from decorr.distributed import unwrap
 from dna.config import DnaConfig
 from dna.steps import accumulated_step, autoencoder_objective, optimizer_steps
 

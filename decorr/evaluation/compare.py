@@ -32,8 +32,8 @@ import torch
 from decorr.errors import DecorrError
 from decorr.evaluation.stats import mcnemar
 
-__all__ = ["COMPARE_FORMAT", "compare_results", "load_results", "pack_outcomes", "samples_fingerprint",
-           "unpack_outcomes"]
+__all__ = ["COMPARE_FORMAT", "compare_results", "load_results", "pack_outcomes", "row_attack", "rows_of",
+           "samples_fingerprint", "unpack_outcomes"]
 
 COMPARE_FORMAT = "decorr-transfer-compare/1"
 
@@ -94,8 +94,26 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise DecorrError(f"{path} is not JSON ({err.msg}); pass a results.json of eval/transfer.py") from None
     if not isinstance(result, dict) or not str(result.get("format", "")).startswith("decorr-transfer/"):
-        raise DecorrError(f"{path} is not a transfer evaluation (format decorr-transfer/1); pass eval/transfer.py's results.json")
+        raise DecorrError(f"{path} is not a transfer evaluation (format decorr-transfer/1 or /2); pass eval/transfer.py's results.json")
     return result
+
+
+def row_attack(result: Mapping[str, Any], row: Mapping[str, Any]) -> str:
+    """The attack of a ``by_eps`` row (results of format 1 had one attack, named in the settings)."""
+    return row.get("attack") or result.get("settings", {}).get("attack") or "pgd"
+
+
+def rows_of(result: Mapping[str, Any], attack: str | None = None) -> list[dict[str, Any]]:
+    """The ``by_eps`` rows of one attack (default: the first attack of the result)."""
+    rows = result["by_eps"]
+    if not rows:
+        return []
+    wanted = attack if attack is not None else row_attack(result, rows[0])
+    chosen = [row for row in rows if row_attack(result, row) == wanted]
+    if not chosen:
+        names = sorted({row_attack(result, r) for r in rows})
+        raise DecorrError(f"the result has no attack {wanted!r}; it has {', '.join(names)}")
+    return chosen
 
 
 def _check_same_images(a: Mapping[str, Any], b: Mapping[str, Any], labels: tuple[str, str]) -> int:
@@ -113,19 +131,21 @@ def _check_same_images(a: Mapping[str, Any], b: Mapping[str, Any], labels: tuple
 
 
 def compare_results(a: Mapping[str, Any], b: Mapping[str, Any], *, labels: tuple[str, str] = ("A", "B")) -> dict[str, Any]:
-    """Per (source, target, eps) present in both: both transfer rates, the difference and McNemar's p.
+    """Per (attack, source, target, eps) present in both: both transfer rates, the difference and McNemar's p.
 
-    Returns ``{format, a, b, num_samples, samples_sha256, rows: [{source, target, eps, transfer_a,
+    Returns ``{format, a, b, num_samples, samples_sha256, rows: [{attack, source, target, eps, transfer_a,
     transfer_b, difference, error_a, error_b, only_a, only_b, p_value}], unmatched: {a: n, b: n}}``.
     """
     n = _check_same_images(a, b, labels)
-    rows_b = {float(row["eps"]): row for row in b["by_eps"]}
+    every = {side: list(r["by_eps"]) + list(r.get("worst_case", [])) for side, r in (("a", a), ("b", b))}
+    rows_b = {(row_attack(b, row), float(row["eps"])): row for row in every["b"]}
     rows, matched = [], 0
     total = {"a": 0, "b": 0}
     for side, result in (("a", a), ("b", b)):
-        total[side] = sum(len(row["transfer"][src]) for row in result["by_eps"] for src in row["transfer"])
-    for row_a in a["by_eps"]:
-        row_b = rows_b.get(float(row_a["eps"]))
+        total[side] = sum(len(row["transfer"][src]) for row in every[side] for src in row["transfer"])
+    for row_a in every["a"]:
+        attack = row_attack(a, row_a)
+        row_b = rows_b.get((attack, float(row_a["eps"])))
         if row_b is None:
             continue
         for label, row in zip(labels, (row_a, row_b)):
@@ -142,14 +162,14 @@ def compare_results(a: Mapping[str, Any], b: Mapping[str, Any], *, labels: tuple
                 test = mcnemar(fooled_a, fooled_b)
                 t_a, t_b = row_a["transfer"][src][tgt], row_b["transfer"][src][tgt]
                 rows.append({
-                    "source": src, "target": tgt, "eps": row_a["eps"], "transfer_a": t_a, "transfer_b": t_b,
+                    "attack": attack, "source": src, "target": tgt, "eps": row_a["eps"], "transfer_a": t_a, "transfer_b": t_b,
                     "difference": t_b - t_a if t_a is not None and t_b is not None else None,
                     "error_a": float(fooled_a.mean()) if n else None, "error_b": float(fooled_b.mean()) if n else None,
                     "only_a": test.only_first, "only_b": test.only_second, "p_value": test.p_value,
                 })
     if not rows:
-        raise DecorrError(f"{labels[0]} and {labels[1]} share no (source, target, eps); compare evaluations of the "
-                          "same model names at the same epsilons")
+        raise DecorrError(f"{labels[0]} and {labels[1]} share no (attack, source, target, eps); compare evaluations "
+                          "of the same model names with the same attacks at the same epsilons")
     return {"format": COMPARE_FORMAT, "a": labels[0], "b": labels[1], "num_samples": n,
             "samples_sha256": a["settings"]["samples_sha256"], "rows": rows,
             "unmatched": {"a": total["a"] - matched, "b": total["b"] - matched}}

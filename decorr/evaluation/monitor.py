@@ -22,10 +22,10 @@ import torch.nn as nn
 
 from decorr.data import ImageSplit, to_float
 from decorr.evaluation.metrics import accuracy, predict
-from decorr.evaluation.transfer import evaluate_transfer
+from decorr.evaluation.transfer import TransferOptions, evaluate_transfer
 from decorr.features import eval_mode
 from decorr.io import write_json
-from decorr.training.run import unwrap
+from decorr.distributed import unwrap
 
 __all__ = ["RECORD_FORMAT", "TransferMonitor", "evaluate_epoch", "format_history"]
 
@@ -49,11 +49,11 @@ def evaluate_epoch(
     ``acc/model0``, ...) and the full transfer result. Models are left in eval mode.
     """
     plain = {name: unwrap(m) for name, m in models.items()}
-    result = evaluate_transfer(
-        plain, split, feature_layers=feature_layers, archs=archs, attack="pgd", eps_list=config.eval_eps,
-        steps=config.eval_steps, step_size=config.eval_step_size, random_start=True, seed=config.eval_seed,
-        batch_size=config.eval_batch_size, features=config.eval_features, device=device,
-    )
+    options = TransferOptions(attacks=("pgd",), eps=tuple(config.eval_eps), seed=config.eval_seed,
+                              batch_size=config.eval_batch_size, features=config.eval_features,
+                              attack_settings={"--steps": config.eval_steps, "--step-size": config.eval_step_size,
+                                               "--random-start": True})
+    result = evaluate_transfer(plain, split, options, feature_layers=feature_layers, archs=archs, device=device)
     scalars: dict[str, float] = {}
     for row in result["by_eps"]:
         tag = f"eps{row['eps']:g}"

@@ -6,10 +6,13 @@ Generic tables and plots are in :mod:`decorr.evaluation.tables`, file writing in
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from decorr.evaluation.tables import eps_text, format_table, plot_heatmap, plot_lines, tensorboard_writer
+from decorr.evaluation.records import ALL_SOURCES, ANY_ATTACK
+from decorr.evaluation.compare import row_attack
 from decorr.io import RESULTS_FILE, write_csv, write_results_json
 
 __all__ = ["COMPARE_CSV_HEADER", "DETECTION_CSV_HEADER", "PAIRS_CSV_HEADER", "TRANSFER_CSV_HEADER", "compare_rows",
@@ -21,22 +24,35 @@ __all__ = ["COMPARE_CSV_HEADER", "DETECTION_CSV_HEADER", "PAIRS_CSV_HEADER", "TR
 # The transfer evaluation (decorr.evaluation.transfer.evaluate_transfer results)
 
 
-def _attack_label(settings: Mapping[str, Any]) -> str:
-    label = f"{settings['attack'].upper()} {settings['norm']}"
-    if settings["attack"] != "fgsm" and settings.get("steps") is not None:
-        label += f", {settings['steps']} steps of {eps_text(settings['step_size'])}"
-        extras = []
-        if settings["attack"] == "sgm":
-            extras.append(f"gamma {settings['gamma']:g}")
-        if settings.get("momentum"):
-            extras.append(f"MI {settings['momentum']:g}")
-        if settings.get("diversity"):
-            extras.append(f"DI {settings['diversity']:g}")
-        if settings.get("ti_kernel"):
-            extras.append(f"TI {settings['ti_kernel']}")
-        if extras:
-            label += " (" + ", ".join(extras) + ")"
-    return label
+def attack_description(result: Mapping[str, Any], attack: str) -> Mapping[str, Any] | None:
+    """The resolved settings an evaluation recorded for ``attack`` (None for results without them)."""
+    for described in result["settings"].get("attacks", []):
+        if described.get("attack") == attack:
+            return described
+    return None
+
+
+def _attack_label(result: Mapping[str, Any], attack: str) -> str:
+    """``mifgsm+dim linf, 10 steps of eps/10 (decay 1, dim prob 0.5)``: the attack as run."""
+    settings = result["settings"]
+    described = attack_description(result, attack)
+    if attack == ANY_ATTACK:
+        return f"any attack of the run ({', '.join(a['attack'] for a in settings.get('attacks', []))}), {settings['norm']}"
+    if described is None:
+        return f"{attack} {settings['norm']}"
+    components = dict(described["components"])
+    optimizer = next(iter(components.items()))
+    name, fields = optimizer
+    label = f"{described['resolved']} {settings['norm']}"
+    if "steps" in fields:
+        step = fields.get("step_size")
+        label += f", {fields['steps']} steps of {'eps/steps' if step is None else eps_text(step)}"
+    extras = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()
+              if k not in ("steps", "step_size") and v not in (None, False)]
+    for other, values in list(components.items())[1:]:
+        extras += [f"{other} {k} {v:g}" if isinstance(v, float) else f"{other} {k} {v}" for k, v in values.items()
+                   if v not in (None, False)]
+    return label + (f" ({', '.join(extras)})" if extras else "")
 
 
 def _eps_label(row: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
@@ -47,9 +63,23 @@ def _eps_label(row: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
 
 
 def format_transfer(result: Mapping[str, Any]) -> str:
-    """The evaluation as text: models, one transfer matrix per epsilon, and the pairs."""
+    """The evaluation as text: models, one transfer matrix per attack and epsilon, the worst case over the
+    attacks (and sources), the ensembles' detection, and the pairs."""
+    blocks = [_models_block(result)]
+    for row in result["by_eps"]:
+        blocks += _row_blocks(result, row)
+    for row in result.get("worst_case", []):
+        blocks += _row_blocks(result, row)
+        blocks.append(_all_sources_block(result, row))
+    if result["pairs"]:
+        blocks += _pair_blocks(result)
+    for note in result.get("notes", []):
+        blocks.append(f"note: {note}")
+    return "\n\n".join(blocks)
+
+
+def _models_block(result: Mapping[str, Any]) -> str:
     settings = result["settings"]
-    blocks = []
     model_rows = [[name, m["role"], _arch_text(m), m["natural_accuracy"], _ci_text(m.get("natural_accuracy_ci95")),
                    _count_text(m.get("natural_correct"), settings.get("num_candidates"))]
                   for name, m in result["models"].items()]
@@ -58,61 +88,70 @@ def format_transfer(result: Mapping[str, Any]) -> str:
         # Natural accuracies stay over all candidates, so say both counts.
         samples = (f"{settings['num_samples']} of {settings['num_candidates']} samples (those every model "
                    "classifies correctly; natural acc over all)")
-    blocks.append(format_table(["model", "role", "arch", "natural acc", "95% CI", "correct"], model_rows,
-                               title=f"{samples}; {_attack_label(settings)}", left_columns=3))
-    targets = result["targets"]
+    attacks = ", ".join(a["attack"] for a in settings.get("attacks", [])) or settings.get("attack", "")
+    targeted = f"; targeted ({settings['targeted']})" if settings.get("targeted") else ""
+    return format_table(["model", "role", "arch", "natural acc", "95% CI", "correct"], model_rows,
+                        title=f"{samples}; attacks: {attacks} ({settings['norm']}){targeted}", left_columns=3)
+
+
+def _row_blocks(result: Mapping[str, Any], row: Mapping[str, Any]) -> list[str]:
+    settings, targets = result["settings"], result["targets"]
+    attack = row_attack(result, row)
+    cis = row.get("transfer_ci95", {})
+    white_cis = row.get("white_box_accuracy_ci95", {})
+    rows = [[src] + [_with_ci(row["transfer"][src][tgt], cis.get(src, {}).get(tgt)) for tgt in targets]
+            + [row["source_fooled"][src], _with_ci(row["white_box_accuracy"][src], white_cis.get(src))]
+            for src in result["sources"]]
+    blocks = [format_table(
+        ["T(source -> target)"] + targets + ["source fooled", "white-box acc"], rows,
+        title=f"{_attack_label(result, attack)}, {_eps_label(row, settings)}: transfer rate [95% Wilson CI] (rows: "
+              "sources, columns: targets; over the images that fool the source)")]
+    detection = detection_rows(result, [row])
+    if detection:
+        blocks.append(format_table(
+            ["source", "ensemble", "FPR (natural)", "flagged (adv)", "flagged | fools ens", "fools ens", "AUC",
+             "AUC | fools"],
+            [[r[4], r[5], _with_ci(r[6], [r[7], r[8]]), _with_ci(r[11], [r[12], r[13]]),
+              _with_ci(r[16], [r[17], r[18]]), r[20], r[21], r[22]] for r in detection],
+            title=f"{attack}, {_eps_label(row, settings)}: disagreement detection (flag: the members' labels differ; "
+                  "AUC of the mean total-variation score, natural vs adversarial)", left_columns=2))
+    return blocks
+
+
+def _all_sources_block(result: Mapping[str, Any], row: Mapping[str, Any]) -> str:
+    every = row[ALL_SOURCES]
+    n = result["settings"]["num_samples"]
+    rows = [[tgt, _with_ci(every["accuracy"][tgt], every["accuracy_ci95"][tgt]), _count_text(every["correct"][tgt], n)]
+            for tgt in result["targets"]]
+    return format_table(["target", "accuracy [95% CI]", "correct"], rows,
+                        title=f"worst case over every attack and source ({', '.join(every['sources'])}), "
+                              f"{_eps_label(row, result['settings'])}: an image counts as correct only if no attack "
+                              "of any source fooled the target")
+
+
+def _pair_blocks(result: Mapping[str, Any]) -> list[str]:
+    natural_rows = []
+    for pair in result["pairs"]:
+        features = pair["natural_features"] or {}
+        natural_rows.append([pair["a"], pair["b"], "yes" if pair["same_arch"] else "no", features.get("r2"),
+                             features.get("r2_reverse"), features.get("pca_pearson"), pair["parameter_distance"]])
+    blocks = [format_table(["a", "b", "same arch", "R^2 b~a", "R^2 a~b", "PCA r", "param dist"], natural_rows,
+                           title="pairs on natural inputs (feature layer)", left_columns=3)]
+    adversarial_rows = []
     for row in result["by_eps"]:
-        cis = row.get("transfer_ci95", {})
-        white_cis = row.get("white_box_accuracy_ci95", {})
-        rows = [[src] + [_with_ci(row["transfer"][src][tgt], cis.get(src, {}).get(tgt)) for tgt in targets]
-                + [row["source_fooled"][src], _with_ci(row["white_box_accuracy"][src], white_cis.get(src))]
-                for src in result["sources"]]
+        for pair in row["pairs"]:
+            on_a, on_b = pair["on_adv_of_a"] or {}, pair["on_adv_of_b"] or {}
+            values = [pair["a_to_b"], pair["b_to_a"], pair["mean"], on_a.get("r2"), on_a.get("pca_pearson"),
+                      on_b.get("r2"), on_b.get("pca_pearson")]
+            if any(v is not None for v in values):
+                adversarial_rows.append([pair["a"], pair["b"], row_attack(result, row), eps_text(row["eps"])] + values)
+    if adversarial_rows:
         blocks.append(format_table(
-            ["T(source -> target)"] + targets + ["source fooled", "white-box acc"], rows,
-            title=f"{_eps_label(row, settings)}: transfer rate [95% Wilson CI] (rows: sources, columns: targets; "
-                  "over the images that fool the source)",
-        ))
-        detection = detection_rows(result, [row])
-        if detection:
-            blocks.append(format_table(
-                ["source", "ensemble", "FPR (natural)", "flagged (adv)", "flagged | fools ens", "fools ens", "AUC",
-                 "AUC | fools"],
-                [[r[4], r[5], _with_ci(r[6], [r[7], r[8]]), _with_ci(r[11], [r[12], r[13]]),
-                  _with_ci(r[16], [r[17], r[18]]), r[20], r[21], r[22]] for r in detection],
-                title=f"{_eps_label(row, settings)}: disagreement detection (flag: the members' labels differ; "
-                      "AUC of the mean total-variation score, natural vs adversarial)", left_columns=2,
-            ))
-    if result["pairs"]:
-        natural_rows = []
-        for pair in result["pairs"]:
-            features = pair["natural_features"] or {}
-            natural_rows.append([pair["a"], pair["b"], "yes" if pair["same_arch"] else "no",
-                                 features.get("r2"), features.get("r2_reverse"), features.get("pca_pearson"),
-                                 pair["parameter_distance"]])
-        blocks.append(format_table(
-            ["a", "b", "same arch", "R^2 b~a", "R^2 a~b", "PCA r", "param dist"], natural_rows,
-            title="pairs on natural inputs (feature layer)", left_columns=3,
-        ))
-        adversarial_rows = []
-        for row in result["by_eps"]:
-            for pair in row["pairs"]:
-                on_a = pair["on_adv_of_a"] or {}
-                on_b = pair["on_adv_of_b"] or {}
-                values = [pair["a_to_b"], pair["b_to_a"], pair["mean"], on_a.get("r2"), on_a.get("pca_pearson"),
-                          on_b.get("r2"), on_b.get("pca_pearson")]
-                if any(v is not None for v in values):
-                    adversarial_rows.append([pair["a"], pair["b"], eps_text(row["eps"])] + values)
-        if adversarial_rows:
-            blocks.append(format_table(
-                ["a", "b", "eps", "T(a->b)", "T(b->a)", "pair T", "R^2 adv(a)", "PCA r adv(a)", "R^2 adv(b)",
-                 "PCA r adv(b)"], adversarial_rows,
-                title="pairs on adversarial inputs (adv(a): crafted on a; R^2 of the other's features on the "
-                      "source's)",
-                left_columns=2,
-            ))
-    for note in result.get("notes", []):
-        blocks.append(f"note: {note}")
-    return "\n\n".join(blocks)
+            ["a", "b", "attack", "eps", "T(a->b)", "T(b->a)", "pair T", "R^2 adv(a)", "PCA r adv(a)", "R^2 adv(b)",
+             "PCA r adv(b)"], adversarial_rows,
+            title="pairs on adversarial inputs (adv(a): crafted on a; R^2 of the other's features on the source's)",
+            left_columns=3))
+    return blocks
 
 
 TRANSFER_CSV_HEADER = ["attack", "norm", "eps", "attack_eps", "source", "target", "transfer_rate", "source_fooled",
@@ -127,7 +166,7 @@ DETECTION_CSV_HEADER = ["attack", "norm", "eps", "attack_eps", "source", "ensemb
                         "detection_rate_ci95_high", "flagged", "num_adversarial", "detection_rate_fooled",
                         "detection_rate_fooled_ci95_low", "detection_rate_fooled_ci95_high", "flagged_fooled",
                         "fooled", "auc", "auc_fooled", "score"]
-COMPARE_CSV_HEADER = ["source", "target", "eps", "transfer_a", "transfer_b", "difference", "error_a", "error_b",
+COMPARE_CSV_HEADER = ["attack", "source", "target", "eps", "transfer_a", "transfer_b", "difference", "error_a", "error_b",
                       "only_a", "only_b", "p_value"]
 PAIRS_CSV_HEADER = ["attack", "norm", "eps", "attack_eps", "a", "b", "same_arch", "transfer_a_to_b",
                     "transfer_b_to_a", "transfer_mean", "r2_natural", "r2_natural_reverse", "pca_pearson_natural",
@@ -136,13 +175,14 @@ PAIRS_CSV_HEADER = ["attack", "norm", "eps", "attack_eps", "a", "b", "same_arch"
 
 
 def transfer_rows(result: Mapping[str, Any]) -> list[list[Any]]:
-    """One CSV row per epsilon, source and target (``TRANSFER_CSV_HEADER``)."""
+    """One CSV row per attack, epsilon, source and target (``TRANSFER_CSV_HEADER``); the worst case's rows
+    have attack ``any``."""
     settings, models = result["settings"], result["models"]
     rows = []
-    for row in result["by_eps"]:
+    for row in list(result["by_eps"]) + list(result.get("worst_case", [])):
         for src in result["sources"]:
             for tgt in result["targets"]:
-                rows.append([settings["attack"], settings["norm"], row["eps"], row["attack_eps"], src, tgt,
+                rows.append([row_attack(result, row), settings["norm"], row["eps"], row["attack_eps"], src, tgt,
                              row["transfer"][src][tgt], row["source_fooled"][src], row["transferred"][src][tgt],
                              row["accuracy"][src][tgt], models[tgt]["natural_accuracy"],
                              row["white_box_accuracy"][src], *_bounds(row["transfer_ci95"][src][tgt]),
@@ -160,7 +200,7 @@ def detection_rows(result: Mapping[str, Any], by_eps: Sequence[Mapping[str, Any]
     for row in result["by_eps"] if by_eps is None else by_eps:
         for src, per_ensemble in row.get("detection", {}).items():
             for ens, d in per_ensemble.items():
-                rows.append([settings["attack"], settings["norm"], row["eps"], row["attack_eps"], src, ens, d["fpr"],
+                rows.append([row_attack(result, row), settings["norm"], row["eps"], row["attack_eps"], src, ens, d["fpr"],
                              *_bounds(d["fpr_ci95"]), d["natural_flagged"], d["num_natural"], d["detection_rate"],
                              *_bounds(d["detection_rate_ci95"]), d["flagged"], d["num_adversarial"],
                              d["detection_rate_fooled"], *_bounds(d["detection_rate_fooled_ci95"]),
@@ -176,12 +216,12 @@ def compare_rows(comparison: Mapping[str, Any]) -> list[list[Any]]:
 def format_comparison(comparison: Mapping[str, Any]) -> str:
     """The paired comparison of two evaluations as a table."""
     a, b = comparison["a"], comparison["b"]
-    rows = [[r["source"], r["target"], eps_text(r["eps"]), r["transfer_a"], r["transfer_b"], r["difference"],
+    rows = [[r.get("attack", ""), r["source"], r["target"], eps_text(r["eps"]), r["transfer_a"], r["transfer_b"], r["difference"],
              r["error_a"], r["error_b"], r["only_a"], r["only_b"], f"{r['p_value']:.3g}"] for r in comparison["rows"]]
     title = (f"A = {a}, B = {b}: {comparison['num_samples']} shared images; McNemar's exact test on the target's "
              "per-image error (fooled in A only / B only)")
-    return format_table(["source", "target", "eps", "T A", "T B", "T B - A", "err A", "err B", "only A", "only B",
-                         "p"], rows, title=title, left_columns=3)
+    return format_table(["attack", "source", "target", "eps", "T A", "T B", "T B - A", "err A", "err B", "only A", "only B",
+                         "p"], rows, title=title, left_columns=4)
 
 
 def _bounds(interval: Sequence[float] | None) -> list[float | None]:
@@ -220,7 +260,7 @@ def pair_rows(result: Mapping[str, Any]) -> list[list[Any]]:
             base = natural[(pair["a"], pair["b"])]
             features = base["natural_features"] or {}
             on_a, on_b = pair["on_adv_of_a"] or {}, pair["on_adv_of_b"] or {}
-            rows.append([settings["attack"], settings["norm"], row["eps"], row["attack_eps"], pair["a"], pair["b"],
+            rows.append([row_attack(result, row), settings["norm"], row["eps"], row["attack_eps"], pair["a"], pair["b"],
                          base["same_arch"], pair["a_to_b"], pair["b_to_a"], pair["mean"], features.get("r2"),
                          features.get("r2_reverse"), features.get("pca_pearson"), on_a.get("r2"),
                          on_a.get("pca_pearson"), on_b.get("r2"), on_b.get("pca_pearson"),
@@ -233,46 +273,58 @@ def _slug(value: float) -> str:
 
 
 def plot_transfer(result: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
-    """``heatmap_<attack>_<norm>_eps<eps>.png`` per epsilon and ``transfer_vs_eps_<attack>_<norm>.png``."""
+    """Per attack: ``heatmap_<attack>_<norm>_eps<eps>.png`` per epsilon and ``transfer_vs_eps_<attack>_<norm>.png``
+    (the worst case's as attack ``any``)."""
     out = Path(out)
-    settings = result["settings"]
-    attack, norm = settings["attack"], settings["norm"]
+    settings, norm = result["settings"], result["settings"]["norm"]
+    rows = list(result["by_eps"]) + list(result.get("worst_case", []))
     paths = []
-    for row in result["by_eps"]:
-        matrix = [[row["transfer"][src][tgt] for tgt in result["targets"]] for src in result["sources"]]
-        paths.append(plot_heatmap(
-            out / f"heatmap_{attack}_{norm}_eps{_slug(row['eps'])}.png", matrix, result["sources"], result["targets"],
-            title=f"T(source -> target), {_attack_label(settings)}, {_eps_label(row, settings)}",
-            xlabel="target", ylabel="source", colorbar_label="transfer rate",
-        ))
-    eps = [row["eps"] for row in result["by_eps"]]
+    for attack in dict.fromkeys(row_attack(result, row) for row in rows):
+        chosen = [row for row in rows if row_attack(result, row) == attack]
+        slug = _file_slug(attack)
+        for row in chosen:
+            matrix = [[row["transfer"][src][tgt] for tgt in result["targets"]] for src in result["sources"]]
+            paths.append(plot_heatmap(
+                out / f"heatmap_{slug}_{norm}_eps{_slug(row['eps'])}.png", matrix, result["sources"],
+                result["targets"], title=f"T(source -> target), {_attack_label(result, attack)}, "
+                                         f"{_eps_label(row, settings)}",
+                xlabel="target", ylabel="source", colorbar_label="transfer rate"))
+        paths.append(_plot_eps_lines(result, chosen, out / f"transfer_vs_eps_{slug}_{norm}.png",
+                                     _attack_label(result, attack)))
+    return paths
+
+
+def _plot_eps_lines(result: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
+    eps = [row["eps"] for row in rows]
     series: dict[str, list[float | None]] = {}
-    for row in result["by_eps"]:
-        for pair in row["pairs"]:
+    for row in rows:
+        for pair in row.get("pairs", []):
             if pair["a_to_b"] is not None or pair["b_to_a"] is not None:
                 series.setdefault(f"{pair['a']} | {pair['b']}", []).append(pair["mean"])
     if not any(v is not None for values in series.values() for v in values):
         # No pair was attacked both ways (surrogate sources): one line per source -> target.
-        series = {f"{src} -> {tgt}": [row["transfer"][src][tgt] for row in result["by_eps"]]
+        series = {f"{src} -> {tgt}": [row["transfer"][src][tgt] for row in rows]
                   for src in result["sources"] for tgt in result["targets"] if src != tgt}
         ylabel = "transfer rate T(source -> target)"
     else:
         ylabel = "pair transfer rate (mean of both directions)"
-    xlabel = "epsilon (pixel units" + (", Linf-equivalent)" if norm == "l2" else ", Linf)")
-    paths.append(plot_lines(out / f"transfer_vs_eps_{attack}_{norm}.png", eps, series, xlabel=xlabel, ylabel=ylabel,
-                            title=_attack_label(settings), ylim=(-0.02, 1.02)))
-    return paths
+    xlabel = "epsilon (pixel units" + (", Linf-equivalent)" if result["settings"]["norm"] == "l2" else ", Linf)")
+    return plot_lines(path, eps, series, xlabel=xlabel, ylabel=ylabel, title=title, ylim=(-0.02, 1.02))
+
+
+def _file_slug(attack: str) -> str:
+    return re.sub(r"[^\w.+-]+", "_", attack).strip("_") or "attack"
 
 
 def log_transfer_tensorboard(result: Mapping[str, Any], log_dir: str | os.PathLike) -> Path:
     """Scalars per epsilon (step = round(1000 * eps)): pair transfer rates, matrix entries, accuracies."""
     writer = tensorboard_writer(log_dir)
-    attack = f"{result['settings']['attack']}_{result['settings']['norm']}"
     try:
         for name, model in result["models"].items():
             if model["natural_accuracy"] is not None:
                 writer.add_scalar(f"natural_accuracy/{name}", model["natural_accuracy"], 0)
-        for row in result["by_eps"]:
+        for row in list(result["by_eps"]) + list(result.get("worst_case", [])):
+            attack = f"{_file_slug(row_attack(result, row))}_{result['settings']['norm']}"
             step = int(round(1000 * row["eps"]))
             for pair in row["pairs"]:
                 if pair["mean"] is not None:

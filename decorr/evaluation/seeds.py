@@ -28,7 +28,9 @@ from typing import Any, Mapping, Sequence
 from decorr.checkpoint import load_checkpoint
 from decorr.errors import DecorrError
 from decorr.evaluation.tables import plot_points
+from decorr.evaluation.records import ALL_SOURCES
 from decorr.evaluation.stats import t_interval
+from decorr.evaluation.compare import row_attack
 
 __all__ = ["defence_measures", "defence_table", "ensemble_measures", "plot_accuracy_transfer", "seed_table",
            "training_measures"]
@@ -65,11 +67,21 @@ def ensemble_measures(result: Mapping[str, Any]) -> dict[str, float | None]:
                 widths.add(feats.get("num_features"))
     out["r2"] = mean(r2) if r2 else None
     out["num_features"] = widths.pop() if len(widths) == 1 else None
-    for record in result["by_eps"]:
+    for attack, record in attack_rows(result):
         rates = [record["transfer"][s][t] for s in members if s in record["transfer"] for t in members
                  if t != s and record["transfer"][s].get(t) is not None]
-        out[f"transfer@{record['eps']:g}"] = mean(rates) if rates else None
+        out[f"transfer{attack}@{record['eps']:g}"] = mean(rates) if rates else None
     return out
+
+
+def attack_rows(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """``(tag, row)`` for every row of a result: the tag is empty for a run of one attack (the keys of
+    earlier summaries), ``|ATTACK`` otherwise, and the worst case over the attacks is ``|any``."""
+    rows = list(result["by_eps"])
+    attacks = list(dict.fromkeys(row_attack(result, r) for r in rows))
+    if len(attacks) < 2:
+        return [("", r) for r in rows]
+    return [(f"|{row_attack(result, r)}", r) for r in rows + list(result.get("worst_case", []))]
 
 
 def training_measures(result: Mapping[str, Any]) -> dict[str, float] | None:
@@ -157,14 +169,16 @@ def seed_table(groups: Mapping[str, Sequence[Mapping[str, Any]]], *, baseline: s
         raise DecorrError("no evaluations to summarise; give LABEL=RESULTS,RESULTS,... groups")
     runs = [r for group in groups.values() for r in group]
     _check_groups(runs, groups, baseline)
-    eps = [record["eps"] for record in runs[0]["by_eps"]]
-    if any([record["eps"] for record in r["by_eps"]] != eps for r in runs):
-        raise DecorrError("the evaluations used different epsilons; summarise runs with the same --eps")
+    keys = [(tag, record["eps"]) for tag, record in attack_rows(runs[0])]
+    if any([(tag, record["eps"]) for tag, record in attack_rows(r)] != keys for r in runs):
+        raise DecorrError("the evaluations used different attacks or epsilons; summarise runs with the same "
+                          "--attack and --eps")
     measures = {label: [ensemble_measures(r) for r in group] for label, group in groups.items()}
     logged = {label: [training_measures(r) for r in group] for label, group in groups.items()}
     from_log = all(m is not None for rows in logged.values() for m in rows)
     columns = _TRAINING_COLUMNS if from_log else _COLUMNS
-    transfer_keys = [(f"transfer@{e:g}", f"T eps {_eps_text(e)} %") for e in eps]
+    transfer_keys = [(f"transfer{tag}@{e:g}", f"T{' ' + tag[1:] if tag else ''} eps {_eps_text(e)} %")
+                     for tag, e in keys]
     header = ["method", "seeds", *[title for _, title, _, _ in columns], *[title for _, title in transfer_keys]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, rows in measures.items():
@@ -219,17 +233,21 @@ def defence_measures(result: Mapping[str, Any], target: str | None = None) -> di
     entry = result["models"][name]
     members = set(entry.get("members") or [])
     out: dict[str, float | None] = {"natural": entry["natural_accuracy"]}
-    for record in result["by_eps"]:
+    for attack, record in attack_rows(result):
         eps = f"{record['eps']:g}"
         if name in record.get("white_box_accuracy", {}):
-            out[f"white_box@{eps}"] = record["white_box_accuracy"][name]
+            out[f"white_box{attack}@{eps}"] = record["white_box_accuracy"][name]
         for source, row in record["accuracy"].items():
             if source == name or source in members:
                 continue
-            out[f"accuracy[{source}]@{eps}"] = row.get(name)
+            out[f"accuracy[{source}{attack}]@{eps}"] = row.get(name)
             detection = (record.get("detection") or {}).get(source, {}).get(name)
             if detection is not None:
-                out[f"auc[{source}]@{eps}"] = detection.get("auc")
+                out[f"auc[{source}{attack}]@{eps}"] = detection.get("auc")
+    for record in result.get("worst_case", []):
+        outside = [s for s in record[ALL_SOURCES]["sources"] if s != name and s not in members]
+        if outside and len(outside) == len(record[ALL_SOURCES]["sources"]):
+            out[f"accuracy[all sources|any]@{record['eps']:g}"] = record[ALL_SOURCES]["accuracy"].get(name)
     return out
 
 
@@ -238,10 +256,11 @@ def _defence_title(key: str) -> tuple[str, float, int]:
         return "clean accuracy %", 100, 1
     kind, _, eps = key.partition("@")
     eps = _eps_text(eps)
-    if kind == "white_box":
-        return f"white box eps {eps} %", 100, 1
+    if kind.startswith("white_box"):
+        attack = kind.partition("|")[2]
+        return f"white box{' ' + attack if attack else ''} eps {eps} %", 100, 1
     what, _, source = kind.partition("[")
-    source = source.rstrip("]")
+    source = source.rstrip("]").replace("|", " ")
     if what == "auc":
         return f"AUC {source} eps {eps}", 1, 3
     return f"from {source} eps {eps} %", 100, 1

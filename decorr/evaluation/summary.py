@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from decorr.errors import DecorrError
+from decorr.evaluation.compare import row_attack
 from decorr.evaluation.stats import wilson_interval
 
 __all__ = ["error_cells", "error_table"]
@@ -25,11 +26,14 @@ def _percent(errors: int, n: int) -> str:
 def error_cells(result: Mapping[str, Any], source: str, targets: Sequence[str]) -> list[list[str]]:
     """Per epsilon: the eps, the source's white-box error and every target's error (percent [95% CI])."""
     n = int(result["settings"]["num_samples"])
+    several = len({row_attack(result, e) for e in result["by_eps"]}) > 1
     rows = []
-    for entry in result["by_eps"]:
+    for entry in list(result["by_eps"]) + (list(result.get("worst_case", [])) if several else []):
         if source not in entry["white_box_correct"]:
             raise DecorrError(f"{source!r} is not a source of this evaluation; sources: {', '.join(entry['white_box_correct'])}")
-        cells = [f"{entry['eps'] * 255:g}/255", _percent(n - entry["white_box_correct"][source], n)]
+        eps = f"{entry['eps'] * 255:g}/255"
+        cells = [f"{row_attack(result, entry)} {eps}" if several else eps,
+                 _percent(n - entry["white_box_correct"][source], n)]
         cells += [_percent(n - entry["correct"][source][t], n) for t in targets]
         rows.append(cells)
     return rows

@@ -53,28 +53,46 @@ def register_model(
     return decorator
 
 
-#: Modules that register models when they are imported, by the name prefix of their models ("" for
-#: any name). The registry owns this table as strings and imports a module only when a name it does
-#: not know is asked for (or every model is listed): it imports no model module at load time, so the
-#: imports point downward (``dna.models`` imports the registry, never the other way round).
-PROVIDERS: list[tuple[str, str]] = [
-    ("", "decorr.models.mnist"),
-    ("", "decorr.models.cifar"),
-    ("dna_", "dna.models"),
-    ("ae_", "dna.models"),
-]
+#: Modules that register models when they are imported, by the name prefix of their models ("" for any
+#: name): decorr's own model modules. Packages outside decorr (this project's autoencoder package, a user's
+#: package) declare theirs as entry points of the group :data:`ENTRY_POINT_GROUP` in their ``pyproject.toml``,
+#: named by the prefix::
+#:
+#:     [project.entry-points."decorr.models"]
+#:     mine_ = "mypackage.models"
+#:
+#: The registry imports a provider only when a name it does not know is asked for (or every model is
+#: listed): it imports no model module at load time and names no package above it, so the imports point
+#: downward.
+PROVIDERS: list[tuple[str, str]] = [("", "decorr.models.mnist"), ("", "decorr.models.cifar")]
+ENTRY_POINT_GROUP = "decorr.models"
 _loaded: set[str] = set()
+_entry_points_read = False
 
 
 def register_provider(prefix: str, module: str) -> None:
-    """Declare that importing ``module`` registers the models whose names start with ``prefix``."""
+    """Declare that importing ``module`` registers the models whose names start with ``prefix`` (the
+    Python API's equivalent of an entry point)."""
     if (prefix, module) not in PROVIDERS:
         PROVIDERS.append((prefix, module))
 
 
+def _read_entry_points() -> None:
+    """Add the installed packages' providers (entry points of :data:`ENTRY_POINT_GROUP`) once."""
+    global _entry_points_read
+    if _entry_points_read:
+        return
+    _entry_points_read = True
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        register_provider(entry.name, entry.value)
+
+
 def _load_providers(name: str | None = None) -> None:
     """Import the provider modules of ``name`` (None: all of them) that are not imported yet."""
-    for prefix, module in PROVIDERS:
+    _read_entry_points()
+    for prefix, module in list(PROVIDERS):
         if module in _loaded or (name is not None and not name.startswith(prefix)):
             continue
         _loaded.add(module)

@@ -20,7 +20,7 @@ from decorr.distributed import all_gather_with_grad, all_reduce_sum
 from decorr.errors import DecorrError
 from decorr.features import eval_mode, feature_diagnostics, record_features
 from decorr.loss import pca_pearson, r_squared
-from decorr.training.run import unwrap
+from decorr.distributed import unwrap
 
 __all__ = ["drop_small_last_batch", "evaluate_models", "feature_width"]
 

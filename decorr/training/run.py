@@ -32,6 +32,7 @@ from decorr.checkpoint import (
     save_checkpoint,
 )
 from decorr.errors import DecorrError
+from decorr.distributed import unwrap
 from decorr.io import json_default
 from decorr.training.runlock import RunLock
 
@@ -43,7 +44,6 @@ __all__ = [
     "flat_hparams",
     "mean_terms",
     "releases_run_lock",
-    "unwrap",
 ]
 
 #: The settings a resumed run may change: the number of epochs, to extend a finished run.
@@ -54,11 +54,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 class NonFiniteError(DecorrError):
     """Training produced NaN or inf (a diverged run); the last good checkpoint is kept."""
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside a data-parallel wrapper (DDP keeps it as ``.module``)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -36,7 +36,8 @@ from decorr.training.loop import Built, Task, prefixed
 from decorr.models import create_model
 from decorr.features import DEAD_FEATURES_BELOW, dead_features_warning, record_features
 from decorr.training.epoch_metrics import evaluate_models
-from decorr.training.run import TrainingRun, unwrap
+from decorr.training.run import TrainingRun
+from decorr.distributed import unwrap
 
 __all__ = ["METHODS", "EnsembleTask", "EpochMonitor", "Members", "Surrogate", "register_method", "method_class",
            "sqrt_sum_of_squares"]

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from decorr.loss import parameter_distance
 from decorr.training.methods.base import EnsembleTask, register_method
-from decorr.training.run import unwrap
+from decorr.distributed import unwrap
 
 __all__ = ["DistanceTask", "distance_objective"]
 

@@ -59,7 +59,7 @@ from decorr.features import eval_mode, layer_output
 from decorr.training.loop import train_step
 from decorr.training.methods.base import EnsembleTask, register_method
 from decorr.training.methods.shared import stream_generator
-from decorr.training.run import unwrap
+from decorr.distributed import unwrap
 
 __all__ = ["Distillation", "DvergeTask", "TARGET_SEED_OFFSET", "choose_layer", "distil_batch", "dverge_loss",
            "dverge_objective", "dverge_step", "feature_distillation", "feature_matching_loss"]
