@@ -29,7 +29,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 from itertools import chain
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -146,6 +146,19 @@ def _check_batch(config: DnaConfig, width: int, stage: int) -> None:
         )
 
 
+def _check_stage_batches(config: DnaConfig, dataset: ImageDataset, stages: Sequence[int]) -> None:
+    """The batch-size refusals of ``stages``, before any run directory is written (the tasks check again)."""
+    if 1 in stages:
+        with torch.random.fork_rng():  # a probe that leaves the autoencoder's initialisation untouched
+            probe = create_model(config.autoencoder_arch, **config.autoencoder_kwargs)
+        _check_batch(config, latent_width(probe, config.input_shape), stage=1)
+        if _steps_per_epoch(len(dataset.train), config, 1) == 0:
+            raise DecorrError(f"--batch-size {config.batch_size} exceeds the {len(dataset.train)} training images")
+    if 2 in stages and _steps_per_epoch(len(dataset.train), config, 2) == 0:
+        raise DecorrError(f"--classifier-batch-size {config.classifier_batch_size} exceeds the "
+                          f"{len(dataset.train)} training images")
+
+
 def _maybe_sync_bn(model: nn.Module, config: DnaConfig) -> nn.Module:
     return convert_sync_batchnorm(model) if config.sync_bn else model
 
@@ -189,6 +202,7 @@ def train_autoencoder(
 ) -> dict[str, Any]:
     """Stage 1 in ``run_dir`` (a stage directory, e.g. ``RUN_DIR/stage1``); returns the last metrics."""
     dataset = dataset if dataset is not None else _load_data(config, data_root)
+    _check_stage_batches(config, dataset, [1])
     entry = model_entry(config.autoencoder_arch, config.autoencoder_kwargs)
     run = _training_run(config, run_dir, _run_config(config, 1, {"autoencoder": entry}), resume=resume,
                         mixed_precision=mixed_precision, cpu=cpu, log=log)
@@ -289,6 +303,7 @@ def train_classifier(
 ) -> dict[str, Any]:
     """Stage 2 in ``run_dir`` (e.g. ``RUN_DIR/stage2``) on the frozen autoencoder of a stage-1 checkpoint."""
     dataset = dataset if dataset is not None else _load_data(config, data_root)
+    _check_stage_batches(config, dataset, [2])
     autoencoder, source = _load_autoencoder(autoencoder_checkpoint, config)
     entries = {"autoencoder": model_entry(config.autoencoder_arch, config.autoencoder_kwargs),
                "classifier": model_entry(config.classifier_arch)}
@@ -390,6 +405,7 @@ def train_dna(
         raise DecorrError(f"--resume given but {run_dir} has no checkpoint of stage {' or '.join(map(str, wanted))}; "
                           "drop --resume to start a new run")
     dataset = _load_data(config, data_root)
+    _check_stage_batches(config, dataset, wanted)  # stage 2's refusal too, before stage 1 trains
     common = dict(data_root=data_root, dataset=dataset, mixed_precision=mixed_precision, cpu=cpu, log=log)
     results: dict[str, Any] = {}
     if 1 in wanted:

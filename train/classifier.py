@@ -11,8 +11,8 @@ weight decay 5e-4, cosine schedule, batch 128, the dataset's augmentation (CIFAR
 from __future__ import annotations
 
 import argparse
-import json
 
+from decorr.io import strict_json
 from decorr.training.classifier import ClassifierConfig, train_classifier
 from decorr.config import add_config_arguments, add_run_arguments, config_from_args
 from decorr.distributed import rank
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
                                data_root=args.data_root, mixed_precision=args.mixed_precision, cpu=args.cpu,
                                log=not args.no_tensorboard)
     if rank() == 0:
-        print(json.dumps(metrics, indent=2))
+        print(strict_json(metrics))  # NaN (e.g. R^2 with too few images) as null
     return metrics
 
 

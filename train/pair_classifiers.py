@@ -8,8 +8,8 @@ Defaults are the paper's MNIST hyperparameters (SPEC section 2).
 from __future__ import annotations
 
 import argparse
-import json
 
+from decorr.io import strict_json
 from decorr.distributed import rank
 from decorr.config import add_config_arguments, add_run_arguments, config_from_args
 from decorr.errors import cli_entry
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
                          data_root=args.data_root, mixed_precision=args.mixed_precision, cpu=args.cpu,
                          log=not args.no_tensorboard)
     if rank() == 0:
-        print(json.dumps(metrics, indent=2))
+        print(strict_json(metrics))  # NaN (e.g. R^2 with too few images) as null
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ from decorr.features import DEAD_FEATURES_BELOW, dead_features_warning, feature_
 from decorr.training.loop import Built, Task, fit, prefixed
 from decorr.loss import correlation_loss, pca_pearson, parameter_distance, r_squared
 from decorr.models import create_model, model_spec
-from decorr.features import eval_mode
+from decorr.features import eval_mode, r2_text
 from decorr.config import check_at_least, check_finite, check_positive, check_seed, check_subset
-from decorr.training.run import TrainingRun, releases_run_lock, unwrap
+from decorr.training.run import TrainingRun, check_finite_features, releases_run_lock, unwrap
 
 MODES = ("cor", "dec", "param")
 MODEL_NAMES = ("model0", "model1")
@@ -197,6 +197,7 @@ def _evaluate(plain: dict[str, nn.Module], split: ImageSplit, layers: dict[str, 
     if ensemble:
         result["acc_ensemble"] = float(all_reduce_sum(correct_ensemble) / total)
     gathered = {n: all_gather_with_grad(torch.cat(features[n]).to(device)).cpu() for n in names}
+    check_finite_features(gathered, "on the test images")  # before the SVDs below
     for n in names:
         # Fraction of feature columns that vary over the split (0: a dead, constant layer), and the
         # effective rank of the centred features (decorr.features.feature_diagnostics).
@@ -327,7 +328,7 @@ class PairTask(Task):
         run.print(
             f"epoch {epoch + 1:3d}/{config.epochs}  loss {metrics['train/loss']:.4f}  "
             f"acc {evaluation['acc_model0']:.4f} / {evaluation['acc_model1']:.4f}  "
-            f"feature R^2 {evaluation['r2_model0_model1']:.3f}"
+            f"feature R^2 {r2_text(evaluation['r2_model0_model1'], unwrap(self.models['model0']), self.layer, self.dataset.input_shape)}"
         )
         for name in MODEL_NAMES:
             if evaluation[f"active_features_{name}"] < DEAD_FEATURES_BELOW:
