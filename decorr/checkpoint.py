@@ -204,6 +204,64 @@ def _check_config(directory: Path, config: Any) -> None:
             raise DecorrError(f"{where}: model {name!r} has kwargs that are not a JSON object; the checkpoint is damaged")
     if "checksums" in config and not isinstance(config["checksums"], dict):
         raise DecorrError(f"{where}: 'checksums' is not a JSON object; the checkpoint is damaged")
+    epoch, seed, dataset = config.get("epoch"), config.get("seed"), config.get("dataset")
+    if epoch is not None and not (_is_int(epoch) and epoch >= 0):
+        raise DecorrError(f"{where}: 'epoch' is {epoch!r}, not an integer >= 0; the checkpoint is damaged")
+    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**32):
+        raise DecorrError(f"{where}: 'seed' is {seed!r}, not an integer in [0, 2**32); the checkpoint is damaged")
+    if dataset is not None and not (isinstance(dataset, str) and dataset):
+        raise DecorrError(f"{where}: 'dataset' is {dataset!r}, not a dataset name; the checkpoint is damaged")
+    for name, entry in models.items():
+        check_model_kwargs(entry["arch"], entry.get("kwargs", {}), f"{where}: model {name!r}")
+
+
+#: The largest size a model's integer argument may have (channels, classes, widths): larger values are damage,
+#: not a model (``in_channels`` 1e9 would allocate hundreds of GB before any weight is read).
+MAX_MODEL_SIZE = 1 << 16
+
+
+#: The most parameters a checkpoint's model may have (8 GiB of float32), checked before it is built.
+MAX_PARAMETERS = 1 << 31
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_model_kwargs(arch: str, kwargs: Mapping[str, Any], where: str) -> None:
+    """Refuse kwargs of a registry model that cannot describe a model, before it is built.
+
+    Checked against the builder's signature: an argument whose default is an integer (channels, classes,
+    widths) must be an integer in 1..MAX_MODEL_SIZE, one whose default is a tuple of integers a list of
+    such, and every number finite. Unknown names are left to the builder (its TypeError is a one-line error).
+    """
+    import inspect
+    import math
+
+    from decorr.models.registry import model_spec
+
+    if arch.startswith(("torchvision.", "timm.")):
+        return
+    try:
+        builder = model_spec(arch).builder
+    except DecorrError:
+        return  # an unknown architecture is reported when it is built
+    parameters = inspect.signature(builder).parameters
+    def size(v: Any) -> bool:
+        return _is_int(v) and 1 <= v <= MAX_MODEL_SIZE
+
+    for key, value in kwargs.items():
+        default = parameters[key].default if key in parameters else None
+        if _is_int(default):
+            fits, wanted = size(value), "an integer"
+        elif isinstance(default, (tuple, list)) and default and all(map(_is_int, default)):
+            fits, wanted = isinstance(value, (tuple, list)) and bool(value) and all(map(size, value)), "a list of integers"
+        else:
+            values = value if isinstance(value, (tuple, list)) else [value]
+            fits, wanted = not any(isinstance(v, float) and not math.isfinite(v) for v in values), "finite numbers"
+        if not fits:
+            span = f" in 1..{MAX_MODEL_SIZE}" if wanted != "finite numbers" else ""
+            raise DecorrError(f"{where} has {key} {value!r}, but it must be {wanted}{span}; the checkpoint is damaged")
 
 
 _warned_unverified: set[str] = set()
@@ -260,13 +318,26 @@ def build_model(entry: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
     ``arch`` is a registry name, or ``torchvision.NAME`` / ``timm.NAME`` (converted checkpoints); an
     entry's optional ``preprocess`` (``{mean, std, input_size}``) wraps it (``decorr.models.foreign``).
     """
-    try:
+    def build() -> nn.Module:
         if entry.get("preprocess") or str(entry["arch"]).startswith(("torchvision.", "timm.")):
             from decorr.models.foreign import build_architecture
 
-            model = build_architecture(entry["arch"], entry.get("kwargs", {}), entry.get("preprocess"))
-        else:
-            model = create_model(entry["arch"], **entry.get("kwargs", {}))
+            return build_architecture(entry["arch"], entry.get("kwargs", {}), entry.get("preprocess"))
+        return create_model(entry["arch"], **entry.get("kwargs", {}))
+
+    try:
+        # First without memory (the meta device): sizes that cannot be built, or would not fit, are refused
+        # before anything is allocated.
+        try:
+            with torch.device("meta"):
+                size = sum(p.numel() for p in build().parameters())
+        except (RuntimeError, ValueError, OverflowError) as err:
+            raise DecorrError(f"{source}: cannot build {entry['arch']!r} with kwargs {entry.get('kwargs', {})} "
+                              f"({' '.join(str(err).split())[:160]}); the checkpoint is damaged") from None
+        if size > MAX_PARAMETERS:
+            raise DecorrError(f"{source}: {entry['arch']!r} with kwargs {entry.get('kwargs', {})} would have {size:.3g} "
+                              f"parameters (more than {MAX_PARAMETERS:.3g}); the checkpoint is damaged")
+        model = build()
     except TypeError as err:
         raise DecorrError(f"{source}: cannot build {entry['arch']!r} with kwargs {entry.get('kwargs', {})} "
                           f"({err}); the checkpoint does not fit this version of the model") from None

@@ -7,7 +7,8 @@ The checkpoint holds one model ``model0`` per ``ARCH=WEIGHTS`` spec (a checkpoin
 names) and records the spec, the weights file and its sha256 under ``source``. Registry architectures
 rebuild from the registry; torchvision/timm ones from their entry ``arch: "torchvision.NAME"`` (with
 ``preprocess`` for mean/std/input size), so every tool that takes a checkpoint takes the result.
-An existing --out is never overwritten.
+An existing --out is never overwritten; --dataset must name a dataset that exists (a registered name, a .npz
+file or an image folder), since every evaluation of the checkpoint defaults to it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 
 from decorr.checkpoint import save_checkpoint
 from decorr.errors import DecorrError, cli_entry
+from decorr.io import blocking_file
 from decorr.specs import SPEC_HELP, SpecOptions, add_spec_arguments, load_specs, spec_options
 
 __all__ = ["convert_spec", "main"]
@@ -27,8 +29,15 @@ def convert_spec(spec: str, out: str | Path, options: SpecOptions | None = None,
                  dataset: str | None = None) -> Path:
     """Load ``spec`` (``decorr.specs``) and save its models as a checkpoint in ``out``."""
     out = Path(out)
+    blocker = blocking_file(out)
+    if blocker is not None:
+        raise DecorrError(f"--out {out} lies below {blocker}, which is a file, not a folder; choose another --out")
     if out.exists() or out.with_name(out.name + ".tmp").exists():
         raise DecorrError(f"{out} already exists; choose another --out (a conversion never overwrites)")
+    if dataset is not None:
+        from decorr.data import check_dataset_name
+
+        check_dataset_name(dataset)
     loaded = load_specs([spec], options)
     models: dict[str, Any] = {}
     entries: dict[str, dict[str, Any]] = {}

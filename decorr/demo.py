@@ -4,8 +4,9 @@
 
 Trains an independent ("cor") and a decorrelated ("dec") pair of the paper's CNN, then reports each
 model's test accuracy, the feature R^2 between the two models of a pair, and the pair's PGD transfer rate
-(the mean of both directions). Runs that already finished in ``--out`` are reused, so a second
-``make demo`` only evaluates.
+(the mean of both directions). Runs that already finished in ``--out`` are reused (it says so; delete
+the folder, or ``make clean-demo``, to train again), so a second ``make demo`` only evaluates. Every stage
+(training a pair, evaluating, writing) is announced as it starts.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry
 from decorr.training.recipes import PairConfig, train_pair
 from decorr.evaluation.tables import format_table
-from decorr.io import write_json
+from decorr.io import write_results_json, write_text
 from decorr.evaluation.transfer import evaluate_checkpoints, pair_transfer
 
 MODES = ("cor", "dec")
@@ -41,16 +42,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
 def _train(mode: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     run_dir = out / mode
     config = PairConfig(arch="mnist_cnn", mode=mode, dataset=args.dataset, epochs=args.epochs, seed=args.seed)
     resume = (run_dir / "checkpoint").exists()
     if resume:
-        saved = load_checkpoint(run_dir, load_weights=False).config.get("hyperparameters", {})
-        if (saved.get("dataset"), saved.get("seed"), saved.get("mode")) != (args.dataset, args.seed, mode):
+        saved = load_checkpoint(run_dir, load_weights=False).config
+        hyper = saved.get("hyperparameters", {})
+        if (hyper.get("dataset"), hyper.get("seed"), hyper.get("mode")) != (args.dataset, args.seed, mode):
             raise DecorrError(f"{run_dir} holds a run with other settings; remove it (make clean-demo) or pick another --out")
-    print(f"== training the {mode} pair ({args.epochs} epochs on {args.dataset}) ==", flush=True)
-    return train_pair(config, RunOptions(run_dir=run_dir, resume=resume, data_root=args.data_root, no_tensorboard=False))
+        done = int(saved.get("epoch") or 0)
+        if done >= args.epochs and saved.get("metrics"):
+            # Nothing to train: say so plainly rather than "resumed", which would suggest training.
+            _say(f"== reusing the finished {mode} pair in {run_dir} ({_epochs(done)} on {args.dataset}); "
+                 "delete that folder (make clean-demo) to train it again ==")
+            return dict(saved["metrics"])
+        _say(f"== continuing the {mode} pair in {run_dir} from epoch {done} to {args.epochs} ==")
+    else:
+        _say(f"== training the {mode} pair in {run_dir} ({_epochs(args.epochs)} on {args.dataset}) ==")
+    return train_pair(config, RunOptions(run_dir=run_dir, resume=resume, data_root=args.data_root))
 
 
 @cli_entry
@@ -61,9 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     dataset = load_dataset(args.dataset, args.data_root)
     final = {mode: _train(mode, args, out) for mode in MODES}
-    print(f"== PGD Linf transfer, 40 steps of 3/255, {args.attack_samples} test images ==", flush=True)
     test = dataset.test.subset(min(args.attack_samples, len(dataset.test)))
-    result = evaluate_checkpoints([out / m for m in MODES], test, attack="pgd", eps_list=args.eps, features=False)
+    _say(f"== evaluating: PGD Linf transfer between the models of each pair, 40 steps of 3/255 at eps "
+         f"{' '.join(f'{e:g}' for e in args.eps)}, {len(test)} test images ==")
+    result = evaluate_checkpoints([out / m for m in MODES], test, attack="pgd", eps_list=args.eps, features=False,
+                                  log=lambda message: _say(f"   {message}"))
     transfer = pair_transfer(result)
     rows = []
     summary: dict[str, Any] = {"dataset": args.dataset, "epochs": args.epochs, "eps": args.eps, "pairs": {}}
@@ -83,8 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     header = ["pair", "acc model0", "acc model1", "feature R^2", *[f"transfer eps={e:g}" for e in args.eps]]
     table = format_table(header, rows, float_format="{:.3f}")
     summary["seconds"] = round(time.time() - started, 1)
-    write_json(out / "results.json", summary)
-    (out / "table.txt").write_text(table + "\n")
+    _say(f"== writing {out / 'results.json'} and {out / 'table.txt'} ==")
+    write_results_json(out / "results.json", summary)  # strict JSON: an R^2 that does not exist is null
+    write_text(out / "table.txt", table + "\n")
     print()
     print(table)
     print(f"\nwritten to {out / 'results.json'} and {out / 'table.txt'} ({summary['seconds']} s)")

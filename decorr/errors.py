@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
+import re
 import sys
-from fractions import Fraction
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -19,27 +20,106 @@ class DecorrError(Exception):
     """
 
 
+#: Exit status when the reader of the output went away (``script | head``): a shell's status of a command
+#: killed by SIGPIPE (128 + 13), as ``cat`` and ``yes`` give in the same place. The work itself is done by then
+#: (results are written before they are printed), but the printed output was cut, so it is not 0.
+BROKEN_PIPE_EXIT = 141
+
+
 def cli_entry(main: Callable[..., T]) -> Callable[..., T]:
-    """Wrap a script's ``main`` so that a :class:`DecorrError` becomes one line on stderr and exit 2."""
+    """Wrap a script's ``main`` so that a :class:`DecorrError` becomes one line on stderr and exit 2.
+
+    Output piped into a reader that stops early (``| head``) ends the script quietly with
+    :data:`BROKEN_PIPE_EXIT`, without a traceback; a broken pipe that is not the script's own output is a
+    bug and keeps its traceback.
+    """
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
+            _flush_stdout()  # a reader gone away shows here, not at the interpreter's exit
+            return result
         except DecorrError as err:
             message = " ".join(str(err).split())
-            print(f"error: {message}", file=sys.stderr)
+            try:
+                print(f"error: {message}", file=sys.stderr)
+            except BrokenPipeError:
+                _silence_broken_output()
             raise SystemExit(2) from None
+        except BrokenPipeError:
+            if not _output_closed():
+                raise
+            _silence_broken_output()
+            raise SystemExit(BROKEN_PIPE_EXIT) from None
 
     return wrapper
 
 
+def _flush_stdout() -> None:
+    if sys.stdout is not None:
+        sys.stdout.flush()
+
+
+def _output_closed() -> bool:
+    """Whether stdout or stderr is a pipe whose reader has gone (poll reports an error on it)."""
+    import select
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            poller = select.poll()
+            poller.register(stream.fileno(), select.POLLOUT)
+            if any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0)):
+                return True
+        except (AttributeError, OSError, ValueError):  # no real file descriptor (e.g. captured by a test)
+            continue
+    return False
+
+
+def _silence_broken_output() -> None:
+    """Point stdout and stderr at /dev/null so that Python's flush at exit does not report the pipe again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass
+    os.close(devnull)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def short_reason(text: object, limit: int = 160) -> str:
+    """A library's error text for one line: terminal escape codes removed, whitespace collapsed, and cut at
+    a word boundary (with "...") when longer than ``limit``; "no message" when there is none."""
+    words = " ".join(_ANSI.sub("", str(text)).split())
+    if not words:
+        return "no message"
+    if len(words) <= limit:
+        return words
+    cut = words[: limit - 3].rsplit(" ", 1)[0] if " " in words[: limit - 3] else words[: limit - 3]
+    return cut.rstrip(",;:") + "..."
+
+
 def pixel_value(text: str) -> float:
-    """argparse type for radii and step sizes in pixel units: a float or a fraction such as ``8/255``."""
+    """argparse type for radii and step sizes in pixel units: a number or a fraction of numbers such as
+    ``8/255`` or ``1.6/255``; a zero denominator and non-finite values are refused."""
+    numerator, slash, denominator = text.partition("/")
     try:
-        return float(Fraction(text)) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 0.05 or 8/255)") from None
+        value = float(numerator)
+        if slash:
+            divisor = float(denominator)
+            if divisor == 0:
+                raise argparse.ArgumentTypeError(f"{text!r} divides by zero (use e.g. 0.05 or 8/255)")
+            value /= divisor
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 0.05, 8/255 or 1.6/255)") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number (use e.g. 0.05 or 8/255)")
+    return value
 
 
 def json_object(text: str) -> dict:

@@ -176,3 +176,15 @@ def eval_mode(*models: nn.Module | None) -> Iterator[None]:
     finally:
         for module, training in saved.values():
             module.training = training
+
+
+def r2_text(value: float, model: nn.Module, layer: str, input_shape: Sequence[int]) -> str:
+    """An epoch line's feature R^2: three decimals, or why it is missing (R^2 needs more samples than
+    features + 1; with fewer it is NaN). The feature count is measured on ``model`` only in that case."""
+    if math.isfinite(value):
+        return f"{value:.3f}"
+    param = next(iter(model.parameters()), None)
+    with eval_mode(model), torch.no_grad(), record_features(model, layer) as feats:
+        model(torch.zeros((1, *input_shape), device=param.device if param is not None else "cpu"))
+    width = int(feats[layer][0].numel())
+    return f"n/a (needs more than {width}+1 test images)"

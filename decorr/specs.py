@@ -141,6 +141,18 @@ def parse_spec(text: str) -> ParsedSpec:
     return ParsedSpec(text, checkpoint=base, model=model)
 
 
+def spec_paths(specs: Sequence[str]) -> dict[str, str]:
+    """The existing checkpoint folder or weights file of each spec, by the spec's text (what a command reads,
+    so that no output of the command may overwrite it; see :func:`decorr.io.check_paths_apart`)."""
+    paths = {}
+    for spec in specs:
+        parsed = parse_spec(spec)
+        path = parsed.checkpoint or parsed.weights
+        if path and os.path.exists(path):
+            paths[spec] = path
+    return paths
+
+
 def _parse_options(tail: str, text: str) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for item in tail.split(","):
@@ -364,8 +376,13 @@ def _unique_labels(paths: list[Path]) -> list[str]:
 _SHAPE_NEUTRAL = {"mean", "std", "num_classes", "in_channels", "shortcut"}
 
 
-def check_input_shape(models: Mapping[str, NamedModel], shape: Sequence[int]) -> None:
-    """One-line DecorrError when a model cannot take the data's inputs ``shape`` (C, H, W)."""
+def check_input_shape(models: Mapping[str, NamedModel], shape: Sequence[int], *, data: str = "the data",
+                      fix: str | None = None) -> None:
+    """One-line DecorrError when a model cannot take the data's inputs ``shape`` (C, H, W).
+
+    ``data`` names the inputs in the message and ``fix`` replaces its advice (default: evaluate the model
+    on its own dataset).
+    """
     shape = tuple(int(s) for s in shape)
     for name, model in models.items():
         entry = model.entry
@@ -380,8 +397,8 @@ def check_input_shape(models: Mapping[str, NamedModel], shape: Sequence[int]) ->
                 # own: then only the channels are checked here, the size by the forward probe below.
                 adapted = "in_channels" in kwargs
                 if expected[0] != shape[0] or (not resized and not adapted and tuple(expected[1:]) != shape[1:]):
-                    raise DecorrError(f"model {name} ({arch}) takes inputs {expected} but the data has {shape}; "
-                                      "evaluate it on the dataset it was trained for (--dataset)")
+                    raise DecorrError(f"model {name} ({arch}) takes inputs {expected} but {data} has {shape}; "
+                                      + (fix or "evaluate it on the dataset it was trained for (--dataset)"))
         param = next(iter(model.module.parameters()), None)
         probe = torch.zeros((1, *shape), device=param.device if param is not None else "cpu")
         try:
@@ -389,8 +406,8 @@ def check_input_shape(models: Mapping[str, NamedModel], shape: Sequence[int]) ->
                 model.module(probe)
         except RuntimeError as err:
             detail = str(err).strip().splitlines()[0][:160]
-            raise DecorrError(f"model {name} ({arch}) cannot take the data's inputs {shape} ({detail}); evaluate it "
-                              "on its own dataset (--dataset) or give it input_size=") from None
+            raise DecorrError(f"model {name} ({arch}) cannot take {data}'s inputs {shape} ({detail}); "
+                              + (fix or "evaluate it on its own dataset (--dataset) or give it input_size=")) from None
 
 
 def add_spec_arguments(parser: Any) -> None:

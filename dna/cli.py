@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from typing import Any
 
 
 from decorr.config import add_config_arguments, config_kwargs, env_int
+from decorr.io import strict_json
 from decorr.training.entry import RunOptions, add_run_arguments
 
 from dna.config import DnaConfig
@@ -40,5 +40,5 @@ def main(family: str, argv: list[str] | None = None, description: str | None = N
     from decorr.distributed import rank
 
     if rank() == 0:
-        print(json.dumps(results, indent=2))
+        print(strict_json(results))  # NaN (e.g. R^2 with too few images) as null
     return results

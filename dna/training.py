@@ -29,7 +29,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 from itertools import chain
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -148,6 +148,19 @@ def _check_batch(config: DnaConfig, width: int, stage: int) -> None:
         )
 
 
+def _check_stage_batches(config: DnaConfig, dataset: ImageDataset, stages: Sequence[int]) -> None:
+    """The batch-size refusals of ``stages``, before any run directory is written (the tasks check again)."""
+    if 1 in stages:
+        with torch.random.fork_rng():  # a probe that leaves the autoencoder's initialisation untouched
+            probe = create_model(config.autoencoder_arch, **config.autoencoder_kwargs)
+        _check_batch(config, latent_width(probe, config.input_shape), stage=1)
+        if _steps_per_epoch(len(dataset.train), config, 1) == 0:
+            raise DecorrError(f"--batch-size {config.batch_size} exceeds the {len(dataset.train)} training images")
+    if 2 in stages and _steps_per_epoch(len(dataset.train), config, 2) == 0:
+        raise DecorrError(f"--classifier-batch-size {config.classifier_batch_size} exceeds the "
+                          f"{len(dataset.train)} training images")
+
+
 def _maybe_sync_bn(model: nn.Module, config: DnaConfig) -> nn.Module:
     return convert_sync_batchnorm(model) if config.sync_bn else model
 
@@ -170,6 +183,7 @@ def _train(task: Any, config: DnaConfig, run_config: dict[str, Any], options: Ru
 def train_autoencoder(config: DnaConfig, options: RunOptions) -> dict[str, Any]:
     """Stage 1 in ``options.run_dir`` (a stage directory, e.g. ``RUN_DIR/stage1``); returns the last metrics."""
     dataset = options.dataset if options.dataset is not None else _load_data(config, options.data_root)
+    _check_stage_batches(config, dataset, [1])
     entry = model_entry(config.autoencoder_arch, config.autoencoder_kwargs)
     return _train(lambda run: AutoencoderTask(config, run.place(dataset), run), config,
                   _run_config(config, 1, {"autoencoder": entry}), options)
@@ -258,6 +272,7 @@ def train_classifier(config: DnaConfig, autoencoder_checkpoint: str | Path, opti
     """Stage 2 in ``options.run_dir`` (e.g. ``RUN_DIR/stage2``) on the frozen autoencoder of a stage-1
     checkpoint."""
     dataset = options.dataset if options.dataset is not None else _load_data(config, options.data_root)
+    _check_stage_batches(config, dataset, [2])
     autoencoder, source = _load_autoencoder(autoencoder_checkpoint, config)
     entries = {"autoencoder": model_entry(config.autoencoder_arch, config.autoencoder_kwargs),
                "classifier": model_entry(config.classifier_arch)}
@@ -351,6 +366,7 @@ def train_dna(config: DnaConfig, options: RunOptions = RunOptions(), *, stage: s
         raise DecorrError(f"--resume given but {run_dir} has no checkpoint of stage {' or '.join(map(str, wanted))}; "
                           "drop --resume to start a new run")
     dataset = options.dataset if options.dataset is not None else _load_data(config, options.data_root)
+    _check_stage_batches(config, dataset, wanted)  # stage 2's refusal too, before stage 1 trains
     results: dict[str, Any] = {}
     if 1 in wanted:
         results["stage1"] = train_autoencoder(config, options.replace(

@@ -21,7 +21,7 @@ import torch
 from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry, pixel_value
 from decorr.models import model_spec
-from decorr.io import prepare_output_dir, staged_output_dir, write_results_json
+from decorr.io import check_paths_apart, prepare_output_dir, staged_output_dir, write_results_json
 from decorr.config import check_at_least, check_seed, check_subset, resolve_device
 from dna.evaluation import (
     ATTACKS,
@@ -87,9 +87,14 @@ def main(argv: list[str] | None = None) -> None:
         raise DecorrError(f"--baseline {args.baseline} takes {model_spec(baseline.info['arch']).input_shape} images "
                           f"but the DNA takes {shape}; compare models of the same dataset")
     dataset = load_dataset(args.dataset or dna.info["dataset"], args.data_root)
+    if args.test_subset is not None and args.test_subset > len(dataset.test):
+        raise DecorrError(f"--test-subset {args.test_subset} is more than the {len(dataset.test)} test images of "
+                          f"{dataset.name}; pass at most {len(dataset.test)}, or leave it out to evaluate them all")
     split = dataset.test if args.test_subset is None else dataset.test.subset(args.test_subset)
     eps = args.eps or DEFAULT_EPS[shape[0]]
     out = prepare_output_dir(args.out or _default_out(dna.source), overwrite=args.overwrite)  # before any work
+    check_paths_apart({"--out": out}, {args.checkpoint: args.checkpoint, **({args.baseline: args.baseline}
+                                                                          if args.baseline else {})})
     if dataset.input_shape != shape:
         raise DecorrError(f"{args.checkpoint} takes {shape} images but {dataset.name!r} has {dataset.input_shape}; "
                           "evaluate it on the dataset it was trained for")

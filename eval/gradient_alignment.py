@@ -13,19 +13,20 @@ Prints a table and writes JSON (schema in decorr/evaluation/alignment.py).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 
 from decorr.evaluation.alignment import evaluate_gradient_alignment, format_gradient_alignment
 from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES
 from decorr.data import load_dataset
 from decorr.errors import DecorrError, cli_entry
-from decorr.specs import SPEC_HELP, add_spec_arguments, check_input_shape, load_specs, spec_options
-from decorr.io import write_results_json
+from decorr.specs import SPEC_HELP, add_spec_arguments, check_input_shape, load_specs, spec_options, spec_paths
+from decorr.io import check_output_file, check_paths_apart, write_results_json
 from decorr.evaluation.transfer import checkpoint_dataset
 from decorr.config import check_at_least, resolve_device, set_threads
+
+#: Test images used without --num-samples (all of them when the split is smaller).
+DEFAULT_SAMPLES = 1000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="residual units SGM leaves undecayed: the first of each stage (the SGM authors' rule) or none")
     p.add_argument("--dataset", default=None, help="dataset name or .npz (default: the checkpoints' dataset)")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files (else $DECORR_DATA_ROOT)")
-    p.add_argument("--num-samples", type=int, default=1000, help="first N test images")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="first N test images (default: 1000, or all when the split is smaller)")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -52,19 +54,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     set_threads(args.threads)
-    check_at_least("num_samples", args.num_samples, 1)
+    if args.num_samples is not None:
+        check_at_least("num_samples", args.num_samples, 1)
     check_at_least("batch_size", args.batch_size, 1)
     device = resolve_device(args.device)
     if args.out:  # checked before any work
-        out = Path(args.out)
-        if out.is_dir():
-            raise DecorrError(f"--out {out} is a folder; give the path of a JSON file to write")
-        if out.exists() and not args.overwrite:
-            raise DecorrError(f"{out} already exists; choose another --out or pass --overwrite")
-        if not os.access(out.absolute().parent if out.absolute().parent.exists() else Path.cwd(), os.W_OK):
-            raise DecorrError(f"cannot write to {out.absolute().parent}; choose a writable --out")
+        check_output_file(args.out, overwrite=args.overwrite)
+        check_paths_apart({"--out": args.out}, spec_paths(args.checkpoints + args.surrogate))
     dataset = load_dataset(args.dataset or checkpoint_dataset(args.checkpoints + args.surrogate), args.data_root)
-    split = dataset.test.subset(min(args.num_samples, len(dataset.test)))
+    if args.num_samples is not None and args.num_samples > len(dataset.test):
+        raise DecorrError(f"--num-samples {args.num_samples} is more than the {len(dataset.test)} test images of "
+                          f"{dataset.name}; pass at most {len(dataset.test)}, or leave it out")
+    split = dataset.test.subset(min(args.num_samples or DEFAULT_SAMPLES, len(dataset.test)))
     options = spec_options(args)
     loaded = load_specs(args.checkpoints, options, device=device)
     loaded_sources = load_specs(args.surrogate, options, device=device) if args.surrogate else loaded

@@ -14,6 +14,8 @@ seed-by-seed difference to that group (decorr/evaluation/seeds.py). Every run mu
 (their samples_sha256 agree). With --defence each LABEL names one defended model per seed (RESULTS:TARGET, or
 RESULTS alone when it has one ensemble target): its clean accuracy, white-box accuracy (when it was attacked),
 accuracy on every other source's examples and its members' disagreement-detection AUC, over seeds.
+--out and --plot are refused when they would overwrite an input results.json (or each other), and when they
+exist, unless --overwrite.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from pathlib import Path
 from decorr.errors import DecorrError, cli_entry, pixel_value
 from decorr.evaluation.seeds import defence_table, plot_accuracy_transfer, seed_table
 from decorr.evaluation.summary import error_table
+from decorr.io import check_output_file, check_paths_apart, results_file, write_text
+
+#: Every results.json read by this run, by the text that named it: no output may overwrite one.
+_inputs: dict[str, Path] = {}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,13 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source", default=None, help="the attacked model (default: the first source)")
     p.add_argument("--targets", nargs="+", default=None, help="target columns (default: every other target)")
     p.add_argument("--out", default=None, help="also write the table to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --plot file")
     return p.parse_args(argv)
 
 
 def _load(path: str) -> dict:
-    file = Path(path)
-    if file.is_dir():
-        file = file / "results.json"
+    file = results_file(path)
+    _inputs[path] = file
     try:
         result = json.loads(file.read_text())
     except (OSError, ValueError) as err:
@@ -106,6 +112,11 @@ def _labelled(texts: list[str]) -> dict[str, list[str]]:
 @cli_entry
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
+    _inputs.clear()
+    outputs = {"--out": args.out, "--plot": args.plot}
+    for flag, path in outputs.items():  # before anything is read or written
+        if path:
+            check_output_file(path, flag=flag, overwrite=args.overwrite)
     if (args.plot or args.plot_eps is not None) and not args.across_seeds:
         raise DecorrError("--plot draws the --across-seeds groups; add --across-seeds")
     if args.eps is not None and not args.defence:
@@ -119,6 +130,7 @@ def main(argv: list[str] | None = None) -> str:
         if args.source or args.targets:
             raise DecorrError("--source and --targets belong to the error table; --across-seeds uses every member")
         groups = _groups(args.runs, True)
+        check_paths_apart(outputs, _inputs)
         table = seed_table(groups, baseline=args.baseline)
         if args.plot:
             eps = args.plot_eps if args.plot_eps is not None else max(r["eps"] for r in
@@ -128,9 +140,10 @@ def main(argv: list[str] | None = None) -> str:
         if args.baseline:
             raise DecorrError("--baseline needs --across-seeds or --defence")
         table = error_table(_groups(args.runs, False), source=args.source, targets=args.targets)
+    check_paths_apart(outputs, _inputs)
     print(table)
     if args.out:
-        Path(args.out).write_text(table + "\n")
+        write_text(args.out, table + "\n")
     return table
 
 

@@ -14,22 +14,26 @@ table.txt, heatmap_<attack>_<norm>_eps<eps>.png, transfer_vs_eps_<attack>_<norm>
 resizes and centre-crops); --save-adversarial DIR writes the examples as 8-bit PNGs with an index.csv, and
 --adversarial DIR evaluates the targets on such a folder instead of attacking (docs/transfer.md).
 Epsilons and the PGD step are in pixel units ([0, 1]); for --norm l2 in Linf-equivalent units,
-scaled by --l2-scale (SPEC: eps * sqrt(image side)). The schema is in decorr/evaluation/transfer.py.
+scaled by --l2-scale (SPEC: eps * sqrt(image side)). Without --eps the radii follow the images: 1-channel
+(MNIST-like) 0.05 0.1 0.15, colour up to 64 px (CIFAR-like) 2/255 4/255 8/255, larger colour images
+(ImageNet-like) 4/255 8/255 16/255; results record the choice (settings.eps_default). The outputs (--out,
+--save-adversarial) may not overlap each other or hold an input. The schema is in decorr/evaluation/transfer.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
-
 
 from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES
 from decorr.data import load_dataset
-from decorr.evaluation.adversarial_files import AdversarialWriter, evaluate_adversarial_specs
+from decorr.evaluation.adversarial_files import AdversarialWriter, evaluate_adversarial_specs, read_index
 from decorr.evaluation.ensembles import ENSEMBLE_RULES, parse_ensemble_spec
 from decorr.errors import DecorrError, cli_entry, pixel_value
-from decorr.specs import SPEC_HELP, add_spec_arguments, spec_options
-from decorr.io import default_output_dir, prepare_output_dir, staged_output_dir
+from decorr.specs import SPEC_HELP, add_spec_arguments, spec_options, spec_paths
+from decorr.io import check_paths_apart, default_output_dir, prepare_output_dir, staged_output_dir
 from decorr.evaluation.report import format_transfer, save_transfer_report
 from decorr.config import check_seed, check_subset, resolve_device, set_threads
 from decorr.evaluation.transfer import (
@@ -64,7 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="evaluate only the images every model classifies correctly (SGM paper's protocol)")
     p.add_argument("--attack", choices=ATTACKS, default="pgd", help="sgm: PGD with --gamma on residual sources")
     p.add_argument("--norm", choices=("linf", "l2"), default="linf")
-    p.add_argument("--eps", nargs="+", type=pixel_value, default=list(DEFAULT_EPS), help="radii in pixel units")
+    p.add_argument("--eps", nargs="+", type=pixel_value, default=None,
+                   help="radii in pixel units (default by image shape: 1-channel 0.05 0.1 0.15, colour up to 64 px "
+                        "2/255 4/255 8/255, larger 4/255 8/255 16/255)")
     p.add_argument("--l2-scale", choices=L2_SCALES, default="sqrt-side",
                    help="L2 radius = eps * sqrt(image side) (SPEC), * sqrt(C*H*W), or eps itself")
     p.add_argument("--steps", type=int, default=40, help="PGD/SGM steps")
@@ -106,6 +112,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def default_eps(shape: tuple[int, ...]) -> tuple[tuple[float, ...], str]:
+    """The radii used without --eps, by the images' shape (C, H, W), and a description for the results.
+
+    MNIST's radii (SPEC section 3) suit 1-channel images only: on colour images the usual Linf budgets are
+    a few 255ths (SPEC section 6 for CIFAR-10: 2, 4, 8 / 255; the ImageNet transfer literature, e.g. SGM
+    and TransferAttack, goes up to 16/255).
+    """
+    channels, height, width = (tuple(shape) + (0, 0, 0))[:3]
+    if channels == 1:
+        return tuple(DEFAULT_EPS), "1-channel images (MNIST-like, SPEC): 0.05 0.1 0.15"
+    if min(height, width) <= 64:
+        return (2 / 255, 4 / 255, 8 / 255), "colour images up to 64 px (CIFAR-like): 2/255 4/255 8/255"
+    return (4 / 255, 8 / 255, 16 / 255), "colour images over 64 px (ImageNet-like): 4/255 8/255 16/255"
+
+
+def _input_paths(args: argparse.Namespace, member_specs: list[str]) -> dict[str, str]:
+    """Every existing file or folder this command reads, by the text that named it."""
+    paths = spec_paths(args.checkpoints + args.surrogate + member_specs)
+    for flag in ("dataset", "adversarial", "class_map"):
+        value = getattr(args, flag)
+        if value and os.path.exists(value):
+            paths[f"--{flag.replace('_', '-')} {value}"] = value
+    return paths
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
@@ -119,12 +150,15 @@ def main(argv: list[str] | None = None) -> dict:
         ti_kernel=args.ti_kernel, l2_scale=args.l2_scale, seed=args.seed, batch_size=args.batch_size,
         sgm_exclude=args.sgm_exclude,
     )
-    TransferSettings(eps=tuple(args.eps), **attack_settings)  # bad settings fail before any work
+    TransferSettings(eps=tuple(args.eps or DEFAULT_EPS), **attack_settings)  # bad settings fail before any work
     options = spec_options(args)
     member_specs = [spec for text in args.ensemble + args.surrogate_ensemble for spec in parse_ensemble_spec(text)[1]]
     if not args.checkpoints and not args.ensemble:
         raise DecorrError("no target models; pass checkpoints or specs (SPEC ...) or --ensemble NAME=SPEC,SPEC")
     out = prepare_output_dir(args.out or default_output_dir(), overwrite=args.overwrite)  # before any work
+    # --out is replaced whole when the results are written: it may hold neither an input nor the examples
+    # that --save-adversarial writes during the same run.
+    check_paths_apart({"--out": out, "--save-adversarial": args.save_adversarial}, _input_paths(args, member_specs))
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     folder_options = {k: v for k, v in dict(
         image_size=args.image_size, resize=args.resize, class_map=args.class_map, label_offset=args.label_offset,
@@ -134,6 +168,15 @@ def main(argv: list[str] | None = None) -> dict:
             raise DecorrError("--adversarial evaluates saved examples and --save-adversarial saves new ones; use one")
         if args.ensemble or args.surrogate_ensemble:
             raise DecorrError("--adversarial evaluates single models on saved examples; drop --ensemble/--surrogate-ensemble")
+        if args.num_samples is not None:
+            raise DecorrError("--adversarial evaluates every image its index.csv lists; drop --num-samples")
+        if args.eps:
+            listed = sorted({eps for _, eps in read_index(args.adversarial)})
+            if len(listed) != len(args.eps) or not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+                                                       for a, b in zip(listed, sorted(args.eps))):
+                raise DecorrError(f"--adversarial {args.adversarial} holds the radii {' '.join(f'{e:g}' for e in listed)}, "
+                                  f"not --eps {' '.join(f'{e:g}' for e in args.eps)}; drop --eps (the folder's radii "
+                                  "are evaluated)")
         result = evaluate_adversarial_specs(
             args.checkpoints, args.adversarial, surrogates=args.surrogate, device=device, spec_options=options,
             use_float=args.adversarial_float, batch_size=args.batch_size, log=log,
@@ -142,20 +185,33 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         if args.adversarial_float:
             raise DecorrError("--adversarial-float needs --adversarial DIR")
+        # Checks the folder now; it is created with the first adversarial batch.
         writer = AdversarialWriter(args.save_adversarial, save_float=args.save_float) if args.save_adversarial else None
         if args.save_float and writer is None:
             raise DecorrError("--save-float needs --save-adversarial DIR")
         dataset = load_dataset(args.dataset or checkpoint_dataset(args.checkpoints + args.surrogate + member_specs),
                                args.data_root, **folder_options)
         split = dataset.test
-        if args.num_samples is not None and args.num_samples < len(split):
+        if args.num_samples is not None:
+            if args.num_samples > len(split):
+                raise DecorrError(f"--num-samples {args.num_samples} is more than the {len(split)} test images of "
+                                  f"{dataset.name}; pass at most {len(split)}, or leave it out to evaluate them all")
             split = split.subset(args.num_samples)
-        result = evaluate_checkpoints(
-            args.checkpoints, split, surrogates=args.surrogate, device=device, spec_options=options,
-            ensembles=args.ensemble, surrogate_ensembles=args.surrogate_ensemble, ensemble_rule=args.ensemble_rule,
-            attack_targets=True if args.attack_targets else None, eps_list=args.eps, features=not args.no_features,
-            only_correct=args.only_correct, **attack_settings, log=log, on_adversarial=writer,
-        )
+        eps, eps_default = (tuple(args.eps), None) if args.eps else default_eps(tuple(dataset.input_shape))
+        try:
+            result = evaluate_checkpoints(
+                args.checkpoints, split, surrogates=args.surrogate, device=device, spec_options=options,
+                ensembles=args.ensemble, surrogate_ensembles=args.surrogate_ensemble, ensemble_rule=args.ensemble_rule,
+                attack_targets=True if args.attack_targets else None, eps_list=list(eps), features=not args.no_features,
+                only_correct=args.only_correct, **attack_settings, log=log, on_adversarial=writer,
+            )
+        except BaseException:
+            if writer is not None:
+                writer.discard()  # no half-written folder
+            raise
+        result["settings"]["eps_default"] = eps_default
+        if eps_default:  # printed with the tables' notes
+            result["notes"] = sorted([*result["notes"], f"no --eps given: the default radii for {eps_default}"])
         dataset_name = dataset.name
         if writer is not None:
             writer.close(result["settings"])

@@ -11,8 +11,8 @@ weight decay 5e-4, cosine schedule, batch 128, the dataset's augmentation (CIFAR
 from __future__ import annotations
 
 import argparse
-import json
 
+from decorr.io import strict_json
 from decorr.training.classifier import ClassifierConfig, train_classifier
 from decorr.config import add_config_arguments, config_from_args
 from decorr.training.entry import RunOptions, add_run_arguments
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     metrics = train_classifier(config_from_args(ClassifierConfig, args), RunOptions.from_args(args))
     if rank() == 0:
-        print(json.dumps(metrics, indent=2))
+        print(strict_json(metrics))  # NaN (e.g. R^2 with too few images) as null
     return metrics
 
 

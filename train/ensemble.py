@@ -15,9 +15,9 @@ models model0 .. model{N-1}) and RUN_DIR/tensorboard; evaluate with eval/transfe
 from __future__ import annotations
 
 import argparse
-import json
 
 from decorr.config import add_config_arguments, config_from_args
+from decorr.io import strict_json
 from decorr.training.entry import RunOptions, add_run_arguments
 from decorr.distributed import rank
 from decorr.training.ensemble import EnsembleConfig, train_ensemble
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = train_ensemble(config_from_args(EnsembleConfig, args), RunOptions.from_args(args),
                              spec_options=SpecOptions(match_by_order=args.match_by_order))
     if rank() == 0:
-        print(json.dumps(metrics, indent=2))
+        print(strict_json(metrics))  # NaN (e.g. R^2 with too few images) as null
     return metrics
 
 

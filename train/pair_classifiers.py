@@ -8,8 +8,8 @@ Defaults are the paper's MNIST hyperparameters (SPEC section 2).
 from __future__ import annotations
 
 import argparse
-import json
 
+from decorr.io import strict_json
 from decorr.distributed import rank
 from decorr.config import add_config_arguments, config_from_args
 from decorr.training.entry import RunOptions, add_run_arguments
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     metrics = train_pair(config_from_args(PairConfig, args), RunOptions.from_args(args))
     if rank() == 0:
-        print(json.dumps(metrics, indent=2))
+        print(strict_json(metrics))  # NaN (e.g. R^2 with too few images) as null
 
 
 if __name__ == "__main__":

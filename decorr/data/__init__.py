@@ -16,13 +16,13 @@ from decorr.data.batches import epoch_generator, iterate_batches, last_batch_too
 from decorr.data.builtin import read_idx
 from decorr.data.decode import Decoder, resize_center_crop
 from decorr.data.folder import is_image_dataset, load_image_folder, read_class_map
-from decorr.data.load import dataset_augment, load_dataset
+from decorr.data.load import check_dataset_name, dataset_augment, load_dataset
 from decorr.data.locate import DATA_ROOT_ENV, search_roots
 from decorr.data.npz import load_npz_dataset
 from decorr.data.registry import list_datasets, register_dataset
 from decorr.data.stream import DEFAULT_MEMORY_BUDGET_MB, StreamedSplit, file_split
 
-__all__ = ["Augment", "AugmentDraw", "DATA_ROOT_ENV", "DEFAULT_MEMORY_BUDGET_MB", "Decoder", "ImageDataset",
+__all__ = ["check_dataset_name", "Augment", "AugmentDraw", "DATA_ROOT_ENV", "DEFAULT_MEMORY_BUDGET_MB", "Decoder", "ImageDataset",
            "ImageSplit", "PathLike", "StreamedSplit", "dataset_augment", "epoch_generator", "file_split",
            "is_image_dataset", "iterate_batches", "last_batch_too_small", "list_datasets", "load_dataset",
            "load_image_folder", "load_npz_dataset", "num_batches", "read_class_map", "read_idx", "register_dataset",

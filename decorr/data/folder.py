@@ -5,6 +5,10 @@ Layouts, found from the path given as ``--dataset`` (``decorr.data.load_dataset(
 - **class subfolders** (torchvision ``ImageFolder``): ``ROOT/<class>/**/<image>``; classes are the sorted
   subfolder names (hidden ones skipped), class ``k`` the ``k``-th; images in ``os.walk`` order, sorted, as
   ImageFolder lists them. An image file directly in ROOT or a class folder without images is an error.
+  When every class folder is named by a non-negative integer (``0`` ... ``9``), that integer is the class
+  index (unlike ImageFolder, whose positions would shift every label after a missing folder, and order
+  ``10`` before ``2``); the number of classes is then the largest + 1. Mixing number and word names is an
+  error unless ``--class-map`` says what each folder is.
 - **labels file**: ``ROOT/*.csv`` or ``*.tsv`` (or the path of that file), one row per image, file name and
   label; a file name is looked up beside the labels file, then in its ``images/`` folder, and without an
   extension with each image extension appended (the NIPS 2017 dev set's ``ImageId``). The first row is a
@@ -100,6 +104,14 @@ def find_images_by_class(root: Path, class_map: dict[str, int] | None = None,
         if unknown:
             raise DecorrError(f"class folder {root / unknown[0]} is not in the class map {map_name}; add it to the "
                               "map or remove the folder")
+    numbered = [c for c in classes if re.fullmatch(r"\d+", c)]
+    if class_map is None and numbered and len(numbered) != len(classes):
+        named = next(c for c in classes if c not in numbered)
+        raise DecorrError(f"{root} mixes class folders named by number ({numbered[0]}) and by word ({named}); name "
+                          "them all by class index, or give --class-map FILE mapping each folder name to its index")
+    if class_map is None and numbered:
+        # Folder names are the class indices: a missing class must not shift the labels of the others.
+        class_map = {c: int(c) for c in classes}
     files, labels = [], []
     for index, name in enumerate(classes):
         found = []

@@ -14,7 +14,7 @@ from decorr.data.npz import _find_npz, _npz_image_shape, load_npz_dataset
 from decorr.data.registry import _DATASETS, _registered_name, list_datasets
 from decorr.errors import DecorrError
 
-__all__ = ["dataset_augment", "load_dataset"]
+__all__ = ["check_dataset_name", "dataset_augment", "load_dataset"]
 
 # ----------------------------------------------------------------------------------------------
 # Loading by name, path or folder
@@ -54,6 +54,20 @@ def load_dataset(name: str, root: PathLike | None = None, *, download: bool = Tr
     raise DecorrError(
         f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}, or give the path of a .npz "
         "file with x_train, y_train, x_test, y_test, or of an image folder"
+    )
+
+
+def check_dataset_name(name: str, root: PathLike | None = None) -> None:
+    """One-line DecorrError unless ``name`` is what :func:`load_dataset` takes (nothing is loaded): a
+    registered name, an existing ``.npz`` file or an image folder / labels file (searched as it searches)."""
+    if _registered_name(name) is not None or _find_folder(name, root) is not None:
+        return
+    if name.endswith(".npz"):
+        _find_npz(name, root)  # a one-line error naming where it looked
+        return
+    raise DecorrError(
+        f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}, or give the path of an existing "
+        ".npz file or image folder"
     )
 
 

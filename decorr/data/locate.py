@@ -66,9 +66,9 @@ def _not_found(
 
 
 def _short_error(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or "no message"
-    text = f"{type(err).__name__}: {text}"
-    return text if len(text) <= 200 else text[:197] + "..."
+    from decorr.errors import short_reason
+
+    return short_reason(f"{type(err).__name__}: {short_reason(err, 400)}", 200)
 
 
 @contextlib.contextmanager

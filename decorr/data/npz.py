@@ -68,6 +68,16 @@ def load_npz_dataset(path: PathLike, name: str | None = None, num_classes: int |
     """
     path = Path(path)
     try:
+        with open(path, "rb") as handle:
+            head = handle.read(6)
+    except OSError as err:
+        raise DecorrError(f"cannot read {path} ({_short_error(err)}); give a readable .npz file") from None
+    # numpy takes any file that is neither a zip archive (.npz) nor an .npy for a pickle, and says so.
+    if not head.startswith((b"PK", b"\x93NUMPY")):
+        kind = "is empty" if not head else "is not a .npz archive (not a zip file)"
+        raise DecorrError(f"{path} {kind}; save the dataset with numpy.savez(x_train=..., y_train=..., x_test=..., "
+                          "y_test=...)")
+    try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise DecorrError(

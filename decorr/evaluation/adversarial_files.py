@@ -6,11 +6,20 @@ Folder format (``eval/transfer.py --save-adversarial DIR`` writes it; another to
     DIR/<source>/eps_<eps>/<index>.png   lossless 8-bit PNG, round(255 * x_adv), RGB or grayscale
     DIR/<source>/eps_<eps>/<index>.npy   with --save-float: x_adv itself, float32 (C, H, W) in [0, 1]
     DIR/settings.json  the attack's settings (optional; decorr writes its results' "settings")
+    DIR/decorr-adversarial.json  decorr's completeness marker (optional): {"format", "complete", "images"}
 
 ``file`` (and ``float_file``) are paths relative to DIR; ``source`` names the model the image was crafted
 on, ``eps`` the radius in pixel units, ``index`` the image's position in the evaluated split, ``label`` its
 true class, ``source_pred`` the source's label on the unrounded example (what tells which successes the
 rounding to 8 bits lost). Only file, source, eps and label are required.
+
+Completeness: :class:`AdversarialWriter` writes the marker with ``"complete": false`` before its first
+image and rewrites it with ``"complete": true`` and the number of images in :meth:`AdversarialWriter.close`,
+after the last one (a failed run removes the folder it made). A folder whose marker says incomplete (a
+``--save-adversarial`` run that was killed) or whose image count disagrees with ``index.csv`` is refused; a
+folder without the marker (written by another tool) is evaluated as listed, with a note that its
+completeness is unknown. Before evaluating, every group's images must have every model's input shape and
+every label must be below the models' number of outputs.
 
 :func:`evaluate_adversarial_folder` evaluates every target on every (source, eps) group of images, by
 default on the 8-bit images as an attacker delivers them (``use_float=True``: the float copies, which
@@ -38,16 +47,22 @@ from decorr.data.base import to_float
 from decorr.data.decode import probe_images
 from decorr.data.stream import file_split
 from decorr.errors import DecorrError
+from decorr.io import blocking_file, write_json
 from decorr.evaluation.metrics import accuracy, transfer_rate
 from decorr.evaluation.stats import wilson_interval
 
-__all__ = ["INDEX_FILE", "INDEX_HEADER", "AdversarialWriter", "evaluate_adversarial_folder",
+__all__ = ["INDEX_FILE", "INDEX_HEADER", "MARKER_FILE", "AdversarialWriter", "check_complete", "evaluate_adversarial_folder",
            "evaluate_adversarial_specs", "read_index"]
 
 INDEX_FILE = "index.csv"
 INDEX_HEADER = ["file", "source", "eps", "index", "label", "source_pred", "float_file"]
 REQUIRED = ("file", "source", "eps", "label")
 SETTINGS_FILE = "settings.json"
+MARKER_FILE = "decorr-adversarial.json"
+MARKER_FORMAT = "decorr-adversarial/1"
+#: The note of a folder without decorr's completeness marker.
+FOREIGN_NOTE = ("{folder} has no {marker} (not written by decorr's --save-adversarial, or by an older version): "
+                "its images were evaluated as index.csv lists them; whether the folder is complete is unknown")
 
 
 def quantise(x: Tensor) -> Tensor:
@@ -60,23 +75,38 @@ def _slug(name: str) -> str:
 
 
 class AdversarialWriter:
-    """``on_adversarial`` hook of ``evaluate_transfer``: writes each batch's examples as PNG (and .npy)."""
+    """``on_adversarial`` hook of ``evaluate_transfer``: writes each batch's examples as PNG (and .npy).
+
+    Nothing is created until the first batch arrives, so a refusal before the attack leaves no folder; call
+    :meth:`close` after the last batch (it marks the folder complete) or :meth:`discard` when the run failed.
+    """
 
     def __init__(self, folder: str | Path, *, save_float: bool = False) -> None:
         self.folder = Path(folder)
+        blocker = blocking_file(self.folder)
+        if blocker is not None:
+            raise DecorrError(f"--save-adversarial {self.folder} lies below {blocker}, which is a file; choose another")
         if self.folder.exists() and (not self.folder.is_dir() or any(self.folder.iterdir())):
             raise DecorrError(f"--save-adversarial {self.folder} exists and is not an empty folder; choose a new one")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self._existed = self.folder.exists()
         self.save_float = save_float
+        self._handle: Any = None
+        self.count = 0
+
+    def _open(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # Before the first image: a folder left by a killed run says it is incomplete.
+        write_json(self.folder / MARKER_FILE, {"format": MARKER_FORMAT, "complete": False})
         self._handle = open(self.folder / INDEX_FILE, "w", newline="")
         self._csv = csv.writer(self._handle)
-        self._csv.writerow(INDEX_HEADER if save_float else INDEX_HEADER[:-1])
-        self.count = 0
+        self._csv.writerow(INDEX_HEADER if self.save_float else INDEX_HEADER[:-1])
 
     def __call__(self, source: str, eps: float, indices: Tensor, x_adv: Tensor, y: Tensor,
                  source_pred: Tensor) -> None:
         from PIL import Image
 
+        if self._handle is None:
+            self._open()
         sub = Path(_slug(source)) / f"eps_{eps:.6g}"
         (self.folder / sub).mkdir(parents=True, exist_ok=True)
         pixels = quantise(x_adv).numpy()
@@ -94,11 +124,52 @@ class AdversarialWriter:
         self.count += len(indices)
 
     def close(self, settings: Mapping[str, Any] | None = None) -> None:
+        """Finish the folder: settings.json, then (last) the marker saying it is complete."""
+        if self._handle is None:
+            self._open()
         self._handle.close()
         if settings is not None:
             from decorr.io import write_results_json
 
             write_results_json(self.folder / SETTINGS_FILE, dict(settings))
+        write_json(self.folder / MARKER_FILE, {"format": MARKER_FORMAT, "complete": True, "images": self.count})
+
+    def discard(self) -> None:
+        """Remove what this writer wrote (the run failed): the folder is as it was before, absent or empty."""
+        import shutil
+
+        if self._handle is not None:
+            self._handle.close()
+        if not self.folder.exists():
+            return
+        if self._existed:
+            for child in self.folder.iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        else:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def check_complete(folder: str | Path, rows: int) -> bool:
+    """Refuse a folder that decorr's marker says is incomplete, or whose count disagrees with ``rows`` (the
+    images index.csv lists); return whether the marker is there (False: a folder from another tool)."""
+    folder = Path(folder)
+    path = folder / MARKER_FILE
+    if not path.is_file():
+        return False
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        marker = None
+    if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
+        raise DecorrError(f"{path} is not a {MARKER_FORMAT} marker; the folder is damaged (write it again with "
+                          "--save-adversarial)")
+    if marker.get("complete") is not True:
+        raise DecorrError(f"{folder} is incomplete: the --save-adversarial run writing it did not finish (killed?; "
+                          f"index.csv lists {rows} images so far); write it again into a new folder")
+    if marker.get("images") != rows:
+        raise DecorrError(f"{folder}: index.csv lists {rows} images but the run that wrote it saved "
+                          f"{marker.get('images')}; the folder was changed since; write it again with --save-adversarial")
+    return True
 
 
 def read_index(folder: str | Path) -> dict[tuple[str, float], dict[str, list]]:
@@ -119,29 +190,37 @@ def read_index(folder: str | Path) -> dict[tuple[str, float], dict[str, list]]:
         for line, row in enumerate(reader, start=2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
             where = f"{path.name} line {line}"
-            try:
-                eps, label = float(row["eps"]), int(row["label"])
-                index = int(row["index"]) if row.get("index") else line - 2
-                pred = int(row["source_pred"]) if row.get("source_pred") else None
-            except ValueError:
-                raise DecorrError(f"{where}: eps, label, index and source_pred must be numbers, got "
-                                  f"{row.get('eps')!r}, {row.get('label')!r}; fix the row") from None
-            if not row["file"] or not row["source"]:
-                raise DecorrError(f"{where} names no file or no source; give every column")
-            if label < 0 or not math.isfinite(eps):
-                raise DecorrError(f"{where}: label {label} / eps {eps} out of range; labels are 0..K-1")
+            values = {}
+            for key, kind in (("eps", float), ("label", int), ("index", int), ("source_pred", int)):
+                try:
+                    values[key] = kind(row[key]) if row.get(key) else None
+                except ValueError:
+                    raise DecorrError(f"{where}: {key} must be {'a number' if kind is float else 'an integer'}, "
+                                      f"got {row[key]!r}; fix the row") from None
+            eps, label, pred = values["eps"], values["label"], values["source_pred"]
+            index = values["index"] if values["index"] is not None else line - 2
+            if not row["file"] or not row["source"] or eps is None or label is None:
+                raise DecorrError(f"{where} lacks its file, source, eps or label; give every required column")
+            if not (math.isfinite(eps) and eps >= 0):
+                raise DecorrError(f"{where}: eps {row['eps']!r} is not a radius (a finite number >= 0, pixel units); "
+                                  "fix the eps column")
+            if label < 0:
+                raise DecorrError(f"{where}: label {label} is negative; labels are class indices 0..K-1")
             file = folder / row["file"]
             if not file.is_file():
                 raise DecorrError(f"{where}: image {file} not found; fix the path (relative to {folder})")
             group = groups.setdefault((row["source"], eps), {k: [] for k in
-                                                             ("files", "float_files", "labels", "indices", "source_pred")})
+                                                             ("files", "float_files", "labels", "indices", "source_pred",
+                                                                              "lines")})
             group["files"].append(file)
             group["float_files"].append(folder / row["float_file"] if row.get("float_file") else None)
             group["labels"].append(label)
             group["indices"].append(index)
             group["source_pred"].append(pred)
+            group["lines"].append(line)
     if not groups:
         raise DecorrError(f"{path} lists no images; write one row per adversarial image")
+    check_complete(folder, sum(len(g["files"]) for g in groups.values()))
     return groups
 
 
@@ -171,10 +250,14 @@ def evaluate_adversarial_folder(
     models = {**dict(surrogates or {}), **dict(targets)}
     for model in models.values():
         model.to(device).eval()
+    decoders = image_shapes(groups)
+    _check_models_fit(models, groups, decoders, device, folder)
     say = log or (lambda _m: None)
     sources = list(dict.fromkeys(src for src, _ in groups))
     eps_list = list(dict.fromkeys(eps for _, eps in groups))
     notes: set[str] = set()
+    if not (folder / MARKER_FILE).is_file():
+        notes.add(FOREIGN_NOTE.format(folder=folder, marker=MARKER_FILE))
     saved = json.loads((folder / SETTINGS_FILE).read_text()) if (folder / SETTINGS_FILE).is_file() else {}
     rows = []
     for eps in eps_list:
@@ -191,7 +274,7 @@ def evaluate_adversarial_folder(
             y = torch.tensor(group["labels"], dtype=torch.int64)
             counts[src] = len(y)
             run = list(targets) + ([src] if src in models and src not in targets else [])
-            split = file_split(group["files"], y, probe_images(group["files"], None, None),
+            split = file_split(group["files"], y, decoders[(src, eps)],
                                memory_budget_mb=memory_budget_mb, workers=workers, source=str(folder))
             streams = {"8bit": (to_float(images) for images, _ in split.batches(batch_size))}
             if use_float:
@@ -250,14 +333,49 @@ def evaluate_adversarial_specs(specs: Sequence[str], folder: str | Path, *, surr
     """:func:`evaluate_adversarial_folder` on the models of ``specs`` (targets) and ``surrogates`` (sources)."""
     from decorr.specs import load_specs
 
+    from decorr.specs import check_input_shape
+
     groups = read_index(folder)  # a bad folder fails before any model is loaded
-    del groups
     targets = load_specs(specs, spec_options, device=device)
     sources = load_specs(surrogates, spec_options, device=device) if surrogates else {}
     loaded = {**sources, **targets}
+    for (src, eps), decoder in image_shapes(groups).items():  # the --dataset path's check, on the saved images
+        check_input_shape(loaded, decoder.shape, data=f"{folder} (the images of {src} at eps {eps:g})",
+                          fix="the saved images must have every model's input shape; evaluate models of the kind "
+                              "they were made for, or save them again")
     return evaluate_adversarial_folder(
         {n: m.module for n, m in targets.items()}, folder, surrogates={n: m.module for n, m in sources.items()},
         device=device, model_info={n: m.info for n, m in loaded.items()}, **kwargs)
+
+
+def image_shapes(groups: Mapping[tuple[str, float], Mapping[str, list]]) -> dict[tuple[str, float], Any]:
+    """The decoder of every (source, eps) group's images, from their headers: one size per group, and RGB
+    unless every image is grayscale."""
+    return {key: probe_images(group["files"], None, None) for key, group in groups.items()}
+
+
+def _check_models_fit(models: Mapping[str, nn.Module], groups: Mapping[tuple[str, float], Mapping[str, list]],
+                      decoders: Mapping[tuple[str, float], Any], device: torch.device | str, folder: Path) -> None:
+    """Refuse, before any evaluation, images a model cannot take and labels beyond its outputs."""
+    outputs: dict[tuple[str, tuple[int, ...]], int] = {}
+    for (src, eps), group in groups.items():
+        shape = tuple(decoders[(src, eps)].shape)
+        largest = max(group["labels"])
+        for name, model in models.items():
+            if (name, shape) not in outputs:
+                try:
+                    with torch.no_grad():
+                        outputs[(name, shape)] = int(model(torch.zeros((1, *shape), device=device)).shape[-1])
+                except RuntimeError as err:
+                    detail = str(err).strip().splitlines()[0][:160]
+                    raise DecorrError(f"model {name} cannot take the images of {src} at eps {eps:g} in {folder}, "
+                                      f"{shape} ({detail}); the saved images must have the model's input shape") from None
+            classes = outputs[(name, shape)]
+            if largest >= classes:
+                line = group["lines"][group["labels"].index(largest)]
+                raise DecorrError(f"{folder / INDEX_FILE} line {line}: label {largest} is out of range for model {name}, "
+                                  f"which has {classes} outputs (classes 0..{classes - 1}); fix the labels or evaluate "
+                                  "models of these classes")
 
 
 def _attack_eps(saved: Mapping[str, Any], eps: float) -> float:

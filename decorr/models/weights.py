@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from decorr.errors import DecorrError
+from decorr.errors import DecorrError, short_reason
 
 __all__ = ["PICKLE_SUFFIXES", "WEIGHTS_SUFFIXES", "fit_state_dict", "read_state_dict", "sha256_of"]
 
@@ -48,8 +49,13 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if path.is_dir():
+        raise DecorrError(f"weights file {path} is a folder, not a file; give the path of a .safetensors, .pt, .pth or "
+                          ".bin file (a decorr checkpoint folder is a spec of its own, without ARCH=)")
     if not path.is_file():
         raise DecorrError(f"weights file {path} does not exist; give the path of a .safetensors, .pt, .pth or .bin file")
+    if path.stat().st_size == 0:
+        raise DecorrError(f"weights file {path} is empty (0 bytes); it was not written completely: save the weights again")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors import SafetensorError
@@ -64,13 +70,15 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0][:120]
+        # torch's own text is many lines of advice to load it unsafely; say what was found, in our words.
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f"it needs {found.group(1)}" if found else short_reason(err, 100)
         raise DecorrError(
-            f"{path} is refused: unpickling it would run code or build objects ({reason}); only plain state dicts "
+            f"{path} is refused: unpickling it would run code or build objects ({what}); only plain state dicts "
             "load, so save model.state_dict() (or .safetensors) where the model is defined"
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise DecorrError(f"cannot read {path} with torch.load ({str(err).strip().splitlines()[0][:120]}); "
+    except Exception as err:  # noqa: BLE001 - any failure to parse a user's file is that file's problem
+        raise DecorrError(f"cannot read {path} with torch.load ({type(err).__name__}: {short_reason(err, 100)}); "
                           "the file is damaged or not a torch file") from None
     return _unwrap(loaded, path)
 

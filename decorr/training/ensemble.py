@@ -220,6 +220,10 @@ def load_init_models(paths: Sequence[str], options: SpecOptions | None = None
 
 def _load_init(config: EnsembleConfig, options: SpecOptions | None) -> tuple[Members, dict[str, Any], str | None]:
     models, entries, origins, dataset = load_init_models(config.init, options)
+    if config.num_models is not None and config.num_models != len(models):
+        raise DecorrError(f"--init gives {len(models)} models ({', '.join(models)}), not --num-models "
+                          f"{config.num_models}; drop --num-models (the --init models are the members) or give "
+                          f"{config.num_models} models to --init")
     layers = [entries[n].get("feature_layer") for n in models]
     config.set_members(tuple(entries[n]["arch"] for n in models), config.feature_layer or tuple(layers))
     names = list(models)

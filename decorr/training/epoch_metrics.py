@@ -16,11 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from decorr.data import ImageSplit, iterate_batches, last_batch_too_small
-from decorr.distributed import all_gather_with_grad, all_reduce_sum
+from decorr.distributed import all_gather_with_grad, all_reduce_sum, unwrap
 from decorr.errors import DecorrError
 from decorr.features import eval_mode, feature_diagnostics, record_features
 from decorr.loss import pca_pearson, r_squared
-from decorr.distributed import unwrap
+from decorr.training.run import check_finite_features
 
 __all__ = ["drop_small_last_batch", "evaluate_models", "feature_width"]
 
@@ -82,6 +82,7 @@ def _evaluate(plain: dict[str, nn.Module], split: ImageSplit, layers: dict[str, 
     if ensemble:
         result["acc_ensemble"] = float(all_reduce_sum(correct_ensemble) / total)
     gathered = {n: all_gather_with_grad(torch.cat(features[n]).to(device)).cpu() for n in names}
+    check_finite_features(gathered, "on the test images")  # before the SVDs below
     for n in names:
         # Fraction of feature columns that vary over the split (0: a dead, constant layer), and the
         # effective rank of the centred features (decorr.features.feature_diagnostics).

@@ -14,6 +14,7 @@ one batch, the evaluation after an epoch); the loop does the rest, the same way 
             task.before_step(epoch, index)            # e.g. the classifier's learning rate
             train_step(...)                           # accumulate / autocast / loss / backward / step
         terms = mean_terms(per-step terms)            # a NaN or inf term stops the run, nothing saved
+        check_finite_weights(trained models)          # so do NaN or inf weights, before the evaluation
         metrics = task.end_epoch(epoch, terms, seconds)
         run.log_scalars(metrics); run.save(epoch + 1, models, optimizer, metrics)
     run.finish(); return task.result(metrics)
@@ -35,7 +36,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from decorr.training.run import TrainingRun, mean_terms
+from decorr.training.run import TrainingRun, check_finite_weights, mean_terms, unwrap
 
 __all__ = ["Built", "Task", "fit", "train_step", "groups"]
 
@@ -192,6 +193,10 @@ def fit(run: TrainingRun, task: Task) -> Any:
             step_terms.append(train_step(optimizer, group, task.loss, accelerator=run.accelerator,
                                          models=list(trained.values())))
         terms = mean_terms(step_terms, f"{where} {epoch + 1}")
+        # Diverged weights are refused here, before the evaluation's linear algebra (an SVD of NaN
+        # features fails with a traceback): the last step can turn finite losses into NaN weights.
+        check_finite_weights({name: unwrap(module) for name, module in trained.items()}, f"after {where} {epoch + 1}",
+                             run.history[-1]["epoch"] if run.history else None)
         metrics = task.end_epoch(epoch, terms, time.perf_counter() - started)
         run.log_scalars(metrics, step=epoch + 1)
         run.save(epoch + 1, models, optimizer, metrics)

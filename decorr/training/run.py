@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -39,6 +40,7 @@ from decorr.training.runlock import RunLock
 __all__ = [
     "NonFiniteError",
     "TrainingRun",
+    "check_finite_features",
     "check_finite_weights",
     "default_run_dir",
     "flat_hparams",
@@ -112,6 +114,9 @@ class TrainingRun:
             raise DecorrError("--mixed-precision fp16 needs a GPU (on the CPU it would silently train in float32); "
                               "use --mixed-precision bf16 or no")
         self.run_dir = default_run_dir(self.default_name, cpu=cpu) if self.run_dir is None else Path(self.run_dir)
+        # What this run creates, so that a run failing before its first checkpoint leaves nothing behind.
+        self._created_dirs = _missing_dirs(self.run_dir)
+        self._had_tensorboard = (self.run_dir / "tensorboard").exists()
         project = ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir))
         self.accelerator = Accelerator(
             mixed_precision=self.mixed_precision,
@@ -145,8 +150,9 @@ class TrainingRun:
             self._on_main(self._check_run_dir)
         except DecorrError:
             self._lock.release()
+            self._remove_created_dirs()
             raise
-        _HELD_LOCKS.append(self._lock)
+        _OPEN_RUNS.append(self)
         set_seed(self.seed)
         if self.log:
             self.accelerator.init_trackers("tensorboard", config=flat_hparams(self.config.get("hyperparameters", {})))
@@ -328,26 +334,69 @@ class TrainingRun:
     def release(self) -> None:
         """Give up the run directory's lock (``finish`` does; also called when training fails)."""
         self._lock.release()
-        if self._lock in _HELD_LOCKS:
-            _HELD_LOCKS.remove(self._lock)
+        if self in _OPEN_RUNS:
+            _OPEN_RUNS.remove(self)
+
+    def abandon(self) -> None:
+        """The run failed: give the directory back, and when it holds no checkpoint (the run failed before
+        its first one), remove what the run wrote there (its TensorBoard logs) and the folders it created,
+        so that a refused or diverged run leaves no debris. A directory with a checkpoint is left as it is."""
+        unused = False
+        try:
+            unused = self.is_main and not self._has_checkpoint()
+            if unused:
+                if self.log:
+                    for tracker in self.accelerator.trackers:
+                        try:
+                            tracker.finish()  # close the event files before removing them
+                        except Exception:  # noqa: BLE001 - the run is failing already; its error is the one to show
+                            pass
+                if not self._had_tensorboard:  # while the lock is held: these logs are this run's
+                    shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+        finally:
+            self.release()
+        if unused:
+            self._remove_created_dirs()  # only empty folders, so another run that came in since loses nothing
+
+    def _has_checkpoint(self) -> bool:
+        return any((self.run_dir / f"{CHECKPOINT_DIR}{suffix}").exists() for suffix in ("", ".old", ".tmp"))
+
+    def _remove_created_dirs(self) -> None:
+        for directory in reversed(self._created_dirs):  # deepest first; only empty ones
+            try:
+                directory.rmdir()
+            except OSError:
+                break
 
 
-#: Locks this process holds, so that a training function failing half-way gives its run directory back.
-_HELD_LOCKS: list[RunLock] = []
+#: Runs of this process that hold their directory's lock, so that a training function failing half-way
+#: gives its run directory back.
+_OPEN_RUNS: list[TrainingRun] = []
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The folders that creating ``path`` would create, outermost first."""
+    missing = []
+    for directory in [path, *path.absolute().parents]:
+        if directory.exists():
+            break
+        missing.append(directory)
+    return missing[::-1]
 
 
 def releases_run_lock(train: F) -> F:
-    """Decorate a training function: if it raises, the run-directory locks it took are released."""
+    """Decorate a training function: if it raises, the runs it opened give their directories back (and
+    remove their debris when they wrote no checkpoint; see :meth:`TrainingRun.abandon`)."""
 
     @functools.wraps(train)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        before = len(_HELD_LOCKS)
+        before = len(_OPEN_RUNS)
         try:
             return train(*args, **kwargs)
         except BaseException:
-            for lock in _HELD_LOCKS[before:]:
-                lock.release()
-            del _HELD_LOCKS[before:]
+            for run in list(_OPEN_RUNS[before:]):
+                run.abandon()
+            del _OPEN_RUNS[before:]
             raise
 
     return wrapper  # type: ignore[return-value]
@@ -429,6 +478,15 @@ def mean_terms(values: list[dict[str, torch.Tensor]], where: str = "") -> dict[s
             "this epoch); lower --lr or check the data, then --resume or start again"
         )
     return means
+
+
+def check_finite_features(features: Mapping[str, torch.Tensor], where: str = "") -> None:
+    """Refuse NaN or inf features (a diverged model) before any statistic of them (an SVD would fail)."""
+    for name, z in features.items():
+        if not bool(torch.isfinite(z).all()):
+            raise NonFiniteError(f"training diverged: {name}'s features hold NaN or inf{' ' + where if where else ''}; "
+                                 "the last good checkpoint is kept (nothing was saved for this epoch); lower --lr or "
+                                 "check the data")
 
 
 def check_finite_weights(models: Mapping[str, nn.Module], where: str, last_good: int | None = None) -> None:

@@ -34,10 +34,10 @@ from decorr.distributed import global_mean
 from decorr.errors import DecorrError
 from decorr.training.loop import Built, Task, prefixed
 from decorr.models import create_model
-from decorr.features import DEAD_FEATURES_BELOW, dead_features_warning, record_features
+from decorr.distributed import unwrap
+from decorr.features import DEAD_FEATURES_BELOW, dead_features_warning, r2_text, record_features
 from decorr.training.epoch_metrics import evaluate_models
 from decorr.training.run import TrainingRun
-from decorr.distributed import unwrap
 
 __all__ = ["METHODS", "EnsembleTask", "EpochMonitor", "Members", "Surrogate", "register_method", "method_class",
            "sqrt_sum_of_squares"]
@@ -242,7 +242,13 @@ class EnsembleTask(Task):
             metrics["test/r2_mean"] = sum(r2) / len(r2)
         accs = " / ".join(f"{evaluation[f'acc_{n}']:.4f}" for n in self.names)
         ensemble = f"  ensemble {evaluation['acc_ensemble']:.4f}" if "acc_ensemble" in evaluation else ""
-        shown_r2 = f"  feature R^2 {metrics['test/r2_mean']:.3f}" if r2 else ""
+        if r2:
+            shown_r2 = f"  feature R^2 {metrics['test/r2_mean']:.3f}"
+        elif any(k.startswith("r2_") for k in evaluation):  # too few test images for the regression
+            first = self.names[0]
+            shown_r2 = f"  feature R^2 {r2_text(math.nan, unwrap(models[first]), layers[first], self.dataset.input_shape)}"
+        else:
+            shown_r2 = ""
         run.print(f"{self.method} epoch {epoch + 1:3d}/{config.epochs}  loss {terms.get('loss', math.nan):.4f}  "
                   f"acc {accs}{ensemble}{shown_r2}  {seconds:.1f} s")
         for name in models:
