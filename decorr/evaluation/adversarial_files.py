@@ -2,14 +2,15 @@
 
 Folder format (``eval/transfer.py --save-adversarial DIR`` writes it; another tool can too)::
 
-    DIR/index.csv      header file,source,eps,index,label[,source_pred][,float_file]; one row per image
-    DIR/<source>/eps_<eps>/<index>.png   lossless 8-bit PNG, round(255 * x_adv), RGB or grayscale
-    DIR/<source>/eps_<eps>/<index>.npy   with --save-float: x_adv itself, float32 (C, H, W) in [0, 1]
+    DIR/index.csv      header file,source,attack,eps,index,label[,source_pred][,float_file]; one row per image
+    DIR/<source>/<attack>/eps_<eps>/<index>.png   lossless 8-bit PNG, round(255 * x_adv), RGB or grayscale
+    DIR/<source>/<attack>/eps_<eps>/<index>.npy   with --save-float: x_adv itself, float32 (C, H, W) in [0, 1]
     DIR/settings.json  the attack's settings (optional; decorr writes its results' "settings")
     DIR/decorr-adversarial.json  decorr's completeness marker (optional): {"format", "complete", "images"}
 
 ``file`` (and ``float_file``) are paths relative to DIR; ``source`` names the model the image was crafted
-on, ``eps`` the radius in pixel units, ``index`` the image's position in the evaluated split, ``label`` its
+on, ``attack`` the attack of the suite that made it (optional: a folder without the column holds one attack,
+named by its settings.json or ``external``), ``eps`` the radius in pixel units, ``index`` the image's position in the evaluated split, ``label`` its
 true class, ``source_pred`` the source's label on the unrounded example (what tells which successes the
 rounding to 8 bits lost). Only file, source, eps and label are required.
 
@@ -21,7 +22,7 @@ folder without the marker (written by another tool) is evaluated as listed, with
 completeness is unknown. Before evaluating, every group's images must have every model's input shape and
 every label must be below the models' number of outputs.
 
-:func:`evaluate_adversarial_folder` evaluates every target on every (source, eps) group of images, by
+:func:`evaluate_adversarial_folder` evaluates every target on every (source, attack, eps) group of images, by
 default on the 8-bit images as an attacker delivers them (``use_float=True``: the float copies, which
 reproduce the in-process evaluation exactly; the 8-bit results are then given beside them, under
 ``quantised``). A source model given by its name (as a target or surrogate) is run on the images too, so its
@@ -55,7 +56,7 @@ __all__ = ["INDEX_FILE", "INDEX_HEADER", "MARKER_FILE", "AdversarialWriter", "ch
            "evaluate_adversarial_specs", "read_index"]
 
 INDEX_FILE = "index.csv"
-INDEX_HEADER = ["file", "source", "eps", "index", "label", "source_pred", "float_file"]
+INDEX_HEADER = ["file", "source", "attack", "eps", "index", "label", "source_pred", "float_file"]
 REQUIRED = ("file", "source", "eps", "label")
 SETTINGS_FILE = "settings.json"
 MARKER_FILE = "decorr-adversarial.json"
@@ -101,13 +102,13 @@ class AdversarialWriter:
         self._csv = csv.writer(self._handle)
         self._csv.writerow(INDEX_HEADER if self.save_float else INDEX_HEADER[:-1])
 
-    def __call__(self, source: str, eps: float, indices: Tensor, x_adv: Tensor, y: Tensor,
+    def __call__(self, source: str, attack: str, eps: float, indices: Tensor, x_adv: Tensor, y: Tensor,
                  source_pred: Tensor) -> None:
         from PIL import Image
 
         if self._handle is None:
             self._open()
-        sub = Path(_slug(source)) / f"eps_{eps:.6g}"
+        sub = Path(_slug(source)) / _slug(attack) / f"eps_{eps:.6g}"
         (self.folder / sub).mkdir(parents=True, exist_ok=True)
         pixels = quantise(x_adv).numpy()
         x_float = x_adv.detach().float().cpu().numpy() if self.save_float else None
@@ -115,7 +116,7 @@ class AdversarialWriter:
             name = sub / f"{index:06d}.png"
             image = pixels[k, 0] if pixels.shape[1] == 1 else pixels[k].transpose(1, 2, 0)
             Image.fromarray(np.ascontiguousarray(image)).save(self.folder / name, format="PNG", compress_level=1)
-            row = [name.as_posix(), source, repr(float(eps)), index, label, pred]
+            row = [name.as_posix(), source, attack, repr(float(eps)), index, label, pred]
             if x_float is not None:
                 np.save(self.folder / name.with_suffix(".npy"), x_float[k])
                 row.append(name.with_suffix(".npy").as_posix())
@@ -172,8 +173,8 @@ def check_complete(folder: str | Path, rows: int) -> bool:
     return True
 
 
-def read_index(folder: str | Path) -> dict[tuple[str, float], dict[str, list]]:
-    """``{(source, eps): {files, float_files, labels, indices, source_pred}}`` from ``DIR/index.csv``."""
+def read_index(folder: str | Path) -> dict[tuple[str, str, float], dict[str, list]]:
+    """``{(source, attack, eps): {files, float_files, labels, indices, source_pred}}`` from ``DIR/index.csv``."""
     folder = Path(folder)
     path = folder / INDEX_FILE
     if not path.is_file():
@@ -185,8 +186,9 @@ def read_index(folder: str | Path) -> dict[tuple[str, float], dict[str, list]]:
         missing = [c for c in REQUIRED if c not in columns]
         if missing:
             raise DecorrError(f"{path} lacks the column(s) {', '.join(missing)}; its header must name "
-                              f"{','.join(REQUIRED)} (and optionally index,source_pred,float_file)")
-        groups: dict[tuple[str, float], dict[str, list]] = {}
+                              f"{','.join(REQUIRED)} (and optionally attack,index,source_pred,float_file)")
+        default_attack = _folder_attack(folder)
+        groups: dict[tuple[str, str, float], dict[str, list]] = {}
         for line, row in enumerate(reader, start=2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
             where = f"{path.name} line {line}"
@@ -209,7 +211,7 @@ def read_index(folder: str | Path) -> dict[tuple[str, float], dict[str, list]]:
             file = folder / row["file"]
             if not file.is_file():
                 raise DecorrError(f"{where}: image {file} not found; fix the path (relative to {folder})")
-            group = groups.setdefault((row["source"], eps), {k: [] for k in
+            group = groups.setdefault((row["source"], row.get("attack") or default_attack, eps), {k: [] for k in
                                                              ("files", "float_files", "labels", "indices", "source_pred",
                                                                               "lines")})
             group["files"].append(file)
@@ -253,28 +255,29 @@ def evaluate_adversarial_folder(
     decoders = image_shapes(groups)
     _check_models_fit(models, groups, decoders, device, folder)
     say = log or (lambda _m: None)
-    sources = list(dict.fromkeys(src for src, _ in groups))
-    eps_list = list(dict.fromkeys(eps for _, eps in groups))
+    sources = list(dict.fromkeys(src for src, _, _ in groups))
+    attacks = list(dict.fromkeys(attack for _, attack, _ in groups))
+    eps_list = list(dict.fromkeys(eps for _, _, eps in groups))
     notes: set[str] = set()
     if not (folder / MARKER_FILE).is_file():
         notes.add(FOREIGN_NOTE.format(folder=folder, marker=MARKER_FILE))
     saved = json.loads((folder / SETTINGS_FILE).read_text()) if (folder / SETTINGS_FILE).is_file() else {}
     rows = []
-    for eps in eps_list:
+    for attack, eps in [(a, e) for a in attacks for e in eps_list if any(k[1:] == (a, e) for k in groups)]:
         kinds = ["float", "8bit"] if use_float else ["8bit"]
         record = {kind: _empty(sources, list(targets)) for kind in kinds}
         lost: dict[str, int | None] = {}
         counts: dict[str, int] = {}
         for src in sources:
-            group = groups.get((src, eps))
+            group = groups.get((src, attack, eps))
             if group is None:
                 lost[src] = None
                 continue
-            say(f"adversarial files: {src} at eps {eps:g} ({len(group['files'])} images)")
+            say(f"adversarial files: {src}, {attack} at eps {eps:g} ({len(group['files'])} images)")
             y = torch.tensor(group["labels"], dtype=torch.int64)
             counts[src] = len(y)
             run = list(targets) + ([src] if src in models and src not in targets else [])
-            split = file_split(group["files"], y, decoders[(src, eps)],
+            split = file_split(group["files"], y, decoders[(src, attack, eps)],
                                memory_budget_mb=memory_budget_mb, workers=workers, source=str(folder))
             streams = {"8bit": (to_float(images) for images, _ in split.batches(batch_size))}
             if use_float:
@@ -301,7 +304,7 @@ def evaluate_adversarial_folder(
             delivered = preds["8bit"].get(src)
             lost[src] = (None if reference is None or delivered is None
                          else int(((reference != y) & (delivered == y)).sum()))
-        row = {"eps": eps, "attack_eps": _attack_eps(saved, eps), **record[kinds[0]], "num_samples": counts,
+        row = {"attack": attack, "eps": eps, "attack_eps": _attack_eps(saved, eps), **record[kinds[0]], "num_samples": counts,
                "quantisation_lost": lost, "pairs": _pairs(record[kinds[0]]["transfer"], list(targets))}
         if use_float:
             row["quantised"] = record["8bit"]
@@ -311,16 +314,14 @@ def evaluate_adversarial_folder(
                 "eps": eps_list, "adversarial": str(folder), "images": "float" if use_float else "8-bit PNG",
                 "batch_size": batch_size, "num_samples": max(len(g["files"]) for g in groups.values()),
                 "num_candidates": None}
-    settings.setdefault("attack", "external")
     settings.setdefault("norm", "linf")
-    settings.setdefault("steps", None)
     model_records = {}
     for name in models:
         role = "target+source" if name in targets and name in sources else "target" if name in targets else "source"
         model_records[name] = {"role": role, "arch": (model_info or {}).get(name, {}).get("arch"), "feature_layer": None,
                                "natural_accuracy": None, "natural_correct": None, "natural_accuracy_ci95": None,
                                **{k: v for k, v in (model_info or {}).get(name, {}).items() if k != "arch"}}
-    return {"format": "decorr-transfer/1", "kind": "adversarial-files", "settings": settings, "models": model_records,
+    return {"format": "decorr-transfer/2", "kind": "adversarial-files", "settings": settings, "models": model_records,
             "sources": sources, "targets": target_names,
             "pairs": [{"a": a, "b": b, "same_arch": None, "parameter_distance": None, "natural_features": None}
                       for i, a in enumerate(target_names) for b in target_names[i + 1:]],
@@ -339,8 +340,8 @@ def evaluate_adversarial_specs(specs: Sequence[str], folder: str | Path, *, surr
     targets = load_specs(specs, spec_options, device=device)
     sources = load_specs(surrogates, spec_options, device=device) if surrogates else {}
     loaded = {**sources, **targets}
-    for (src, eps), decoder in image_shapes(groups).items():  # the --dataset path's check, on the saved images
-        check_input_shape(loaded, decoder.shape, data=f"{folder} (the images of {src} at eps {eps:g})",
+    for (src, attack, eps), decoder in image_shapes(groups).items():  # the --dataset path's check, on the images
+        check_input_shape(loaded, decoder.shape, data=f"{folder} (the images of {src}, {attack} at eps {eps:g})",
                           fix="the saved images must have every model's input shape; evaluate models of the kind "
                               "they were made for, or save them again")
     return evaluate_adversarial_folder(
@@ -348,18 +349,30 @@ def evaluate_adversarial_specs(specs: Sequence[str], folder: str | Path, *, surr
         device=device, model_info={n: m.info for n, m in loaded.items()}, **kwargs)
 
 
-def image_shapes(groups: Mapping[tuple[str, float], Mapping[str, list]]) -> dict[tuple[str, float], Any]:
-    """The decoder of every (source, eps) group's images, from their headers: one size per group, and RGB
+def _folder_attack(folder: Path) -> str:
+    """The attack of a folder whose index has no attack column: the one its settings.json names, else external."""
+    try:
+        saved = json.loads((folder / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return "external"
+    attacks = saved.get("attacks") if isinstance(saved, dict) else None
+    if isinstance(attacks, list) and len(attacks) == 1 and isinstance(attacks[0], dict):
+        return str(attacks[0].get("attack", "external"))
+    return str(saved.get("attack", "external")) if isinstance(saved, dict) else "external"
+
+
+def image_shapes(groups: Mapping[tuple[str, str, float], Mapping[str, list]]) -> dict[tuple[str, str, float], Any]:
+    """The decoder of every (source, attack, eps) group's images, from their headers: one size per group, and RGB
     unless every image is grayscale."""
     return {key: probe_images(group["files"], None, None) for key, group in groups.items()}
 
 
-def _check_models_fit(models: Mapping[str, nn.Module], groups: Mapping[tuple[str, float], Mapping[str, list]],
-                      decoders: Mapping[tuple[str, float], Any], device: torch.device | str, folder: Path) -> None:
+def _check_models_fit(models: Mapping[str, nn.Module], groups: Mapping[tuple[str, str, float], Mapping[str, list]],
+                      decoders: Mapping[tuple[str, str, float], Any], device: torch.device | str, folder: Path) -> None:
     """Refuse, before any evaluation, images a model cannot take and labels beyond its outputs."""
     outputs: dict[tuple[str, tuple[int, ...]], int] = {}
-    for (src, eps), group in groups.items():
-        shape = tuple(decoders[(src, eps)].shape)
+    for (src, attack, eps), group in groups.items():
+        shape = tuple(decoders[(src, attack, eps)].shape)
         largest = max(group["labels"])
         for name, model in models.items():
             if (name, shape) not in outputs:
@@ -368,7 +381,7 @@ def _check_models_fit(models: Mapping[str, nn.Module], groups: Mapping[tuple[str
                         outputs[(name, shape)] = int(model(torch.zeros((1, *shape), device=device)).shape[-1])
                 except RuntimeError as err:
                     detail = str(err).strip().splitlines()[0][:160]
-                    raise DecorrError(f"model {name} cannot take the images of {src} at eps {eps:g} in {folder}, "
+                    raise DecorrError(f"model {name} cannot take the images of {src}, {attack} at eps {eps:g} in {folder}, "
                                       f"{shape} ({detail}); the saved images must have the model's input shape") from None
             classes = outputs[(name, shape)]
             if largest >= classes:

@@ -91,23 +91,36 @@ from decorr.loss import parameter_distance
 from decorr.models.ensemble import Ensemble
 from decorr.specs import SpecOptions, check_input_shape, load_specs, parse_spec
 
-__all__ = ["DEFAULT_EPS", "FORMAT", "L2_SCALES", "Reporter", "TransferOptions", "checkpoint_dataset", "default_eps",
+__all__ = ["DEFAULT_EPS", "FORMAT", "default_eps_text", "L2_SCALES", "Reporter", "TransferOptions", "checkpoint_dataset", "default_eps",
            "evaluate_checkpoints", "evaluate_transfer", "pair_transfer", "target_labels"]
 
 FORMAT = "decorr-transfer/2"
 L2_SCALES = ("sqrt-side", "sqrt-dim", "none")
 #: SPEC section 3/5: the MNIST epsilons of P1's transfer experiments (one-channel 28x28 data).
 DEFAULT_EPS = (0.05, 0.10, 0.15)
-#: Colour images: the CIFAR-10 radii of SPEC section 6 (pixel units).
-DEFAULT_EPS_COLOUR = (2 / 255, 4 / 255, 8 / 255)
 
 Data = Any  # an ImageSplit, a streamed split or (x, y)
 
 
 def default_eps(input_shape: Sequence[int]) -> tuple[float, ...]:
-    """The epsilons used when none are given: P1's MNIST radii for one-channel images, SPEC's CIFAR-10
-    radii (2, 4, 8 / 255) for colour images."""
-    return DEFAULT_EPS if input_shape and input_shape[0] == 1 else DEFAULT_EPS_COLOUR
+    """The radii used without ``--eps``, by the images' shape (C, H, W) (:func:`default_eps_text` says why)."""
+    return _default_eps(input_shape)[0]
+
+
+def default_eps_text(input_shape: Sequence[int]) -> str:
+    return _default_eps(input_shape)[1]
+
+
+def _default_eps(shape: Sequence[int]) -> tuple[tuple[float, ...], str]:
+    # MNIST's radii (SPEC section 3) suit 1-channel images only: on colour images the usual Linf budgets are a
+    # few 255ths (SPEC section 6 for CIFAR-10: 2, 4, 8 / 255; the ImageNet transfer literature, e.g. SGM and
+    # TransferAttack, goes up to 16/255).
+    channels, height, width = (tuple(shape) + (0, 0, 0))[:3]
+    if channels == 1:
+        return DEFAULT_EPS, "1-channel images (MNIST-like, SPEC): 0.05 0.1 0.15"
+    if min(height, width) <= 64:
+        return (2 / 255, 4 / 255, 8 / 255), "colour images up to 64 px (CIFAR-like): 2/255 4/255 8/255"
+    return (4 / 255, 8 / 255, 16 / 255), "colour images over 64 px (ImageNet-like): 4/255 8/255 16/255"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,8 +137,9 @@ class TransferOptions:
                                              "(e.g. pgd mifgsm+dim+tim sgm bsr); see decorr.attacks",
                                    flag="--attack", metavar="ATTACK")
     attack_settings: dict[str, Any] = opt({}, "attack flags by name (not a flag: the attack flags set it)")
-    eps: tuple[float, ...] = opt((), "radii in pixel units, e.g. 8/255 (default: 0.05 0.1 0.15 for one-channel "
-                                     "images, 2/255 4/255 8/255 for colour)", type=pixel_value)
+    eps: tuple[float, ...] = opt((), "radii in pixel units, e.g. 8/255 (default by image shape: 1-channel 0.05 0.1 "
+                                     "0.15, colour up to 64 px 2/255 4/255 8/255, larger 4/255 8/255 16/255)",
+                                 type=pixel_value)
     norm: str = opt("linf", "the attacks' norm", choices=("linf", "l2"))
     l2_scale: str = opt("sqrt-side", "L2 radius = eps * sqrt(image side) (SPEC), * sqrt(C*H*W), or eps itself",
                         choices=L2_SCALES)
