@@ -45,7 +45,8 @@ from decorr.data import load_dataset, to_float
 from decorr.data.accounting import CountedSplit
 from decorr.data.stream import StreamedSplit
 from decorr.io import write_results_json
-from decorr.evaluation.transfer import attack_generator, evaluate_checkpoints
+from decorr.evaluation.passes import batch_generator
+from decorr.evaluation.transfer import ModelSelection, TransferOptions, evaluate_checkpoints
 
 
 def make_folder(root: Path, n: int) -> None:
@@ -67,7 +68,7 @@ def bare_loop(files, x_all, y_all, eps, steps, step_size, batch_size, seed, arch
         natural = {n: sum((m(x).argmax(1) == y).sum().item() for x, y in batches) / len(y_all) for n, m in models.items()}
     correct = dict.fromkeys(models, 0)
     for index, (x, y) in enumerate(batches):
-        start = torch.empty(x.shape).uniform_(-eps, eps, generator=attack_generator(seed, "r18", eps, index))
+        start = torch.empty(x.shape).uniform_(-eps, eps, generator=batch_generator(seed, "r18", "pgd", eps, index))
         x_adv = (x + start).clamp(0, 1)
         for _ in range(steps):
             x_adv.requires_grad_(True)
@@ -84,9 +85,9 @@ def ours(args, folder, specs, budget):
     """The evaluation; a streamed split is counted (decorr.data.accounting) as it is streamed."""
     data = load_dataset(str(folder), image_size=args.image_size, memory_budget_mb=budget, workers=args.workers)
     split = CountedSplit(data.test) if isinstance(data.test, StreamedSplit) else data.test
-    result = evaluate_checkpoints([specs[1]], split, surrogates=[specs[0]], eps_list=[args.eps], steps=args.steps,
-                                  step_size=args.step_size, batch_size=args.batch_size, seed=0, features=False,
-                                  log=None)
+    options = TransferOptions(attacks=("pgd",), eps=(args.eps,), batch_size=args.batch_size, seed=0, features=False,
+                              attack_settings={"--steps": args.steps, "--step-size": args.step_size})
+    result = evaluate_checkpoints(ModelSelection(targets=(specs[1],), surrogates=(specs[0],)), split, options)
     resident = None
     if isinstance(split, CountedSplit):
         plan = split.stream_plan(args.batch_size)

@@ -37,7 +37,7 @@ from decorr.data import iterate_batches, load_dataset
 from decorr.errors import DecorrError
 from decorr.models import create_model
 from decorr.io import write_results_json
-from decorr.evaluation.transfer import evaluate_checkpoints
+from decorr.evaluation.transfer import ModelSelection, TransferOptions, evaluate_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 PAIR_RUNS = [REPO / "runs" / "mnist_cnn_cor", REPO / "runs" / "mnist_cnn_dec"]
@@ -147,14 +147,16 @@ def main() -> None:
             checkpoints = train_small_checkpoints(Path(tmp), args.data_root)
             origin = "four mnist_cnn trained for 100 steps of batch 100 in a temporary folder"
         split = load_dataset("mnist", args.data_root).test.subset(args.num_samples)
-        settings = dict(attack="pgd", eps_list=args.eps, norm="linf", steps=args.steps, step_size=args.step_size,
-                        seed=args.seed, batch_size=args.batch_size)
+        options = TransferOptions(attacks=("pgd",), eps=tuple(args.eps), norm="linf", seed=args.seed,
+                                  batch_size=args.batch_size,
+                                  attack_settings={"--steps": args.steps, "--step-size": args.step_size})
 
-        one_pass, one_wall, one_cpu = timed(evaluate_checkpoints, checkpoints, split, **settings)
+        one_pass, one_wall, one_cpu = timed(evaluate_checkpoints, ModelSelection(targets=tuple(checkpoints)), split,
+                                            options)
         pair_results: dict[tuple[str, str], dict[str, Any]] = {}
         pair_wall = pair_cpu = 0.0
         for first, second in itertools.combinations(checkpoints, 2):
-            result, wall, cpu = timed(evaluate_checkpoints, [first, second], split, **settings)
+            result, wall, cpu = timed(evaluate_checkpoints, ModelSelection(targets=(first, second)), split, options)
             pair_results[tuple(result["targets"])] = result  # type: ignore[index]
             pair_wall += wall
             pair_cpu += cpu

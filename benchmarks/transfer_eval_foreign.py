@@ -5,7 +5,7 @@ the registry's resnet20 saved as ``.safetensors`` (random weights; the speed doe
 "ours" is ``decorr.evaluation.transfer.evaluate_checkpoints`` on the specs ``torchvision.resnet18=r18.pth`` and
 ``resnet20=r20.safetensors`` (loading, input check, natural accuracy, both attacked, both evaluated on
 every adversarial batch; feature statistics off). "bare" is the 20-line loop below on models loaded by
-hand, drawing the same random starts (``attack_generator``), so every accuracy must be equal; the report
+hand, drawing the same random starts (``batch_generator``), so every accuracy must be equal; the report
 gives both times, their ratio (goal: ours <= 1.10 x bare) and the comparison. Runs alternate, best of
 ``--repeats`` each.
 
@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from decorr.data import load_dataset, to_float
 from decorr.models import create_model
 from decorr.io import write_results_json
-from decorr.evaluation.transfer import attack_generator, evaluate_checkpoints
+from decorr.evaluation.passes import batch_generator
+from decorr.evaluation.transfer import ModelSelection, TransferOptions, evaluate_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"
@@ -51,7 +52,7 @@ def bare_loop(files, x_all, y_all, eps_list, steps, step_size, batch_size, seed,
         for src, model in models.items():
             correct = dict.fromkeys(models, 0)
             for index, (x, y) in enumerate(batches):
-                start = torch.empty(x.shape).uniform_(-eps, eps, generator=attack_generator(seed, src, eps, index))
+                start = torch.empty(x.shape).uniform_(-eps, eps, generator=batch_generator(seed, src, "pgd", eps, index))
                 start = start.to(device)
                 x_adv = (x + start).clamp(0, 1)
                 for _ in range(steps):
@@ -94,9 +95,10 @@ def main() -> None:
         ours_s, bare_s = [], []
         for _ in range(args.repeats):
             tick = time.perf_counter()
-            result = evaluate_checkpoints(specs, split, attack="pgd", eps_list=args.eps, steps=args.steps,
-                                          step_size=args.step_size, batch_size=args.batch_size, seed=args.seed,
-                                          features=False, device=device)
+            options = TransferOptions(attacks=("pgd",), eps=tuple(args.eps), batch_size=args.batch_size,
+                                      seed=args.seed, features=False,
+                                      attack_settings={"--steps": args.steps, "--step-size": args.step_size})
+            result = evaluate_checkpoints(ModelSelection(targets=tuple(specs)), split, options, device=device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             ours_s.append(time.perf_counter() - tick)

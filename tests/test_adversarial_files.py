@@ -54,8 +54,8 @@ def test_saved_examples_reproduce_the_in_process_rates(tmp_path):
     live = main([r18, sq, "--dataset", str(data), "--image-size", "32", "--save-adversarial",
                  str(tmp_path / "adv"), "--save-float", "--out", str(tmp_path / "live"), *common])
     rows = list(csv.DictReader(open(tmp_path / "adv" / "index.csv")))
-    assert len(rows) == 2 * 2 * 6 and set(rows[0]) == {"file", "source", "eps", "index", "label", "source_pred",
-                                                        "float_file"}
+    assert len(rows) == 2 * 2 * 6 and set(rows[0]) == {"file", "source", "attack", "eps", "index", "label",
+                                                        "source_pred", "float_file"}
     for row in rows[:3] + rows[-3:]:
         x_adv = np.load(tmp_path / "adv" / row["float_file"])
         png = np.asarray(Image.open(tmp_path / "adv" / row["file"])).transpose(2, 0, 1)
@@ -71,7 +71,7 @@ def test_saved_examples_reproduce_the_in_process_rates(tmp_path):
         assert all(isinstance(v, int) for v in c["quantisation_lost"].values())
         assert c["quantisation_lost"] == b["quantisation_lost"]
     saved = json.loads((tmp_path / "png" / "results.json").read_text())
-    assert saved["settings"]["images"] == "8-bit PNG" and saved["settings"]["steps"] == 3
+    assert saved["settings"]["images"] == "8-bit PNG" and saved["settings"]["attacks"][0]["components"]["pgd"]["steps"] == 3
     # An external tool's folder: only file, source, eps, label; the source model is not loaded.
     (tmp_path / "ext").mkdir()
     for k in range(2):
@@ -108,7 +108,7 @@ def test_documented_sgm_command_runs_on_a_generated_folder(tmp_path, monkeypatch
     argv = _documented_sgm_command()
     assert argv[:2] == ["python", "eval/transfer.py"]
     joined = " ".join(argv)
-    for expected in ("--attack sgm", "--gamma 0.2", "--eps 16/255", "--steps 10", "--step-size 2/255",
+    for expected in ("--attack pgd+sgm", "--gamma 0.2", "--eps 16/255", "--steps 10", "--step-size 2/255",
                      "torchvision.vgg19=DEFAULT", "torchvision.resnet152=DEFAULT", "--surrogate"):
         assert expected in joined, expected
     small = {"vgg19": "vgg11", "inception_v3": "resnet18", "resnet152": "resnet34", "input_size=299": "input_size=64"}
@@ -128,7 +128,8 @@ def test_documented_sgm_command_runs_on_a_generated_folder(tmp_path, monkeypatch
     args = [a for a in args if a != "--only-correct"]  # random models agree on no label
     args = [str(tmp_path / a) if a.startswith("runs/") else a for a in args] + ["--no-plots", "--no-features"]
     result = _main()(args)
-    assert result["settings"]["attack"] == "sgm" and result["settings"]["gamma"] == 0.2
+    (attack,) = result["settings"]["attacks"]
+    assert attack["resolved"] == "pgd+sgm" and attack["components"]["sgm"]["gamma"] == 0.2
     assert result["sources"] == ["resnet34"] and result["targets"] == ["vgg11", "resnet18"]
     assert result["models"]["vgg11"]["mean"] == [0.485, 0.456, 0.406]
     assert result["models"]["resnet18"]["input_size"] == [64, 64]

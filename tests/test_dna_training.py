@@ -24,6 +24,7 @@ from decorr.loss import correlation_loss
 from decorr.models import create_model
 from decorr.training.run import TrainingRun
 from dna.evaluation import (
+    RobustnessOptions,
     DefendedModel,
     craft,
     evaluate_robustness,
@@ -262,8 +263,9 @@ def test_evaluation_rows_and_the_oracle_of_one_setting():
     from decorr.data import ImageSplit
 
     split = ImageSplit((x * 255).round().to(torch.uint8), y)
-    report = evaluate_robustness(dna, split, baseline=baseline, attacks=["fgsm", "pgd"],
-                                 objectives=["paper", "adaptive-min"], eps=[0.1], steps=2, batch_size=5)
+    options = RobustnessOptions(attacks=("fgsm", "pgd"), objectives=("paper", "adaptive-min"), eps=(0.1,),
+                                batch_size=5, attack_settings={"--steps": 2})
+    report = evaluate_robustness(dna, split, options, baseline=baseline)
     assert [(r["attack"], r["objective"]) for r in report["results"]] == [
         ("none", "none"), ("fgsm", "paper"), ("fgsm", "adaptive-min"), ("fgsm", "worst"),
         ("pgd", "paper"), ("pgd", "adaptive-min"), ("pgd", "worst")]
@@ -271,7 +273,7 @@ def test_evaluation_rows_and_the_oracle_of_one_setting():
     clean = dna_accuracy(path_predictions(dna.autoencoder, dna.classifier, x_eval), y)
     assert report["results"][0]["dna"] == clean
     # FGSM is deterministic and per sample in eval mode: batches of 5 give the whole batch's attack.
-    adv = craft(dna, x_eval, y, attack="fgsm", objective="paper", eps=0.1)
+    adv = craft(dna, x_eval, y, attack=options.attack("fgsm", 0.1), objective="paper", eps=0.1)
     assert report["results"][1]["dna"] == pytest.approx(
         dna_accuracy(path_predictions(dna.autoencoder, dna.classifier, adv), y))
     # One path: the adaptive "min" objective is the paper's CE, so the numbers are the same.
@@ -297,7 +299,8 @@ def test_identical_paths_make_either_equal_each_path():
     from decorr.data import ImageSplit
 
     split = ImageSplit(torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (8,)))
-    report = evaluate_robustness(dna, split, attacks=["fgsm"], objectives=["paper"], eps=[0.2], batch_size=8)
+    report = evaluate_robustness(dna, split, RobustnessOptions(attacks=("fgsm",), objectives=("paper",), eps=(0.2,),
+                                                               batch_size=8))
     for row in report["results"]:
         assert row["dna"]["either"] == row["dna"]["path0"] == row["dna"]["path1"] == row["dna"]["mean"]
 

@@ -22,7 +22,7 @@ from decorr.errors import DecorrError
 from decorr.models import create_model
 from decorr.evaluation.report import DETECTION_CSV_HEADER
 from decorr.evaluation.stats import wilson_interval
-from decorr.evaluation.transfer import TransferSettings, attack_generator, craft, evaluate_checkpoints, evaluate_transfer
+from transfer_helpers import attack_generator, craft, evaluate, evaluate_specs, options
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_surrogate_ensemble_of_one_model_is_the_plain_attack(trained, mnist):
     x, y = _xy(mnist, 30)
     model = trained["models"][0]
     for extra in ({}, {"momentum": 1.0, "diversity": 0.5}):
-        settings = TransferSettings(**SETTINGS, **extra)
+        settings = options(**SETTINGS, **extra)
         ours = craft(Ensemble({"m": model}, objective="mean_ce"), x, y, settings, 0.1, attack_generator(0, "s", 0.1, 0))
         plain = craft(model, x, y, settings, 0.1, attack_generator(0, "s", 0.1, 0))
         assert torch.equal(ours, plain)
@@ -78,7 +78,7 @@ def test_surrogate_ensemble_of_one_model_is_the_plain_attack(trained, mnist):
 def test_surrogate_ensemble_of_two_is_pgd_on_the_mean_loss(trained, mnist):
     x, y = _xy(mnist, 30)
     a, b = trained["models"][:2]
-    settings = TransferSettings(**SETTINGS, momentum=1.0, diversity=0.5, ti_kernel=3)
+    settings = options(**SETTINGS, momentum=1.0, diversity=0.5, ti_kernel=3)
     ours = craft(Ensemble({"a": a, "b": b}, objective="mean_ce"), x, y, settings, 0.1,
                  attack_generator(0, "s", 0.1, 0))
 
@@ -98,7 +98,7 @@ def test_sgm_decays_every_residual_member(cifar_subset):
     r1, r2 = create_model("resnet20").eval(), create_model("resnet20").eval()
     split = cifar_subset.test.subset(6)
     x, y = to_float(split.images), split.labels
-    settings = TransferSettings(attack="sgm", gamma=0.5, eps=(8 / 255,), steps=2, step_size=2 / 255)
+    settings = options(attack="sgm", gamma=0.5, eps=(8 / 255,), steps=2, step_size=2 / 255)
     ours = craft(Ensemble({"r1": r1, "r2": r2}, objective="mean_ce"), x, y, settings, 8 / 255,
                  attack_generator(0, "s", 8 / 255, 0))
     with skip_gradient(r1, 0.5), skip_gradient(r2, 0.5):
@@ -116,7 +116,7 @@ def test_white_box_attack_is_pgd_on_log_mean_probability(trained, mnist):
     with torch.no_grad():
         hand_output = torch.log((F.softmax(a(x), 1) + F.softmax(b(x), 1)) / 2)
         assert torch.allclose(ensemble(x), hand_output, atol=1e-5)
-    settings = TransferSettings(**SETTINGS)
+    settings = options(**SETTINGS)
     ours = craft(ensemble, x, y, settings, 0.1, attack_generator(0, "e", 0.1, 0))
 
     def hand_loss(x_in, y_in):
@@ -168,7 +168,7 @@ def test_ensemble_target_accuracy_and_detection_by_hand(trained, mnist):
         labels = probs.argmax(2)
     for rule, expected_pred in (("prob", probs.mean(0).argmax(1)), ("logit", None), ("vote", None)):
         ensemble = Ensemble({"a": a, "b": b, "c": c}, rule=rule)
-        result = evaluate_transfer({"a": a, "ens": ensemble}, (x, y), attack="pgd", eps_list=[0.1], steps=2,
+        result = evaluate({"a": a, "ens": ensemble}, (x, y), attack="pgd", eps_list=[0.1], steps=2,
                                    step_size=0.05, batch_size=30, features=False)
         if rule == "logit":
             with torch.no_grad():
@@ -190,7 +190,7 @@ def test_ensemble_target_accuracy_and_detection_by_hand(trained, mnist):
         assert d["fooled"] == 80 - row["correct"]["a"]["ens"]
         assert (rule == "vote") == any("majority vote" in note for note in result["notes"])
     # The adversarial side by hand: craft on a, flags and scores of the members on the examples.
-    x_adv = torch.cat([craft(a, x[s:s + 30], y[s:s + 30], TransferSettings(eps=(0.1,), steps=2, step_size=0.05), 0.1,
+    x_adv = torch.cat([craft(a, x[s:s + 30], y[s:s + 30], options(eps=(0.1,), steps=2, step_size=0.05), 0.1,
                              attack_generator(0, "a", 0.1, i)) for i, s in enumerate(range(0, 80, 30))])
     with torch.no_grad():
         adv_probs = np.stack([F.softmax(m(x_adv), 1).double().numpy() for m in (a, b, c)])
@@ -236,7 +236,7 @@ def test_load_ensembles_and_the_script(trained, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ensemble name 'single/model0' contains '/'") and "\n" not in err
     with pytest.raises(DecorrError, match="taken by another model"):
-        evaluate_checkpoints([trained["single"]], (torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)),
+        evaluate_specs([trained["single"]], (torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)),
                              ensembles=[f"e={trained['pair']}"], surrogate_ensembles=[f"e={trained['single']}"])
 
 
@@ -285,13 +285,13 @@ def test_compare_gives_hand_computed_mcnemar_and_refuses_other_images(tmp_path, 
 def test_compare_real_runs_on_same_images(trained, mnist):
     split = mnist.test.subset(40)
     kwargs = dict(attack="pgd", eps_list=[0.1], steps=2, step_size=0.05, batch_size=20, features=False)
-    a = evaluate_checkpoints([trained["pair"]], split, **kwargs)
-    b = evaluate_checkpoints([trained["pair"]], split, momentum=1.0, **kwargs)
+    a = evaluate_specs([trained["pair"]], split, **kwargs)
+    b = evaluate_specs([trained["pair"]], split, momentum=1.0, **kwargs)
     comparison = compare_results(a, b)
     assert comparison["num_samples"] == 40 and len(comparison["rows"]) == 4
     row = next(r for r in comparison["rows"] if r["source"] == "pair/model0" and r["target"] == "pair/model1")
     assert row["transfer_a"] == a["by_eps"][0]["transfer"]["pair/model0"]["pair/model1"]
     assert row["error_b"] == pytest.approx(1 - b["by_eps"][0]["accuracy"]["pair/model0"]["pair/model1"])
-    other = evaluate_checkpoints([trained["pair"]], mnist.test.subset(41), **kwargs)
+    other = evaluate_specs([trained["pair"]], mnist.test.subset(41), **kwargs)
     with pytest.raises(DecorrError, match="different images"):
         compare_results(a, other)

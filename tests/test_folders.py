@@ -15,7 +15,7 @@ from torchvision import transforms
 from decorr.data import load_dataset, require_training_images
 from decorr.data import StreamedSplit
 from decorr.errors import DecorrError
-from decorr.evaluation.transfer import evaluate_transfer
+from transfer_helpers import evaluate
 
 
 def _image(rng, w, h, gray=False):
@@ -128,12 +128,12 @@ def test_a_set_over_the_budget_is_streamed_with_the_same_results(tmp_path):
     models = {"r18": torchvision.models.resnet18(num_classes=3).eval(),
               "small": torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3)).eval()}
     kwargs = dict(eps_list=[8 / 255], steps=2, step_size=4 / 255, batch_size=10, features=False)
-    a = evaluate_transfer(models, memory.test, **kwargs)
-    b = evaluate_transfer(models, streamed.test, **kwargs)
+    a = evaluate(models, memory.test, **kwargs)
+    b = evaluate(models, streamed.test, **kwargs)
     assert a["by_eps"] == b["by_eps"] and a["models"] == b["models"]
     assert a["settings"]["samples_sha256"] == b["settings"]["samples_sha256"]  # streamed digest = in memory
-    a = evaluate_transfer(models, memory.test, only_correct=True, **kwargs)
-    b = evaluate_transfer(models, streamed.test, only_correct=True, **kwargs)
+    a = evaluate(models, memory.test, only_correct=True, **kwargs)
+    b = evaluate(models, streamed.test, only_correct=True, **kwargs)
     assert a["by_eps"] == b["by_eps"]
 
 

@@ -495,7 +495,7 @@ def test_a_failed_or_killed_save_adversarial_leaves_no_folder_that_passes_for_co
     from decorr.evaluation.adversarial_files import AdversarialWriter, read_index
 
     def batch(writer: AdversarialWriter) -> None:
-        writer("m", 0.1, torch.arange(4), torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long),
+        writer("m", "pgd", 0.1, torch.arange(4), torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long),
                torch.zeros(4, dtype=torch.long))
 
     AdversarialWriter(tmp_path / "never")  # checked, but nothing is created before the first batch
@@ -557,12 +557,12 @@ def test_correlation_loss_refuses(z1, z2, kwargs, expect):
 
 
 def test_evaluation_refuses_nan_images(made):
-    from decorr.evaluation.transfer import evaluate_checkpoints
+    from transfer_helpers import evaluate_specs
 
     x = torch.rand(8, 1, 28, 28)
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(DecorrError, match="NaN"):
-        evaluate_checkpoints([str(made / "cor")], (x, torch.zeros(8, dtype=torch.long)), steps=1, eps_list=[0.1])
+        evaluate_specs([str(made / "cor")], (x, torch.zeros(8, dtype=torch.long)), steps=1, eps_list=[0.1])
 
 
 # ------------------------------------------------------------------------------------------------

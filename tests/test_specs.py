@@ -26,7 +26,7 @@ from decorr.training.ensemble import load_init_models
 from decorr.errors import DecorrError
 from decorr.models import create_model
 from decorr.specs import Preprocessed, SpecOptions, load_specs, parse_spec
-from decorr.evaluation.transfer import evaluate_checkpoints, load_named_models
+from transfer_helpers import evaluate_specs, load_named_models
 
 from conftest import CIFAR_SUBSET
 
@@ -223,7 +223,7 @@ def test_checkpoint_on_data_of_another_shape_is_one_line(cifar_subset, tmp_path,
     save_checkpoint(tmp_path / "gray", {"model0": create_model("resnet20", in_channels=1)},
                     {"models": {"model0": model_entry("resnet20", {"in_channels": 1})}, "dataset": "x"})
     with pytest.raises(DecorrError, match=r"takes inputs \(1, 32, 32\) but the data has \(3, 32, 32\)"):
-        evaluate_checkpoints([str(tmp_path / "gray")], cifar_subset.test.subset(4), steps=1)
+        evaluate_specs([str(tmp_path / "gray")], cifar_subset.test.subset(4), steps=1)
 
 
 def test_converter_round_trip_and_refusal(files, tmp_path, capsys):

@@ -22,16 +22,9 @@ from decorr.loss import parameter_distance, pca_pearson, pearson, r_squared
 from decorr.models import create_model
 from decorr.evaluation.report import PAIRS_CSV_HEADER, TRANSFER_CSV_HEADER
 from decorr.evaluation.stats import wilson_interval
-from decorr.evaluation.transfer import (
-    TransferSettings,
-    attack_generator,
-    craft,
-    evaluate_checkpoints,
-    evaluate_transfer,
-    first_pc_scores,
-    load_named_models,
-    pair_transfer,
-)
+from decorr.evaluation.transfer import pair_transfer
+from decorr.evaluation.records import first_pc_scores
+from transfer_helpers import attack_generator, craft, evaluate, evaluate_specs, load_named_models, options, record
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("eval_transfer_script", REPO / "eval" / "transfer.py")
@@ -83,7 +76,7 @@ def test_matrix_matches_direct_per_source_computation(checkpoints, mnist):
     models, entries = load_named_models([checkpoints["pair"], checkpoints["cnn"]])
     x, y = _xy(mnist, 90)
     eps_list, steps, step_size, batch = (0.1, 0.2), 3, 0.04, 40  # batches of 40, 40, 10
-    result = evaluate_transfer(models, (x, y), attack="pgd", eps_list=eps_list, steps=steps, step_size=step_size,
+    result = evaluate(models, (x, y), attack="pgd", eps_list=eps_list, steps=steps, step_size=step_size,
                                seed=7, batch_size=batch, features=False)
     names = list(models)
     assert result["sources"] == names and result["targets"] == names
@@ -124,10 +117,10 @@ def test_one_pass_equals_pair_by_pair(checkpoints, mnist):
     split = mnist.test.subset(60)
     kwargs = dict(attack="pgd", eps_list=[0.15], steps=2, step_size=0.05, seed=1, batch_size=25, features=False)
     paths = [checkpoints["pair"] + ":model0", checkpoints["pair"] + ":model1", checkpoints["cnn"]]
-    full = evaluate_checkpoints(paths, split, **kwargs)
+    full = evaluate_specs(paths, split, **kwargs)
     for i in range(3):
         for j in range(i + 1, 3):
-            pair = evaluate_checkpoints([paths[i], paths[j]], split, **kwargs)
+            pair = evaluate_specs([paths[i], paths[j]], split, **kwargs)
             a, b = pair["targets"]
             for ours, theirs in zip(full["by_eps"], pair["by_eps"]):
                 for src, tgt in ((a, b), (b, a)):
@@ -146,8 +139,8 @@ def test_only_correct_equals_evaluating_the_selected_samples(checkpoints, mnist)
     kept = right.nonzero().flatten()
     assert 0 < len(kept) < len(y)  # the untrained CNN gets some right, not all: a real selection
     kwargs = dict(attack="pgd", eps_list=[0.1], steps=2, step_size=0.05, seed=2, batch_size=50, features=False)
-    ours = evaluate_transfer(models, split, only_correct=True, **kwargs)
-    by_hand = evaluate_transfer(models, split.subset(kept), **kwargs)
+    ours = evaluate(models, split, only_correct=True, **kwargs)
+    by_hand = evaluate(models, split.subset(kept), **kwargs)
     assert ours["settings"]["num_samples"] == len(kept) and ours["settings"]["num_candidates"] == len(y)
     assert ours["settings"]["only_correct"] is True and by_hand["settings"]["only_correct"] is False
     assert ours["by_eps"] == by_hand["by_eps"]
@@ -158,7 +151,7 @@ def test_only_correct_equals_evaluating_the_selected_samples(checkpoints, mnist)
         assert by_hand["models"][name]["natural_accuracy"] == 1.0
     wrong_labels = (models["cnn/model0"](x).argmax(1) + 1) % 10
     with pytest.raises(DecorrError, match="none of the 120 samples is classified correctly"):
-        evaluate_transfer(models, (x, wrong_labels.detach()), only_correct=True, **kwargs)
+        evaluate(models, (x, wrong_labels.detach()), only_correct=True, **kwargs)
 
 
 def test_feature_statistics_match_decorr_loss(checkpoints, mnist):
@@ -166,7 +159,7 @@ def test_feature_statistics_match_decorr_loss(checkpoints, mnist):
     x, y = _xy(mnist, 260)  # more samples than the 200 features of mnist_fc, fewer than the 784 of mnist_cnn
     layers = {k: e["feature_layer"] for k, e in entries.items()}
     archs = {k: e["arch"] for k, e in entries.items()}
-    result = evaluate_transfer(models, (x, y), feature_layers=layers, archs=archs, attack="fgsm", eps_list=[0.1],
+    result = evaluate(models, (x, y), feature_layers=layers, archs=archs, attack="fgsm", eps_list=[0.1],
                                batch_size=100)
     a, b, c = "fc_pair/model0", "fc_pair/model1", "cnn/model0"
     pairs = {(p["a"], p["b"]): p for p in result["pairs"]}
@@ -199,7 +192,7 @@ def test_feature_statistics_match_decorr_loss(checkpoints, mnist):
 
 def test_r2_is_null_with_too_few_samples(checkpoints, mnist):
     models, entries = load_named_models([checkpoints["pair"]])
-    result = evaluate_transfer(models, _xy(mnist, 150), feature_layers={k: e["feature_layer"] for k, e in entries.items()},
+    result = evaluate(models, _xy(mnist, 150), feature_layers={k: e["feature_layer"] for k, e in entries.items()},
                                attack="fgsm", eps_list=[0.1])
     natural = result["pairs"][0]["natural_features"]
     assert natural["r2"] is None and natural["pca_pearson"] is not None
@@ -215,16 +208,17 @@ def test_first_pc_scores_give_pca_pearson():
 
 def test_l2_scaling_and_radius(checkpoints, mnist):
     shape = (1, 28, 28)
-    side = TransferSettings(norm="l2", eps=(0.1,)).to_dict(shape)
+    side = record(options(norm="l2", eps=(0.1,)), shape)
     assert side["attack_eps"] == [pytest.approx(0.1 * math.sqrt(28))]
-    assert side["attack_step_size"] == pytest.approx(3 / 255 * math.sqrt(28))
-    assert TransferSettings(norm="l2", eps=(0.1,), l2_scale="sqrt-dim").to_dict(shape)["attack_eps"] == [pytest.approx(2.8)]
-    assert TransferSettings(norm="l2", eps=(0.1,), l2_scale="none").to_dict(shape)["attack_eps"] == [0.1]
-    assert TransferSettings(norm="linf", eps=(0.1,), l2_scale="sqrt-dim").to_dict(shape)["attack_eps"] == [0.1]
+    # step sizes scale as the radius does: 3/255 * sqrt(28) for PGD's default step
+    assert options(norm="l2", eps=(0.1,)).scale(shape) * 3 / 255 == pytest.approx(3 / 255 * math.sqrt(28))
+    assert record(options(norm="l2", eps=(0.1,), l2_scale="sqrt-dim"), shape)["attack_eps"] == [pytest.approx(2.8)]
+    assert record(options(norm="l2", eps=(0.1,), l2_scale="none"), shape)["attack_eps"] == [0.1]
+    assert record(options(norm="linf", eps=(0.1,), l2_scale="sqrt-dim"), shape)["attack_eps"] == [0.1]
     models, _ = load_named_models([checkpoints["pair"] + ":model0"])
     model = models["fc_pair/model0"]
     x, y = _xy(mnist, 20)
-    settings = TransferSettings(norm="l2", eps=(0.1,), steps=5)
+    settings = options(norm="l2", eps=(0.1,), steps=5)
     x_adv = craft(model, x, y, settings, 0.1, attack_generator(0, "m", 0.1, 0))
     norms = (x_adv - x).flatten(1).norm(dim=1)
     assert norms.max() <= 0.1 * math.sqrt(28) + 1e-5 and norms.max() > 0.1 * math.sqrt(28) * 0.5
@@ -236,7 +230,7 @@ def test_sgm_with_residual_surrogate(cifar_subset):
     target = create_model("vgg_small").eval()
     split = cifar_subset.test.subset(12)
     x, y = to_float(split.images), split.labels
-    settings = TransferSettings(attack="sgm", gamma=0.5, eps=(8 / 255,), steps=2, step_size=2 / 255)
+    settings = options(attack="sgm", gamma=0.5, eps=(8 / 255,), steps=2, step_size=2 / 255)
     ours = craft(surrogate, x, y, settings, 8 / 255, attack_generator(0, "s", 8 / 255, 0))
     with skip_gradient(surrogate, 0.5):
         direct = pgd(ce_loss(surrogate), x, y, eps=8 / 255, steps=2, step_size=2 / 255,
@@ -244,25 +238,26 @@ def test_sgm_with_residual_surrogate(cifar_subset):
     plain = pgd(ce_loss(surrogate), x, y, eps=8 / 255, steps=2, step_size=2 / 255,
                 generator=attack_generator(0, "s", 8 / 255, 0))
     assert torch.equal(ours, direct) and not torch.equal(ours, plain)
-    result = evaluate_transfer({"vgg": target}, (x, y), surrogates={"resnet": surrogate}, attack="sgm", gamma=0.5,
+    result = evaluate({"vgg": target}, (x, y), surrogates={"resnet": surrogate}, attack="sgm", gamma=0.5,
                                eps_list=[8 / 255], steps=2, step_size=2 / 255, batch_size=12)
     assert result["sources"] == ["resnet"] and result["targets"] == ["vgg"]
     assert result["models"]["resnet"]["role"] == "source" and result["models"]["vgg"]["role"] == "target"
     (row,) = result["by_eps"]
     assert set(row["transfer"]) == {"resnet"} and set(row["transfer"]["resnet"]) == {"vgg"}
-    assert result["settings"]["gamma"] == 0.5
-    assert result["settings"]["sgm_exclude"] == "first-of-stage"  # the SGM authors' rule by default
+    sgm = result["settings"]["attacks"][0]["components"]["sgm"]
+    assert sgm["gamma"] == 0.5
+    assert sgm["exclude"] == "first-of-stage"  # the SGM authors' rule by default
     # --sgm-exclude none decays every block, as skip_gradient(exclude="none") does; it is another attack.
-    every = TransferSettings(attack="sgm", gamma=0.5, eps=(8 / 255,), steps=2, step_size=2 / 255, sgm_exclude="none")
+    every = options(attack="sgm", gamma=0.5, eps=(8 / 255,), steps=2, step_size=2 / 255, sgm_exclude="none")
     ours_every = craft(surrogate, x, y, every, 8 / 255, attack_generator(0, "s", 8 / 255, 0))
     with skip_gradient(surrogate, 0.5, exclude="none"):
         direct_every = pgd(ce_loss(surrogate), x, y, eps=8 / 255, steps=2, step_size=2 / 255,
                            generator=attack_generator(0, "s", 8 / 255, 0))
     assert torch.equal(ours_every, direct_every) and not torch.equal(ours_every, ours)
-    assert every.to_dict((3, 32, 32))["sgm_exclude"] == "none"
-    assert TransferSettings(attack="pgd").to_dict((3, 32, 32))["sgm_exclude"] is None
+    assert every.parsed_attacks()[0].describe()["components"]["sgm"]["exclude"] == "none"
+    assert "sgm" not in options(attack="pgd").parsed_attacks()[0].describe()["components"]
     with pytest.raises(DecorrError, match="--sgm-exclude"):
-        TransferSettings(attack="sgm", sgm_exclude="first")
+        options(attack="sgm", sgm_exclude="first")
 
 
 def test_script_writes_results_and_refuses_overwrite(checkpoints, tmp_path, capsys):
@@ -273,10 +268,11 @@ def test_script_writes_results_and_refuses_overwrite(checkpoints, tmp_path, caps
     printed = capsys.readouterr().out
     assert "transfer rate" in printed and "fc_pair/model0" in printed
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"format", "settings", "models", "sources", "targets", "pairs", "by_eps", "notes", "timing"}
-    assert results["format"] == "decorr-transfer/1"
+    assert set(results) == {"format", "settings", "models", "sources", "targets", "pairs", "by_eps", "worst_case",
+                            "notes", "timing", "config"}
+    assert results["format"] == "decorr-transfer/2"
     assert results["settings"]["eps"] == [0.05, 0.1] and results["settings"]["dataset"] == "mnist"
-    assert set(results["by_eps"][0]) == {"eps", "attack_eps", "white_box_accuracy", "accuracy", "transfer",
+    assert set(results["by_eps"][0]) == {"attack", "eps", "attack_eps", "white_box_accuracy", "accuracy", "transfer",
                                          "source_fooled", "transferred", "pairs", "white_box_accuracy_ci95",
                                          "white_box_correct", "accuracy_ci95", "correct", "transfer_ci95", "fooled",
                                          "detection"}
@@ -335,16 +331,18 @@ def test_errors_are_one_line(checkpoints, tmp_path, capsys):
     assert "cnn/model0" in err and "no residual units" in err
     err = _script_error([checkpoints["pair"], "--gamma", "0.5", "--out", str(tmp_path / "o4"), *common], capsys)
     assert "--attack sgm" in err
-    assert script.parse_args([checkpoints["pair"]]).sgm_exclude == "first-of-stage"
-    assert script.parse_args([checkpoints["pair"], "--sgm-exclude", "none"]).sgm_exclude == "none"
+    job = script.job_from_args(script.parse_args([checkpoints["pair"], "--attack", "sgm"]))
+    assert job.options.parsed_attacks()[0].modifiers[0].exclude == "first-of-stage"  # the SGM authors' rule
+    job = script.job_from_args(script.parse_args([checkpoints["pair"], "--attack", "sgm", "--sgm-exclude", "none"]))
+    assert job.options.parsed_attacks()[0].modifiers[0].exclude == "none"
     # Weights that do not fit the declared architecture: mnist_cnn weights declared as mnist_fc.
     bad = tmp_path / "bad" / "checkpoint"
     save_checkpoint(bad, {"model0": create_model("mnist_cnn")},
                     {"models": {"model0": model_entry("mnist_fc")}, "dataset": "mnist"})
     err = _script_error([str(bad.parent), "--out", str(tmp_path / "o5"), *common], capsys)
     assert "do not match architecture 'mnist_fc'" in err
-    with pytest.raises(DecorrError, match="MI/DI/TI"):
-        TransferSettings(attack="fgsm", momentum=1.0)
+    with pytest.raises(DecorrError, match="--momentum sets pgd, but no attack of this run uses it"):
+        options(attack="fgsm", momentum=1.0)  # FGSM is one plain step: no momentum
 
 
 def test_script_runs_standalone(tmp_path):

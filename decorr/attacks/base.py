@@ -137,7 +137,10 @@ class AttackComponent:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def fail(self, field_name: str, problem: str) -> None:
-        raise DecorrError(f"attack {self.name}: {field_name} {problem}")
+        """Raise the one-line error of a bad setting, naming the field and its flag."""
+        flags = [f.metadata.get("flag") for f in dataclasses.fields(self) if f.name == field_name]
+        flag = flags[0] if flags and flags[0] else f"--{self.name}-{field_name}".replace("_", "-")
+        raise DecorrError(f"attack {self.name}: {field_name} ({flag}) {problem}")
 
 
 class Optimizer(AttackComponent):

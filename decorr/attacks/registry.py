@@ -128,9 +128,12 @@ def parse_attacks(texts: Iterable[str], overrides: Mapping[str, Any] | None = No
     for flag in overrides or {}:
         if not any(flag in _component_flags(type(c)) for a in attacks for c in a.components):
             users = sorted(n for n, cls in ATTACKS.items() if flag in _component_flags(cls))
+            kind = ATTACKS[users[0]].kind
+            fix = (f"--attack {users[0]}" if kind == "optimizer" else
+                   f"--attack {users[0]} or {attacks[0].optimizer.name}+{users[0]}")
             raise DecorrError(f"{flag} sets {', '.join(users)}, but no attack of this run uses "
                               f"{'it' if len(users) == 1 else 'them'} (attacks: {', '.join(a.name for a in attacks)}); "
-                              f"drop {flag} or add e.g. --attack {attacks[0].name}+{users[0]}")
+                              f"drop {flag} or use an attack with {users[0]} (e.g. {fix})")
     described = [a.describe()["components"] for a in attacks]
     for i, a in enumerate(attacks):
         for j in range(i):
@@ -251,7 +254,7 @@ def add_attack_arguments(parser: argparse.ArgumentParser) -> None:
         "--attack sets one attack's; defaults are each attack's paper's)")
     for flag, entry in attack_flags().items():
         users = entry["users"]
-        defaults = ", ".join(f"{u} {_default_text(entry['defaults'][u])}" for u in users[:4])
+        defaults = ", ".join(f"{u} {_default_text(entry['defaults'][u], flag)}" for u in users[:4])
         more = f", ... ({len(users)} attacks)" if len(users) > 4 else ""
         text = f"{entry['help']} [{defaults}{more}]".replace("%", "%%")
         if entry["type"] is bool:
@@ -264,13 +267,15 @@ def add_attack_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=_dest(flag), type=kind, default=None, metavar="X", help=text)
 
 
-def _default_text(value: Any) -> str:
+def _default_text(value: Any, flag: str = "") -> str:
     if isinstance(value, float):
         levels = value * 255
         if abs(levels - round(levels)) < 1e-9 and value < 1 and value > 0:
             return f"{round(levels)}/255"
         return f"{value:g}"
-    return "eps/steps" if value is None else str(value)
+    if value is None:
+        return "eps/steps" if flag == "--step-size" else "auto"
+    return str(value)
 
 
 def pixel_argument(text: str) -> float:

@@ -147,6 +147,7 @@ def _evaluate_attacks(job: TransferJob, device: Any, report: Any) -> dict[str, A
         if writer is not None:
             writer.discard()  # no half-written folder
         raise
+    result["settings"]["eps_default"] = None
     if not job.options.eps:  # printed with the tables' notes
         described = default_eps_text(tuple(dataset.input_shape))
         result["settings"]["eps_default"] = described

@@ -32,7 +32,7 @@ import torch
 from decorr.errors import DecorrError
 from decorr.evaluation.stats import mcnemar
 
-__all__ = ["COMPARE_FORMAT", "compare_results", "load_results", "pack_outcomes", "row_attack", "rows_of",
+__all__ = ["COMPARE_FORMAT", "compare_results", "load_results", "attack_worst_rows", "pack_outcomes", "row_attack", "rows_of",
            "samples_fingerprint", "unpack_outcomes"]
 
 COMPARE_FORMAT = "decorr-transfer-compare/1"
@@ -103,6 +103,13 @@ def row_attack(result: Mapping[str, Any], row: Mapping[str, Any]) -> str:
     return row.get("attack") or result.get("settings", {}).get("attack") or "pgd"
 
 
+def attack_worst_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The worst case's per-source rows (attack ``any``) when the run had several attacks (with one attack
+    they repeat its rows; the ``all_sources`` part of every worst-case row stands on its own)."""
+    attacks = {row_attack(result, row) for row in result["by_eps"]}
+    return list(result.get("worst_case", [])) if len(attacks) > 1 else []
+
+
 def rows_of(result: Mapping[str, Any], attack: str | None = None) -> list[dict[str, Any]]:
     """The ``by_eps`` rows of one attack (default: the first attack of the result)."""
     rows = result["by_eps"]
@@ -137,7 +144,7 @@ def compare_results(a: Mapping[str, Any], b: Mapping[str, Any], *, labels: tuple
     transfer_b, difference, error_a, error_b, only_a, only_b, p_value}], unmatched: {a: n, b: n}}``.
     """
     n = _check_same_images(a, b, labels)
-    every = {side: list(r["by_eps"]) + list(r.get("worst_case", [])) for side, r in (("a", a), ("b", b))}
+    every = {side: list(r["by_eps"]) + attack_worst_rows(r) for side, r in (("a", a), ("b", b))}
     rows_b = {(row_attack(b, row), float(row["eps"])): row for row in every["b"]}
     rows, matched = [], 0
     total = {"a": 0, "b": 0}

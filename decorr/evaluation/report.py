@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from decorr.evaluation.tables import eps_text, format_table, plot_heatmap, plot_lines, tensorboard_writer
 from decorr.evaluation.records import ALL_SOURCES, ANY_ATTACK
-from decorr.evaluation.compare import row_attack
+from decorr.evaluation.compare import attack_worst_rows, row_attack
 from decorr.io import RESULTS_FILE, write_csv, write_results_json
 
 __all__ = ["COMPARE_CSV_HEADER", "DETECTION_CSV_HEADER", "PAIRS_CSV_HEADER", "TRANSFER_CSV_HEADER", "compare_rows",
@@ -68,8 +68,9 @@ def format_transfer(result: Mapping[str, Any]) -> str:
     blocks = [_models_block(result)]
     for row in result["by_eps"]:
         blocks += _row_blocks(result, row)
-    for row in result.get("worst_case", []):
+    for row in attack_worst_rows(result):
         blocks += _row_blocks(result, row)
+    for row in result.get("worst_case", []):
         blocks.append(_all_sources_block(result, row))
     if result["pairs"]:
         blocks += _pair_blocks(result)
@@ -179,7 +180,7 @@ def transfer_rows(result: Mapping[str, Any]) -> list[list[Any]]:
     have attack ``any``."""
     settings, models = result["settings"], result["models"]
     rows = []
-    for row in list(result["by_eps"]) + list(result.get("worst_case", [])):
+    for row in list(result["by_eps"]) + attack_worst_rows(result):
         for src in result["sources"]:
             for tgt in result["targets"]:
                 rows.append([row_attack(result, row), settings["norm"], row["eps"], row["attack_eps"], src, tgt,
@@ -277,7 +278,7 @@ def plot_transfer(result: Mapping[str, Any], out: str | os.PathLike) -> list[Pat
     (the worst case's as attack ``any``)."""
     out = Path(out)
     settings, norm = result["settings"], result["settings"]["norm"]
-    rows = list(result["by_eps"]) + list(result.get("worst_case", []))
+    rows = list(result["by_eps"]) + attack_worst_rows(result)
     paths = []
     for attack in dict.fromkeys(row_attack(result, row) for row in rows):
         chosen = [row for row in rows if row_attack(result, row) == attack]
@@ -323,7 +324,7 @@ def log_transfer_tensorboard(result: Mapping[str, Any], log_dir: str | os.PathLi
         for name, model in result["models"].items():
             if model["natural_accuracy"] is not None:
                 writer.add_scalar(f"natural_accuracy/{name}", model["natural_accuracy"], 0)
-        for row in list(result["by_eps"]) + list(result.get("worst_case", [])):
+        for row in list(result["by_eps"]) + attack_worst_rows(result):
             attack = f"{_file_slug(row_attack(result, row))}_{result['settings']['norm']}"
             step = int(round(1000 * row["eps"]))
             for pair in row["pairs"]:

@@ -30,7 +30,7 @@ from decorr.errors import DecorrError
 from decorr.evaluation.tables import plot_points
 from decorr.evaluation.records import ALL_SOURCES
 from decorr.evaluation.stats import t_interval
-from decorr.evaluation.compare import row_attack
+from decorr.evaluation.compare import attack_worst_rows, row_attack
 
 __all__ = ["defence_measures", "defence_table", "ensemble_measures", "plot_accuracy_transfer", "seed_table",
            "training_measures"]
@@ -81,7 +81,7 @@ def attack_rows(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]
     attacks = list(dict.fromkeys(row_attack(result, r) for r in rows))
     if len(attacks) < 2:
         return [("", r) for r in rows]
-    return [(f"|{row_attack(result, r)}", r) for r in rows + list(result.get("worst_case", []))]
+    return [(f"|{row_attack(result, r)}", r) for r in rows + attack_worst_rows(result)]
 
 
 def training_measures(result: Mapping[str, Any]) -> dict[str, float] | None:
@@ -171,8 +171,8 @@ def seed_table(groups: Mapping[str, Sequence[Mapping[str, Any]]], *, baseline: s
     _check_groups(runs, groups, baseline)
     keys = [(tag, record["eps"]) for tag, record in attack_rows(runs[0])]
     if any([(tag, record["eps"]) for tag, record in attack_rows(r)] != keys for r in runs):
-        raise DecorrError("the evaluations used different attacks or epsilons; summarise runs with the same "
-                          "--attack and --eps")
+        raise DecorrError("the evaluations used different epsilons (or attacks); summarise runs with the same "
+                          "--eps and --attack")
     measures = {label: [ensemble_measures(r) for r in group] for label, group in groups.items()}
     logged = {label: [training_measures(r) for r in group] for label, group in groups.items()}
     from_log = all(m is not None for rows in logged.values() for m in rows)

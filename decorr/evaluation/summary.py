@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from decorr.errors import DecorrError
-from decorr.evaluation.compare import row_attack
+from decorr.evaluation.compare import attack_worst_rows, row_attack
 from decorr.evaluation.stats import wilson_interval
 
 __all__ = ["error_cells", "error_table"]
@@ -28,7 +28,7 @@ def error_cells(result: Mapping[str, Any], source: str, targets: Sequence[str]) 
     n = int(result["settings"]["num_samples"])
     several = len({row_attack(result, e) for e in result["by_eps"]}) > 1
     rows = []
-    for entry in list(result["by_eps"]) + (list(result.get("worst_case", [])) if several else []):
+    for entry in list(result["by_eps"]) + attack_worst_rows(result):
         if source not in entry["white_box_correct"]:
             raise DecorrError(f"{source!r} is not a source of this evaluation; sources: {', '.join(entry['white_box_correct'])}")
         eps = f"{entry['eps'] * 255:g}/255"

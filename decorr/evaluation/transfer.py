@@ -489,11 +489,7 @@ def _add_details(plan: _Plan, row: dict[str, Any], gathered: Mapping[str, dict[s
 def _adversarial_pair(plan: _Plan, row: dict[str, Any], record: Mapping[str, Any],
                       gathered: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     a, b = record["a"], record["b"]
-    a_to_b = row["transfer"][a][b] if a in row["transfer"] else None
-    b_to_a = row["transfer"][b][a] if b in row["transfer"] else None
-    entry: dict[str, Any] = {"a": a, "b": b, "a_to_b": a_to_b, "b_to_a": b_to_a,
-                             "mean": 0.5 * (a_to_b + b_to_a) if a_to_b is not None and b_to_a is not None else None,
-                             "on_adv_of_a": None, "on_adv_of_b": None}
+    entry = _pair_figure(row, a, b)
     if (a, b) in plan.feature_pairs:
         for key, src, other in (("on_adv_of_a", a, b), ("on_adv_of_b", b, a)):
             if src in gathered:
@@ -511,8 +507,18 @@ def _worst_case_rows(plan: _Plan, options: TransferOptions,
     worst = []
     for eps in plan.eps:
         by_attack = [outcomes for row, outcomes in rows if row["eps"] == eps]
-        worst.append(worst_case_record(eps, eps * scale, plan.sources, list(plan.targets), by_attack))
+        row = worst_case_record(eps, eps * scale, plan.sources, list(plan.targets), by_attack)
+        row["pairs"] = [_pair_figure(row, a, b) for a, b in plan.pairs]
+        worst.append(row)
     return worst
+
+
+def _pair_figure(row: Mapping[str, Any], a: str, b: str) -> dict[str, Any]:
+    a_to_b = row["transfer"][a][b] if a in row["transfer"] else None
+    b_to_a = row["transfer"][b][a] if b in row["transfer"] else None
+    return {"a": a, "b": b, "a_to_b": a_to_b, "b_to_a": b_to_a,
+            "mean": 0.5 * (a_to_b + b_to_a) if a_to_b is not None and b_to_a is not None else None,
+            "on_adv_of_a": None, "on_adv_of_b": None}
 
 
 def _model_records(plan: _Plan, natural: dict[str, Any], model_info: Mapping[str, Mapping[str, Any]] | None,
