@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import re
 import typing
-from fractions import Fraction
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from decorr.attacks.base import KINDS, Attack, AttackComponent
-from decorr.errors import DecorrError
+from decorr.errors import DecorrError, pixel_value
 
 __all__ = ["ATTACKS", "add_attack_arguments", "attack_class", "attack_flags", "attack_overrides", "list_attacks",
            "parse_attack", "parse_attacks", "register_attack"]
@@ -187,22 +185,10 @@ def _convert(raw: str, hint: Any, where: str) -> Any:
         if base is int:
             return int(raw)
         if base is float:
-            return pixel_number(raw)
-    except (KeyError, ValueError, ZeroDivisionError):
+            return pixel_value(raw)
+    except (KeyError, ValueError, argparse.ArgumentTypeError):
         raise DecorrError(f"bad value {raw!r} for {where}; expected {getattr(base, '__name__', base)}") from None
     return raw
-
-
-def pixel_number(text: str) -> float:
-    """A number or a fraction of numbers (``1.6/255``); not finite is an error."""
-    if "/" in text:
-        num, _, den = text.partition("/")
-        value = float(Fraction(num.strip())) / float(Fraction(den.strip()))
-    else:
-        value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(text)
-    return value
 
 
 def _base_type(hint: Any) -> tuple[Any, bool]:
@@ -263,7 +249,7 @@ def add_attack_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(negative, dest=_dest(flag), action="store_const", const=False,
                                help=argparse.SUPPRESS)
         else:
-            kind = pixel_argument if entry["type"] is float else entry["type"]
+            kind = pixel_value if entry["type"] is float else entry["type"]
             group.add_argument(flag, dest=_dest(flag), type=kind, default=None, metavar="X", help=text)
 
 
@@ -276,13 +262,6 @@ def _default_text(value: Any, flag: str = "") -> str:
     if value is None:
         return "eps/steps" if flag == "--step-size" else "auto"
     return str(value)
-
-
-def pixel_argument(text: str) -> float:
-    try:
-        return pixel_number(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 0.5 or 1.6/255)") from None
 
 
 def attack_overrides(args: argparse.Namespace) -> dict[str, Any]:
