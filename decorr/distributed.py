@@ -7,6 +7,8 @@ gradient of each sample back to the process that owns it.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -81,3 +83,45 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside a data-parallel wrapper (DDP keeps it as ``.module``)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (``torchrun``, ``accelerate launch``) started: ``$WORLD_SIZE``, else 1."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
+
+
+def start_processes(device: torch.device) -> torch.device:
+    """Join the launcher's process group (gloo on the CPU, NCCL on GPUs; through accelerate, which reads
+    ``torchrun``'s and ``accelerate launch``'s environment) when several processes were launched, and
+    return this process's device: ``device`` itself, or on GPUs the local rank's GPU. One process: nothing
+    to join, ``device`` as it is."""
+    if launched_processes() == 1 or is_distributed():
+        return _local(device)
+    from accelerate import PartialState
+
+    PartialState(cpu=device.type == "cpu")
+    return _local(device)
+
+
+def _local(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None and is_distributed():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank())) % max(torch.cuda.device_count(), 1))
+    return device
+
+
+def barrier() -> None:
+    """Wait for every process (nothing to wait for in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(value: object) -> object:
+    """The main process's ``value`` on every process (e.g. a path it chose)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -140,7 +140,7 @@ class AttackComponent:
         """Raise the one-line error of a bad setting, naming the field and its flag."""
         flags = [f.metadata.get("flag") for f in dataclasses.fields(self) if f.name == field_name]
         flag = flags[0] if flags and flags[0] else f"--{self.name}-{field_name}".replace("_", "-")
-        raise DecorrError(f"attack {self.name}: {field_name} ({flag}) {problem}")
+        raise DecorrError(f"attack {self.name}: {field_name} {problem} (set by {flag} or {self.name}({field_name}=...))")
 
 
 class Optimizer(AttackComponent):

@@ -47,6 +47,7 @@ from torch import Tensor
 from decorr.data.base import to_float
 from decorr.data.decode import probe_images
 from decorr.data.stream import file_split
+from decorr.distributed import barrier, rank, world_size
 from decorr.errors import DecorrError
 from decorr.io import blocking_file, write_json
 from decorr.evaluation.metrics import accuracy, transfer_rate
@@ -80,6 +81,9 @@ class AdversarialWriter:
 
     Nothing is created until the first batch arrives, so a refusal before the attack leaves no folder; call
     :meth:`close` after the last batch (it marks the folder complete) or :meth:`discard` when the run failed.
+    Under several processes each writes its own images and index part (``index.part-<rank>.csv``); in
+    :meth:`close` the main process merges the parts into ``index.csv`` in the order one process writes it
+    (attack, eps, source as the evaluation loops over them, then image index), so the folder is the same.
     """
 
     def __init__(self, folder: str | Path, *, save_float: bool = False) -> None:
@@ -93,12 +97,17 @@ class AdversarialWriter:
         self.save_float = save_float
         self._handle: Any = None
         self.count = 0
+        self.rank, self.world = rank(), world_size()
+
+    @property
+    def _index_path(self) -> Path:
+        return self.folder / (INDEX_FILE if self.world == 1 else f"index.part-{self.rank}.csv")
 
     def _open(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        # Before the first image: a folder left by a killed run says it is incomplete.
-        write_json(self.folder / MARKER_FILE, {"format": MARKER_FORMAT, "complete": False})
-        self._handle = open(self.folder / INDEX_FILE, "w", newline="")
+        if self.rank == 0:  # before the first image: a folder left by a killed run says it is incomplete
+            write_json(self.folder / MARKER_FILE, {"format": MARKER_FORMAT, "complete": False})
+        self._handle = open(self._index_path, "w", newline="")
         self._csv = csv.writer(self._handle)
         self._csv.writerow(INDEX_HEADER if self.save_float else INDEX_HEADER[:-1])
 
@@ -125,15 +134,42 @@ class AdversarialWriter:
         self.count += len(indices)
 
     def close(self, settings: Mapping[str, Any] | None = None) -> None:
-        """Finish the folder: settings.json, then (last) the marker saying it is complete."""
+        """Finish the folder: (several processes) the index parts merged, settings.json, then (last) the
+        marker saying it is complete."""
         if self._handle is None:
             self._open()
         self._handle.close()
+        barrier()
+        if self.rank != 0:
+            barrier()
+            return
+        count = self.count if self.world == 1 else self._merge_parts()
         if settings is not None:
             from decorr.io import write_results_json
 
             write_results_json(self.folder / SETTINGS_FILE, dict(settings))
-        write_json(self.folder / MARKER_FILE, {"format": MARKER_FORMAT, "complete": True, "images": self.count})
+        write_json(self.folder / MARKER_FILE, {"format": MARKER_FORMAT, "complete": True, "images": count})
+        barrier()
+
+    def _merge_parts(self) -> int:
+        parts = [self.folder / f"index.part-{r}.csv" for r in range(self.world)]
+        header, rows = None, []
+        for part in parts:
+            with open(part, newline="") as handle:
+                reader = csv.reader(handle)
+                header = next(reader)
+                rows += list(reader)
+        groups: dict[tuple[str, str, str], int] = {}
+        for row in rows:  # every process loops over the groups in the same order
+            groups.setdefault((row[2], row[3], row[1]), len(groups))
+        rows.sort(key=lambda row: (groups[(row[2], row[3], row[1])], int(row[4])))
+        with open(self.folder / INDEX_FILE, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+        for part in parts:
+            part.unlink()
+        return len(rows)
 
     def discard(self) -> None:
         """Remove what this writer wrote (the run failed): the folder is as it was before, absent or empty."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from decorr.config import check_subset, opt, resolve_device
 from decorr.data import load_dataset
-from decorr.distributed import rank
+from decorr.distributed import barrier, broadcast_object, rank, start_processes
 from decorr.errors import DecorrError
 from decorr.evaluation.adversarial_files import AdversarialWriter, evaluate_adversarial_specs, read_index
 from decorr.evaluation.progress import terminal_reporter
@@ -105,9 +105,11 @@ class TransferJob:
 
 def run_transfer_job(job: TransferJob) -> dict[str, Any]:
     """Evaluate, print the tables, write ``--out`` (results.json, CSVs, tables, plots) and return the result."""
-    device = resolve_device(job.device)
+    device = start_processes(resolve_device(job.device))
     output = job.output
-    out = prepare_output_dir(output.out or default_output_dir(), overwrite=output.overwrite)  # before any work
+    # one folder for every process (a default one is named by the time, which processes would not agree on)
+    chosen = broadcast_object(str(output.out or default_output_dir()))
+    out = prepare_output_dir(chosen, overwrite=output.overwrite)  # before any work
     # --out is replaced whole when the results are written: it may hold neither an input nor the examples
     # that --save-adversarial writes during the same run.
     check_paths_apart({"--out": out, "--save-adversarial": output.save_adversarial}, job.input_paths())
@@ -131,6 +133,7 @@ def _evaluate_attacks(job: TransferJob, device: Any, report: Any) -> dict[str, A
     selection, data, output = job.selection, job.data, job.output
     writer = AdversarialWriter(output.save_adversarial, save_float=output.save_float) if output.save_adversarial \
         else None  # checks the folder now; it is created with the first adversarial batch
+    barrier()  # every process has checked the folder before any writes into it
     dataset = load_dataset(data.dataset or checkpoint_dataset(list(selection.targets + selection.surrogates)
                                                               + selection.member_specs),
                            data.data_root, **data.folder_options())
