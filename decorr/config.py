@@ -213,3 +213,103 @@ def set_threads(threads: int | None) -> None:
         return
     check_at_least("threads", threads, 1)
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings files: --config FILE (YAML or JSON) with the flags' names; flags given win
+
+
+def add_config_file_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML or JSON file of settings by flag name (e.g. eps: [8/255], attack: [pgd, mifgsm]); "
+                             "flags given on the command line override it")
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with ``--config FILE``: the file's settings become the defaults (checked
+    and converted like flags), the command line overrides them. An unknown setting is a one-line error."""
+    if not any(a.dest == "config" for a in parser._actions):
+        add_config_file_argument(parser)
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        apply_settings(parser, read_settings_file(first.config), source=first.config)
+    return parser.parse_args(argv)
+
+
+def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A mapping of settings from a YAML (``.yaml``/``.yml``) or JSON file; anything else is a one-line error."""
+    import json
+
+    text_path = os.fspath(path)
+    try:
+        with open(text_path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as err:
+        raise DecorrError(f"cannot read the settings file {text_path} ({err.strerror}); give an existing YAML or "
+                          "JSON file") from None
+    try:
+        if text_path.lower().endswith(".json"):
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as err:  # noqa: BLE001 - yaml's and json's parse errors: the file is not readable
+        detail = " ".join(str(err).split())[:160]
+        raise DecorrError(f"{text_path} is not valid YAML/JSON ({detail}); fix the file") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise DecorrError(f"{text_path} holds a {type(values).__name__}, not a mapping of settings; write one "
+                          "`name: value` per line")
+    return values
+
+
+def apply_settings(parser: argparse.ArgumentParser, values: Mapping[str, Any], *, source: str) -> None:
+    """Make ``values`` (by flag name, with or without dashes, or by destination) the parser's defaults."""
+    actions = {}
+    for action in parser._actions:
+        if action.dest in ("help", "config"):
+            continue
+        actions[action.dest] = action
+        for option in action.option_strings:
+            actions.setdefault(option.lstrip("-").replace("-", "_"), action)
+    defaults: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        action = actions.get(name)
+        if action is None:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(actions), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise DecorrError(f"{source}: unknown setting {key!r}{hint}; use the names of this script's flags "
+                              "(see --help)")
+        defaults[action.dest] = _setting_value(action, value, key, source)
+    parser.set_defaults(**defaults)
+
+
+def _setting_value(action: argparse.Action, value: Any, key: str, source: str) -> Any:
+    if action.nargs == 0:
+        if not isinstance(value, bool):
+            raise DecorrError(f"{source}: {key} is a switch; give true or false, not {value!r}")
+        # a --no-x switch stores False when given: true in the file means "given"
+        return (not value) if getattr(action, "const", None) is False else value
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int) or isinstance(action, argparse._AppendAction)
+    items = value if isinstance(value, list) else [value]
+    if not many and isinstance(value, list):
+        raise DecorrError(f"{source}: {key} takes one value, not a list")
+    converted = []
+    for item in items:
+        if action.type is not None and isinstance(item, str):
+            try:
+                item = action.type(item)
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+                raise DecorrError(f"{source}: bad value {item!r} for {key} ({err})") from None
+        elif action.type in (int, float) and not isinstance(item, (int, float)) or isinstance(item, bool) \
+                and action.type in (int, float):
+            raise DecorrError(f"{source}: {key} must be a number, got {item!r}")
+        if action.choices is not None and item not in action.choices:
+            raise DecorrError(f"{source}: {key} must be one of {', '.join(map(str, action.choices))}, got {item!r}")
+        converted.append(item)
+    return converted if many else converted[0]

@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
+from decorr.config import parse_with_config
 from decorr.checkpoint import save_checkpoint
 from decorr.errors import DecorrError, cli_entry
 from decorr.io import blocking_file
@@ -60,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--out", required=True, help="the checkpoint directory to write (must not exist)")
     p.add_argument("--dataset", default=None, help="dataset name recorded in the checkpoint (evaluations default to it)")
     add_spec_arguments(p)
-    args = p.parse_args(argv)
+    args = parse_with_config(p, argv)
     path = convert_spec(args.spec, args.out, spec_options(args), dataset=args.dataset)
     print(f"wrote {path}")
     return path

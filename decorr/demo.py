@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from decorr.config import parse_with_config
 from decorr.training.entry import RunOptions
 from decorr.checkpoint import load_checkpoint
 from decorr.data import load_dataset
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eps", type=float, nargs="+", default=[0.05, 0.1], help="PGD Linf radii (pixel units)")
     p.add_argument("--attack-samples", type=int, default=1000, help="test images attacked for the transfer rates")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return parse_with_config(p, argv)
 
 
 def _epochs(n: int) -> str:

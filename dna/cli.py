@@ -7,7 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 
-from decorr.config import add_config_arguments, config_kwargs, env_int
+from decorr.config import add_config_arguments, config_kwargs, env_int, parse_with_config
 from decorr.io import strict_json
 from decorr.training.entry import RunOptions, add_run_arguments
 
@@ -29,7 +29,7 @@ def parse_args(family: str, argv: list[str] | None = None, description: str | No
     add_run_arguments(p, helps={"run_dir": "where both stages' checkpoints and TensorBoard logs go (default: a new "
                                           "runs/<model>_<family>/<timestamp>)",
                                 "resume": "continue the stages in --run-dir from their checkpoints"})
-    return p.parse_args(argv)
+    return parse_with_config(p, argv)
 
 
 def main(family: str, argv: list[str] | None = None, description: str | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+from decorr.config import parse_with_config
 from decorr.evaluation.compare import compare_results, load_results
 from decorr.errors import cli_entry
 from decorr.evaluation.report import COMPARE_CSV_HEADER, compare_rows, format_comparison
@@ -27,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="also write the comparison as JSON (decorr-transfer-compare/1)")
     p.add_argument("--csv", default=None, help="also write one CSV row per (source, target, eps)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --csv file")
-    return p.parse_args(argv)
+    return parse_with_config(p, argv)
 
 
 @cli_entry

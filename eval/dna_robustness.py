@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from decorr.attacks import add_attack_arguments, attack_overrides
-from decorr.config import add_config_arguments, config_kwargs
+from decorr.config import add_config_arguments, config_kwargs, parse_with_config
 from decorr.errors import cli_entry
 from dna.evaluation import RobustnessOptions
 from dna.robustness import RobustnessJob, run_robustness_job
@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_config_arguments(p, RobustnessJob, exclude=("checkpoint", "options"))
     add_config_arguments(p, RobustnessOptions, exclude=("attack_settings",))
     add_attack_arguments(p)
-    return p.parse_args(argv)
+    return parse_with_config(p, argv)
 
 
 @cli_entry

@@ -23,7 +23,7 @@ from decorr.errors import DecorrError, cli_entry
 from decorr.specs import SPEC_HELP, add_spec_arguments, check_input_shape, load_specs, spec_options, spec_paths
 from decorr.io import check_output_file, check_paths_apart, write_results_json
 from decorr.evaluation.transfer import checkpoint_dataset
-from decorr.config import check_at_least, resolve_device, set_threads
+from decorr.config import check_at_least, parse_with_config, resolve_device, set_threads
 
 #: Test images used without --num-samples (all of them when the split is smaller).
 DEFAULT_SAMPLES = 1000
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON file to write (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
     add_spec_arguments(p)
-    return p.parse_args(argv)
+    return parse_with_config(p, argv)
 
 
 @cli_entry

@@ -24,6 +24,7 @@ import argparse
 import json
 from pathlib import Path
 
+from decorr.config import parse_with_config
 from decorr.errors import DecorrError, cli_entry, pixel_value
 from decorr.evaluation.seeds import defence_table, plot_accuracy_transfer, seed_table
 from decorr.evaluation.summary import error_table
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", nargs="+", default=None, help="target columns (default: every other target)")
     p.add_argument("--out", default=None, help="also write the table to this file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --plot file")
-    return p.parse_args(argv)
+    return parse_with_config(p, argv)
 
 
 def _load(path: str) -> dict:

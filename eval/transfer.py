@@ -22,57 +22,24 @@ overlap each other or hold an input. The schema is in decorr/evaluation/transfer
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from decorr.attacks import add_attack_arguments, attack_overrides
-from decorr.config import add_config_arguments, config_kwargs, set_threads
+from decorr.config import parse_with_config, set_threads
 from decorr.errors import cli_entry
-from decorr.evaluation.command import DataOptions, OutputOptions, TransferJob, run_transfer_job
-from decorr.evaluation.ensembles import ENSEMBLE_RULES
-from decorr.evaluation.transfer import ModelSelection, TransferOptions
-from decorr.specs import SPEC_HELP, add_spec_arguments, spec_options
+from decorr.evaluation.command import describe_job, job_from_args, run_transfer_job, transfer_parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, epilog=SPEC_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="*", metavar="SPEC", help="target models: checkpoints or ARCH=WEIGHTS specs")
-    p.add_argument("--ensemble", action="append", default=[], metavar="NAME=SPEC,SPEC",
-                   help="a target that combines its members (repeatable); attacked white-box like every target")
-    p.add_argument("--ensemble-rule", choices=ENSEMBLE_RULES, default="prob",
-                   help="ensembles predict with the mean softmax (prob), the mean logits or a majority vote")
-    p.add_argument("--surrogate-ensemble", action="append", default=[], metavar="NAME=SPEC,SPEC",
-                   help="a source attacked on its members' mean loss (Liu et al. 2017; repeatable)")
-    p.add_argument("--surrogate", nargs="+", default=[], metavar="SPEC",
-                   help="source-only models whose adversarial examples are evaluated on every target")
-    add_config_arguments(p, TransferOptions, exclude=("attack_settings",))
-    add_config_arguments(p.add_argument_group("data"), DataOptions)
-    add_config_arguments(p.add_argument_group("outputs and adversarial files (docs/transfer.md)"), OutputOptions)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (e.g. 1 on a shared machine)")
-    add_attack_arguments(p)
-    add_spec_arguments(p)
-    return p.parse_args(argv)
-
-
-def job_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> TransferJob:
-    """The :class:`TransferJob` the flags describe (every setting checked here, before any work)."""
-    selection = ModelSelection(targets=tuple(args.checkpoints), surrogates=tuple(args.surrogate),
-                               ensembles=tuple(args.ensemble), surrogate_ensembles=tuple(args.surrogate_ensemble),
-                               ensemble_rule=args.ensemble_rule, spec_options=spec_options(args))
-    options = TransferOptions(**config_kwargs(TransferOptions, args, exclude=("attack_settings",)),
-                              attack_settings=attack_overrides(args))
-    return TransferJob(selection, DataOptions(**config_kwargs(DataOptions, args)), options,
-                       OutputOptions(**config_kwargs(OutputOptions, args)), device=args.device,
-                       command=tuple(sys.argv[1:] if argv is None else argv))
+def parse_args(argv: list[str] | None = None):
+    return parse_with_config(transfer_parser(__doc__), argv)
 
 
 @cli_entry
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     set_threads(args.threads)
-    return run_transfer_job(job_from_args(args, argv))
+    job = job_from_args(args, argv)
+    if args.dry_run:
+        print(describe_job(job))
+        return None
+    return run_transfer_job(job)
 
 
 if __name__ == "__main__":

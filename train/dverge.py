@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from decorr.config import add_config_arguments, config_from_args
+from decorr.config import add_config_arguments, config_from_args, parse_with_config
 from decorr.errors import cli_entry
 from decorr.evaluation.monitor import TransferMonitor, format_history
 from decorr.specs import SPEC_HELP, add_spec_arguments, spec_options
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_run_arguments(p, helps={"run_dir": "where checkpoints, TensorBoard logs and dverge.json go "
                                           "(default: a new runs/dverge/<timestamp>)"})
     add_spec_arguments(p)
-    return p.parse_args(argv)
+    return parse_with_config(p, argv)
 
 
 @cli_entry

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from decorr.config import add_config_arguments, config_from_args
+from decorr.config import add_config_arguments, config_from_args, parse_with_config
 from decorr.io import strict_json
 from decorr.training.entry import RunOptions, add_run_arguments
 from decorr.distributed import rank
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--match-by-order", action="store_true",
                    help="--init / --surrogate ARCH=WEIGHTS: load weights whose names differ by position")
     add_run_arguments(p)
-    return p.parse_args(argv)
+    return parse_with_config(p, argv)
 
 
 @cli_entry

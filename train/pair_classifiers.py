@@ -11,7 +11,7 @@ import argparse
 
 from decorr.io import strict_json
 from decorr.distributed import rank
-from decorr.config import add_config_arguments, config_from_args
+from decorr.config import add_config_arguments, config_from_args, parse_with_config
 from decorr.training.entry import RunOptions, add_run_arguments
 from decorr.errors import cli_entry
 from decorr.training.recipes import PairConfig, train_pair
@@ -21,7 +21,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, PairConfig)
     add_run_arguments(p)
-    return p.parse_args(argv)
+    return parse_with_config(p, argv)
 
 
 @cli_entry

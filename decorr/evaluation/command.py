@@ -8,24 +8,30 @@ the results are written into a staging folder that replaces ``--out`` only on su
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from decorr.config import check_subset, opt, resolve_device
+from decorr.attacks import add_attack_arguments, attack_overrides
+from decorr.config import add_config_arguments, add_config_file_argument, check_subset, config_kwargs, opt, resolve_device
 from decorr.data import load_dataset
 from decorr.distributed import barrier, broadcast_object, rank, start_processes
 from decorr.errors import DecorrError
+from decorr.evaluation.ensembles import ENSEMBLE_RULES
 from decorr.evaluation.adversarial_files import AdversarialWriter, evaluate_adversarial_specs, read_index
 from decorr.evaluation.progress import terminal_reporter
 from decorr.evaluation.report import format_transfer, save_transfer_report
-from decorr.evaluation.transfer import (ModelSelection, TransferOptions, checkpoint_dataset, default_eps_text,
-                                        evaluate_checkpoints)
+from decorr.evaluation.transfer import (ModelSelection, Reporter, TransferOptions, checkpoint_dataset,
+                                        default_eps_text, evaluate_checkpoints)
 from decorr.io import check_paths_apart, default_output_dir, prepare_output_dir, staged_output_dir
-from decorr.specs import spec_paths
+from decorr.specs import SPEC_HELP, add_spec_arguments, spec_options, spec_paths
 
-__all__ = ["DataOptions", "OutputOptions", "TransferJob", "run_transfer_job"]
+__all__ = ["DataOptions", "OutputOptions", "TransferJob", "describe_job", "evaluate_job", "job_from_args", "jsonable_job",
+           "run_transfer_job", "transfer_parser"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,52 @@ class TransferJob:
         return paths
 
 
+def transfer_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """``eval/transfer.py``'s flags: the models, then one option per field of :class:`TransferOptions`,
+    :class:`DataOptions`, :class:`OutputOptions` and of every attack component, and the spec options."""
+    p = argparse.ArgumentParser(description=description, epilog=SPEC_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="*", metavar="SPEC", help="target models: checkpoints or ARCH=WEIGHTS specs")
+    p.add_argument("--ensemble", action="append", default=[], metavar="NAME=SPEC,SPEC",
+                   help="a target that combines its members (repeatable); attacked white-box like every target")
+    p.add_argument("--ensemble-rule", choices=ENSEMBLE_RULES, default="prob",
+                   help="ensembles predict with the mean softmax (prob), the mean logits or a majority vote")
+    p.add_argument("--surrogate-ensemble", action="append", default=[], metavar="NAME=SPEC,SPEC",
+                   help="a source attacked on its members' mean loss (Liu et al. 2017; repeatable)")
+    p.add_argument("--surrogate", nargs="+", default=[], metavar="SPEC",
+                   help="source-only models whose adversarial examples are evaluated on every target")
+    add_config_arguments(p, TransferOptions, exclude=("attack_settings",))
+    add_config_arguments(p.add_argument_group("data"), DataOptions)
+    add_config_arguments(p.add_argument_group("outputs and adversarial files (docs/transfer.md)"), OutputOptions)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; each process its GPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (e.g. 1 on a shared machine)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved job (models, data, attacks with their "
+                                                          "settings, eps) and stop; nothing is loaded or written")
+    add_config_file_argument(p)
+    add_attack_arguments(p)
+    add_spec_arguments(p)
+    return p
+
+
+def job_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> TransferJob:
+    """The :class:`TransferJob` the flags describe (every setting checked here, before any work)."""
+    selection = ModelSelection(targets=tuple(args.checkpoints), surrogates=tuple(args.surrogate),
+                               ensembles=tuple(args.ensemble), surrogate_ensembles=tuple(args.surrogate_ensemble),
+                               ensemble_rule=args.ensemble_rule, spec_options=spec_options(args))
+    options = TransferOptions(**config_kwargs(TransferOptions, args, exclude=("attack_settings",)),
+                              attack_settings=attack_overrides(args))
+    return TransferJob(selection, DataOptions(**config_kwargs(DataOptions, args)), options,
+                       OutputOptions(**config_kwargs(OutputOptions, args)), device=args.device,
+                       command=tuple(sys.argv[1:] if argv is None else argv))
+
+
+def describe_job(job: TransferJob) -> str:
+    """The resolved job as readable JSON (``--dry-run``): every attack with all its settings."""
+    record = jsonable_job(job)
+    record["options"]["attacks"] = [a.describe() for a in job.options.parsed_attacks()]
+    return json.dumps(record, indent=2, default=str)
+
+
 def run_transfer_job(job: TransferJob) -> dict[str, Any]:
     """Evaluate, print the tables, write ``--out`` (results.json, CSVs, tables, plots) and return the result."""
     device = start_processes(resolve_device(job.device))
@@ -113,19 +165,24 @@ def run_transfer_job(job: TransferJob) -> dict[str, Any]:
     # --out is replaced whole when the results are written: it may hold neither an input nor the examples
     # that --save-adversarial writes during the same run.
     check_paths_apart({"--out": out, "--save-adversarial": output.save_adversarial}, job.input_paths())
-    report = terminal_reporter(quiet=output.quiet)
-    if output.adversarial:
-        result = _evaluate_folder(job, device, report.say)
-    else:
-        result = _evaluate_attacks(job, device, report)
-    result["settings"].update({"device": str(device), "command": list(job.command)})
-    result["config"] = _jsonable_job(job)
+    result = evaluate_job(job, device, terminal_reporter(quiet=output.quiet))
     if rank() == 0:
         with staged_output_dir(out, overwrite=output.overwrite) as staging:
             save_transfer_report(result, staging, plots=not output.no_plots, tensorboard=output.tensorboard)
         print(format_transfer(result))
         print(f"\nwrote {out}/results.json, transfer.csv, pairs.csv, table.txt" + ("" if output.no_plots else
                                                                                     " and plots"))
+    return result
+
+
+def evaluate_job(job: TransferJob, device: Any, report: Reporter) -> dict[str, Any]:
+    """The job's result (every process gets it whole), without writing ``--out``."""
+    if job.output.adversarial:
+        result = _evaluate_folder(job, device, report.say)
+    else:
+        result = _evaluate_attacks(job, device, report)
+    result["settings"].update({"device": str(device), "command": list(job.command)})
+    result["config"] = jsonable_job(job)
     return result
 
 
@@ -184,7 +241,7 @@ def _evaluate_folder(job: TransferJob, device: Any, say: Any) -> dict[str, Any]:
     return result
 
 
-def _jsonable_job(job: TransferJob) -> dict[str, Any]:
+def jsonable_job(job: TransferJob) -> dict[str, Any]:
     record = asdict(job)
     spec_options = job.selection.spec_options
     record["selection"]["spec_options"] = None if spec_options is None else asdict(spec_options)

@@ -49,3 +49,30 @@ def terminal_reporter(*, quiet: bool = False) -> Reporter:
         return advance
 
     return Reporter(say=say, progress=progress)
+
+
+def sweep_reporters(total: int | None, *, quiet: bool = False) -> Callable[[int], Reporter]:
+    """One progress bar (gradient evaluations, with ETA) over a whole sweep: the returned function gives the
+    :class:`Reporter` of a cell whose attack costs ``per_image`` gradients per image; every cell advances the
+    same bar. Stage lines go to stderr only when there is no bar."""
+    main = rank() == 0
+    show_bar = main and not quiet and bool(total) and (sys.stderr.isatty() or os.environ.get("DECORR_PROGRESS") == "1")
+    bar = None
+    if show_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="grad", unit_scale=True, desc="sweep", file=sys.stderr, dynamic_ncols=True)
+
+    def reporter(per_image: int) -> Reporter:
+        if bar is None:
+            return terminal_reporter(quiet=quiet)
+
+        def progress(_total: int, _label: str) -> Callable[[int, str], None]:
+            def advance(count: int, label: str) -> None:
+                bar.set_description_str(label, refresh=False)
+                bar.update(count * per_image)
+            return advance
+
+        return Reporter(say=lambda message: None, progress=progress)
+
+    return reporter

@@ -79,6 +79,7 @@ from torch import Tensor
 from decorr.attacks import Attack, Source, parse_attacks
 from decorr.checkpoint import load_checkpoint
 from decorr.config import check_at_least, check_seed, opt
+from decorr.distributed import world_size
 from decorr.errors import DecorrError, pixel_value
 from decorr.evaluation.compare import data_fingerprint, row_attack, rows_of
 from decorr.evaluation.detection import detection_summary
@@ -280,6 +281,11 @@ def _plan(models: Mapping[str, nn.Module], surrogates: Mapping[str, nn.Module] |
     n, input_shape, labels = _check_data(data)
     if n == 0:
         raise DecorrError("no samples to evaluate; check --num-samples")
+    batches_count = math.ceil(n / options.batch_size)
+    if world_size() > batches_count:  # the work is shared by whole batches
+        raise DecorrError(f"{world_size()} processes share {batches_count} batch(es) of {options.batch_size} of the "
+                          f"{n} images, so some would have none; use a --batch-size of at most "
+                          f"{max(n // world_size(), 1)} or fewer processes")
     all_models = {**targets, **surrogates}
     if device is None:
         param = next(iter(next(iter(all_models.values())).parameters()), None)
@@ -379,6 +385,7 @@ def evaluate_transfer(
     settings.update(num_samples=len(plan.y), input_shape=list(plan.input_shape), num_candidates=candidates,
                     samples_sha256=fingerprint)
     plan.timing["total_s"] = time.perf_counter() - started
+    plan.timing["processes"] = world_size()  # how the work was shared; the results do not depend on it
     return {"format": FORMAT, "settings": settings, "models": _model_records(plan, natural, model_info, candidates),
             "sources": plan.sources, "targets": list(plan.targets), "pairs": pair_records, "by_eps": by_eps,
             "worst_case": worst, "notes": sorted(plan.notes), "timing": plan.timing}
