@@ -32,7 +32,8 @@ import torch.nn as nn
 
 from decorr.attacks import Attack, Source, parse_attack
 from decorr.checkpoint import load_checkpoint, load_models
-from decorr.data import ImageSplit, epoch_generator, iterate_batches
+from decorr.data import ImageSplit, epoch_generator
+from decorr.evaluation.passes import batches, gather_rows
 from decorr.config import check_at_least, check_finite, check_seed, opt
 from decorr.errors import DecorrError, pixel_value
 from decorr.evaluation.tables import eps_text
@@ -230,9 +231,13 @@ def _predictions(models: Mapping[str, DefendedModel], split: ImageSplit, setting
     """Per model and setting, the per-path predictions [P, N] over the split; identical attacks crafted once."""
     preds: dict[str, dict[tuple[str, str, float], list[torch.Tensor]]] = {k: {s: [] for s in settings} for k in models}
     labels: list[torch.Tensor] = []
+    positions: list[torch.Tensor] = []
     device = _device_of(next(iter(models.values())))
-    for index, (x, y) in enumerate(iterate_batches(split, options.batch_size, shuffle=False, device=device)):
+    # Whole batches per process (torchrun / accelerate launch); each batch's randomness keyed by its index.
+    for batch in batches(split, options.batch_size, device):
+        x, y, index = batch.x, batch.y, batch.index
         labels.append(y.cpu())
+        positions.append(batch.positions)
         for key, model in models.items():
             done: dict[tuple[str, str, float], torch.Tensor] = {}
             for setting in settings:
@@ -247,8 +252,12 @@ def _predictions(models: Mapping[str, DefendedModel], split: ImageSplit, setting
         if progress is not None:
             seen = sum(len(t) for t in labels)
             progress(f"{seen}/{len(split)} images, {time.perf_counter() - started:.0f} s")
-    stacked = {k: {s: torch.cat(p, dim=1) for s, p in per_setting.items()} for k, per_setting in preds.items()}
-    return stacked, torch.cat(labels)
+    where = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long)
+    n = len(split)
+    # predictions are [paths, images]: gathered by image (rows), then back
+    stacked = {k: {s: gather_rows(where, torch.cat(p, dim=1).T, n).T for s, p in per_setting.items()}
+               for k, per_setting in preds.items()}
+    return stacked, gather_rows(where, torch.cat(labels), n)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 
 from decorr.config import check_at_least, check_subset, opt, resolve_device
 from decorr.data import load_dataset
+from decorr.distributed import rank, start_processes
 from decorr.errors import DecorrError
 from decorr.io import check_paths_apart, prepare_output_dir, staged_output_dir, write_results_json
 from decorr.models import model_spec
@@ -53,7 +54,7 @@ def _default_out(source: str) -> Path:
 
 def run_robustness_job(job: RobustnessJob) -> dict[str, Any]:
     """Evaluate, print the table and write results.json, table.txt, accuracy.png and the reconstructions."""
-    device = resolve_device(job.device)
+    device = start_processes(resolve_device(job.device))  # torchrun / accelerate launch: the batches split
     dna = load_defended_model(job.checkpoint, device)
     baseline = load_defended_model(job.baseline, device) if job.baseline else None
     shape = model_spec(dna.info["arch"]).input_shape
@@ -75,9 +76,11 @@ def run_robustness_job(job: RobustnessJob) -> dict[str, Any]:
         raise DecorrError(f"{job.checkpoint} takes {shape} images but {dataset.name!r} has {dataset.input_shape}; "
                           "evaluate it on the dataset it was trained for")
     report = evaluate_robustness(dna, split, options, baseline=baseline,
-                                 progress=lambda text: print(f"\r{text}", end="", file=sys.stderr, flush=True))
+                                 progress=lambda text: rank() == 0 and print(f"\r{text}", end="", file=sys.stderr, flush=True))
     print(file=sys.stderr)
     report["settings"]["dataset"] = job.dataset or dna.info["dataset"]
+    if rank() != 0:
+        return report
     table = format_table(report)
     print(table)
     n = min(job.figure_samples, len(split))

@@ -19,6 +19,7 @@ import sys
 from decorr.evaluation.alignment import evaluate_gradient_alignment, format_gradient_alignment
 from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES
 from decorr.data import load_dataset
+from decorr.distributed import rank, start_processes
 from decorr.errors import DecorrError, cli_entry
 from decorr.specs import SPEC_HELP, add_spec_arguments, check_input_shape, load_specs, spec_options, spec_paths
 from decorr.io import check_output_file, check_paths_apart, write_results_json
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.num_samples is not None:
         check_at_least("num_samples", args.num_samples, 1)
     check_at_least("batch_size", args.batch_size, 1)
-    device = resolve_device(args.device)
+    device = start_processes(resolve_device(args.device))  # torchrun / accelerate launch: the batches split
     if args.out:  # checked before any work
         check_output_file(args.out, overwrite=args.overwrite)
         check_paths_apart({"--out": args.out}, spec_paths(args.checkpoints + args.surrogate))
@@ -75,10 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
     result = evaluate_gradient_alignment(sources, targets, split, gammas=args.gamma, batch_size=args.batch_size,
                                          device=device, sgm_exclude=args.sgm_exclude)
     result.update({"dataset": dataset.name, "command": sys.argv[1:] if argv is None else list(argv)})
-    print(format_gradient_alignment(result))
-    if args.out:
-        write_results_json(args.out, result)
-        print(f"\nwrote {args.out}")
+    if rank() == 0:
+        print(format_gradient_alignment(result))
+        if args.out:
+            write_results_json(args.out, result)
+            print(f"\nwrote {args.out}")
     return result
 
 

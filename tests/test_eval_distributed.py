@@ -91,3 +91,33 @@ def test_a_streamed_image_folder_across_two_processes(runs, tmp_path):
     run([*common, "--out", str(tmp_path / "two")], 2)
     one, two = comparable(tmp_path / "one", 1), comparable(tmp_path / "two", 2)
     assert one == two and one["settings"]["num_samples"] == 27
+
+
+def _run_script(script: str, args: list[str], nproc: int) -> None:
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    done = subprocess.run([sys.executable, *launcher, str(REPO / "eval" / script), *args], env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_gradient_alignment_and_dna_robustness_across_two_processes(runs, tmp_path):
+    common = [str(runs / "m0"), str(runs / "m1"), "--num-samples", "30", "--batch-size", "8"]
+    _run_script("gradient_alignment.py", [*common, "--out", str(tmp_path / "one.json")], 1)
+    _run_script("gradient_alignment.py", [*common, "--out", str(tmp_path / "two.json")], 2)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one.pop("command") != two.pop("command") and one == two
+
+    torch.manual_seed(0)
+    dna = {"autoencoder": create_model("dna_mnist"), "classifier": create_model("dna_classifier_mnist")}
+    save_checkpoint(tmp_path / "dna", dna, {"kind": "dna", "stage": 2, "dataset": "mnist", "epoch": 0,
+                                            "models": {n: model_entry(a) for n, a in
+                                                       (("autoencoder", "dna_mnist"),
+                                                        ("classifier", "dna_classifier_mnist"))}})
+    common = [str(tmp_path / "dna"), "--attack", "fgsm", "pgd", "--eps", "0.1", "--steps", "2", "--test-subset", "20",
+              "--batch-size", "6", "--figure-samples", "0"]
+    _run_script("dna_robustness.py", [*common, "--out", str(tmp_path / "dna_one")], 1)
+    _run_script("dna_robustness.py", [*common, "--out", str(tmp_path / "dna_two")], 2)
+    one, two = (json.loads((tmp_path / f"dna_{n}" / "results.json").read_text()) for n in ("one", "two"))
+    one["settings"].pop("seconds"), two["settings"].pop("seconds")
+    assert one == two and one["results"][0]["attack"] == "none"

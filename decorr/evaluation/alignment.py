@@ -23,7 +23,8 @@ from torch import Tensor
 
 from decorr.attacks import residual_branches, skip_gradient
 from decorr.attacks.skip_gradient import DEFAULT_EXCLUDE, EXCLUDE_RULES, Exclude
-from decorr.data import ImageSplit, to_float
+from decorr.data import ImageSplit
+from decorr.evaluation.passes import batches, gather_rows
 from decorr.errors import DecorrError
 from decorr.evaluation.metrics import gradient_alignment
 
@@ -74,38 +75,60 @@ def evaluate_gradient_alignment(
                                   "gamma < 1 means nothing for it; use a residual source or --gamma 1")
     if batch_size < 1:
         raise DecorrError(f"batch size must be at least 1, got {batch_size}")
-    if isinstance(data, ImageSplit):
-        x_all, y_all = to_float(data.images), data.labels
-    else:
-        x_all, y_all = data
-    n = len(y_all)
+    n = len(data[1]) if isinstance(data, (tuple, list)) else len(data)
     if n == 0:
         raise DecorrError("no samples to evaluate; check --num-samples")
     device = torch.device(device)
     for model in [*sources.values(), *targets.values()]:
         model.to(device).eval()
-    sums = {g: {"cosine": {s: {t: 0.0 for t in targets} for s in sources},
-                "sign_agreement": {s: {t: 0.0 for t in targets} for s in sources},
-                "self_cosine": {s: 0.0 for s in sources}} for g in gammas}
-    for start in range(0, n, batch_size):
-        x = x_all[start:start + batch_size].to(device)
-        y = y_all[start:start + batch_size].to(device)
-        target_grads = {t: input_gradient(m, x, y) for t, m in targets.items()}
-        for s, model in sources.items():
-            true = target_grads[s] if s in target_grads else input_gradient(model, x, y)
-            for gamma in gammas:
-                grad = true if gamma == 1.0 else input_gradient(model, x, y, gamma, exclude=sgm_exclude)
-                sums[gamma]["self_cosine"][s] += float(gradient_alignment(grad, true).cosine.sum())
-                for t, tgrad in target_grads.items():
-                    aligned = gradient_alignment(grad, tgrad)
-                    sums[gamma]["cosine"][s][t] += float(aligned.cosine.sum())
-                    sums[gamma]["sign_agreement"][s][t] += float(aligned.sign_agreement.sum())
+    per_sample = _per_sample_alignment(sources, targets, data, gammas, batch_size, device, sgm_exclude, n)
+    # Summed batch by batch in image order: N processes give one process's numbers exactly.
+    sums = {g: {"cosine": {s: {t: _batched_sum(per_sample[(g, "cosine", s, t)], batch_size) for t in targets}
+                           for s in sources},
+                "sign_agreement": {s: {t: _batched_sum(per_sample[(g, "sign", s, t)], batch_size) for t in targets}
+                                   for s in sources},
+                "self_cosine": {s: _batched_sum(per_sample[(g, "self", s, None)], batch_size) for s in sources}}
+            for g in gammas}
 
     def mean(value: Any) -> Any:
         return {k: mean(v) for k, v in value.items()} if isinstance(value, dict) else value / n
 
     return {"format": FORMAT, "num_samples": n, "gammas": gammas, "sgm_exclude": sgm_exclude, "sources": list(sources),
             "targets": list(targets), "by_gamma": {str(g): mean(sums[g]) for g in gammas}}
+
+
+def _per_sample_alignment(sources: Mapping[str, nn.Module], targets: Mapping[str, nn.Module], data: Any,
+                          gammas: Sequence[float], batch_size: int, device: torch.device, sgm_exclude: str,
+                          n: int) -> dict[tuple, Tensor]:
+    """Every per-sample cosine and sign agreement, over all ``n`` images (this process's batches gathered
+    with the others')."""
+    values: dict[tuple, list[Tensor]] = {}
+    positions = []
+    for batch in batches(data, batch_size, device):
+        x, y = batch.x, batch.y
+        positions.append(batch.positions)
+        target_grads = {t: input_gradient(m, x, y) for t, m in targets.items()}
+        for s, model in sources.items():
+            true = target_grads[s] if s in target_grads else input_gradient(model, x, y)
+            for gamma in gammas:
+                grad = true if gamma == 1.0 else input_gradient(model, x, y, gamma, exclude=sgm_exclude)
+                values.setdefault((gamma, "self", s, None), []).append(gradient_alignment(grad, true).cosine.cpu())
+                for t, tgrad in target_grads.items():
+                    aligned = gradient_alignment(grad, tgrad)
+                    values.setdefault((gamma, "cosine", s, t), []).append(aligned.cosine.cpu())
+                    values.setdefault((gamma, "sign", s, t), []).append(aligned.sign_agreement.cpu())
+    where = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long)
+    keys = [(g, kind, s, t) for g in gammas for s in sources
+            for kind, t in [("self", None), *[(k, t) for t in targets for k in ("cosine", "sign")]]]
+    return {key: gather_rows(where, torch.cat(values[key]) if key in values else torch.zeros(0), n) for key in keys}
+
+
+def _batched_sum(values: Tensor, batch_size: int) -> float:
+    """The sum of per-sample values as one process adds them: batch by batch, in order."""
+    total = 0.0
+    for start in range(0, len(values), batch_size):
+        total += float(values[start:start + batch_size].sum())
+    return total
 
 
 def format_gradient_alignment(result: Mapping[str, Any]) -> str:
