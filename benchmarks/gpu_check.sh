@@ -6,7 +6,10 @@
 #   3. the correlation-loss benchmark on the GPU (benchmarks/correlation_loss.py --device cuda);
 #   4. the transfer-evaluation benchmark on the GPU (benchmarks/transfer_eval_foreign.py --device cuda);
 #   5. an fp16 run of the CIFAR ResNet-20 classifier, then --resume: the GradScaler's state must be in the
-#      checkpoint and come back (resume_fp16.out says what was found).
+#      checkpoint and come back (resume_fp16.out says what was found);
+#   6. evaluation at scale (benchmarks/gpu_scale.py): a transfer matrix on 1 process against one process per
+#      GPU (results equal, the speed-up), and an ensemble spread over the GPUs (or GPU 0 and the CPU on a
+#      one-GPU machine) against the same ensemble in one place.
 # Each step's JSON goes to $RESULTS (default benchmarks/results; on the device tool's machine pass
 # RESULTS=$OUT), named *_gpu.json, and a summary line per step to $RESULTS/gpu_check.log. A step that fails
 # is reported and the next one still runs; the exit status is the number of failed steps.
@@ -30,12 +33,14 @@ if [ "$DEVICE" = cpu ]; then  # tiny sizes: the script's plumbing, not its timin
   DNA_ARGS="--train-subset 920 --test-subset 20 --batch-size 460 --mixed-precision no --repeats 1"
   CORR_ARGS="--repeats 1"
   TRANSFER_ARGS="--num-samples 8 --steps 1 --batch-size 8 --repeats 1"
+  SCALE_ARGS="--num-samples 16 --batch-size 4 --steps 1 --members 2"
   PYTEST_ARGS="-m cuda tests/test_data.py"
   PRECISION=no
 else
   DNA_ARGS="--mixed-precision bf16 --repeats 2"
   CORR_ARGS="--repeats 7"
   TRANSFER_ARGS="--num-samples 1000 --steps 10 --batch-size 500 --repeats 2"
+  SCALE_ARGS="--num-samples 1000 --batch-size 250 --steps 10 --members 4"
   PYTEST_ARGS="-m cuda tests"
   PRECISION=fp16
 fi
@@ -73,5 +78,7 @@ assert c[\"epoch\"] == 2 and len(c[\"resumes\"]) == 1
 assert (c[\"precision\"] != \"fp16\") or c.get(\"grad_scaler\"), \"fp16 run without GradScaler state\"
 ' $RUN/checkpoint/config.json"
 rm -rf "$RUN"
+step gpu_scale 240 "$PYTHON" benchmarks/gpu_scale.py --device "$DEVICE" --dataset "$DATA" $SCALE_ARGS \
+  --json "$RESULTS/gpu_scale.json"
 echo "failed steps: $failed" | tee -a "$LOG"
 exit "$failed"

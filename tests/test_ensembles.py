@@ -295,3 +295,38 @@ def test_compare_real_runs_on_same_images(trained, mnist):
     other = evaluate_specs([trained["pair"]], mnist.test.subset(41), **kwargs)
     with pytest.raises(DecorrError, match="different images"):
         compare_results(a, other)
+
+
+def test_members_spread_over_devices_give_the_same_outputs_and_attacks():
+    """Ensembles too large for one GPU: members on their own devices (here two CPU "devices"); the outputs,
+    gradients and attacks are those of the ensemble in one place, and .to() leaves the members where they are."""
+    from decorr.attacks import Source, parse_attack
+    from decorr.models.ensemble import Placed, spread_members
+
+    torch.manual_seed(0)
+    members = {str(i): create_model("mnist_cnn").eval() for i in range(3)}
+    whole = Ensemble(dict(members), objective="mean_ce")
+    spread = spread_members(Ensemble(dict(members), objective="mean_ce"), [torch.device("cpu")] * 2, per_device=2)
+    assert all(isinstance(m, Placed) for m in spread.members)
+    spread.to("cpu")
+    assert all(isinstance(m, Placed) for m in spread.members)
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    assert torch.equal(spread(x), whole(x))
+    for name in ("pgd", "mifgsm+dim", "ens"):
+        attack = parse_attack(name)
+        ours = attack.craft(Source.of(spread), x, y, eps=0.1, generator=torch.Generator().manual_seed(1))
+        plain = attack.craft(Source.of(whole), x, y, eps=0.1, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(ours, plain), name
+    with pytest.raises(DecorrError, match="need 2 devices"):
+        spread_members(Ensemble(dict(members)), [torch.device("cpu")], per_device=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without GPUs")
+def test_members_per_device_without_gpus_is_one_line_error(tmp_path):
+    from decorr.evaluation.transfer import ModelSelection
+
+    selection = ModelSelection(targets=("x",), members_per_device="auto")
+    with pytest.raises(DecorrError, match="has none"):
+        selection.spread({"ens": Ensemble({"a": create_model("mnist_cnn")})})
+    with pytest.raises(DecorrError, match="number >= 1 or auto"):
+        ModelSelection(targets=("x",), members_per_device="many")

@@ -123,6 +123,8 @@ def transfer_parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="a source attacked on its members' mean loss (Liu et al. 2017; repeatable)")
     p.add_argument("--surrogate", nargs="+", default=[], metavar="SPEC",
                    help="source-only models whose adversarial examples are evaluated on every target")
+    p.add_argument("--members-per-device", default=None, metavar="N|auto",
+                   help="ensembles too large for one GPU: N members on each visible GPU (auto: as evenly as possible)")
     add_config_arguments(p, TransferOptions, exclude=("attack_settings",))
     add_config_arguments(p.add_argument_group("data"), DataOptions)
     add_config_arguments(p.add_argument_group("outputs and adversarial files (docs/transfer.md)"), OutputOptions)
@@ -140,7 +142,8 @@ def job_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> Tr
     """The :class:`TransferJob` the flags describe (every setting checked here, before any work)."""
     selection = ModelSelection(targets=tuple(args.checkpoints), surrogates=tuple(args.surrogate),
                                ensembles=tuple(args.ensemble), surrogate_ensembles=tuple(args.surrogate_ensemble),
-                               ensemble_rule=args.ensemble_rule, spec_options=spec_options(args))
+                               ensemble_rule=args.ensemble_rule, spec_options=spec_options(args),
+                               members_per_device=args.members_per_device)
     options = TransferOptions(**config_kwargs(TransferOptions, args, exclude=("attack_settings",)),
                               attack_settings=attack_overrides(args))
     return TransferJob(selection, DataOptions(**config_kwargs(DataOptions, args)), options,

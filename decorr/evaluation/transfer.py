@@ -89,7 +89,7 @@ from decorr.evaluation.records import (FeatureSet, eps_record, interval, number,
                                        r2_or_none, worst_case_record)
 from decorr.features import feature_diagnostics
 from decorr.loss import parameter_distance
-from decorr.models.ensemble import Ensemble
+from decorr.models.ensemble import Ensemble, spread_members
 from decorr.specs import SpecOptions, check_input_shape, load_specs, parse_spec
 
 __all__ = ["DEFAULT_EPS", "FORMAT", "default_eps_text", "L2_SCALES", "Reporter", "TransferOptions", "checkpoint_dataset", "default_eps",
@@ -570,12 +570,33 @@ class ModelSelection:
     surrogate_ensembles: tuple[str, ...] = ()
     ensemble_rule: str = "prob"
     spec_options: SpecOptions | None = None
+    #: Ensembles whose members do not fit one GPU together: N members per visible GPU, or "auto" (as evenly
+    #: as the GPUs allow); None keeps every model on the evaluation's device.
+    members_per_device: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("targets", "surrogates", "ensembles", "surrogate_ensembles"):
             object.__setattr__(self, name, tuple(os.fspath(s) for s in getattr(self, name)))
         if not self.targets and not self.ensembles:
             raise DecorrError("no target models; pass checkpoints or specs (SPEC ...) or --ensemble NAME=SPEC,SPEC")
+        spread = self.members_per_device
+        if spread is not None and spread != "auto" and not (str(spread).isdigit() and int(spread) >= 1):
+            raise DecorrError(f"--members-per-device takes a number >= 1 or auto, got {spread!r}")
+
+    def spread(self, ensembles: Mapping[str, Ensemble]) -> None:
+        """Spread the ensembles' members over the visible GPUs (``members_per_device``)."""
+        if self.members_per_device is None or not ensembles:
+            return
+        if world_size() > 1:
+            raise DecorrError("--members-per-device spreads one process's ensembles over the GPUs; run one process "
+                              "(not torchrun / accelerate launch with several) or leave it out")
+        if not torch.cuda.is_available():
+            raise DecorrError("--members-per-device spreads ensemble members over GPUs, and this machine has none; "
+                              "leave it out")
+        devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        per_device = None if self.members_per_device == "auto" else int(self.members_per_device)
+        for ensemble in ensembles.values():
+            spread_members(ensemble, devices, per_device)
 
     @property
     def member_specs(self) -> list[str]:
@@ -602,6 +623,7 @@ def evaluate_checkpoints(selection: ModelSelection, data: Data, options: Transfe
     for name in list(ensembles) + list(surrogate_ensembles):
         if name in targets or name in sources or (name in ensembles and name in surrogate_ensembles):
             raise DecorrError(f"ensemble name {name!r} is taken by another model; choose another NAME")
+    selection.spread({**ensembles, **surrogate_ensembles})
     loaded = {**sources, **targets}
     shape = tuple(data.image_shape) if not isinstance(data, (tuple, list)) else tuple(data[0].shape[1:])
     every_member = {**members, **surrogate_members}

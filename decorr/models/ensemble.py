@@ -34,7 +34,7 @@ from torch import Tensor
 
 from decorr.errors import DecorrError
 
-__all__ = ["ENSEMBLE_RULES", "OBJECTIVES", "Ensemble"]
+__all__ = ["ENSEMBLE_RULES", "OBJECTIVES", "Ensemble", "Placed", "spread_members"]
 
 ENSEMBLE_RULES = ("prob", "logit", "vote")
 OBJECTIVES = ("output", "mean_ce")
@@ -100,6 +100,40 @@ class Ensemble(nn.Module):
     def describe(self) -> dict[str, Any]:
         """``{members, rule, attack_loss}`` for a results record."""
         return {"members": list(self.member_names), "rule": self.rule, "attack_loss": self.attack_loss_name}
+
+
+class Placed(nn.Module):
+    """A member kept on its own device: inputs go there, outputs come back to the input's device (autograd
+    follows). ``.to()`` of the ensemble leaves it where it is, so members spread over GPUs stay spread."""
+
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.module = module.to(device)
+        self.device = torch.device(device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x.to(self.device)).to(x.device)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "Placed":  # noqa: D401 - nn.Module's hook of .to()/.cuda()
+        return self
+
+
+def spread_members(ensemble: Ensemble, devices: list[torch.device], per_device: int | None = None) -> Ensemble:
+    """Put the ensemble's members on ``devices`` (``per_device`` members each, in order; None: as evenly as
+    possible), for ensembles whose members do not fit one GPU together. Returns the ensemble."""
+    if not devices:
+        raise DecorrError("no devices to spread the ensemble's members over")
+    count = len(ensemble.members)
+    if per_device is None:
+        per_device = -(-count // len(devices))
+    if per_device < 1:
+        raise DecorrError(f"--members-per-device must be at least 1, got {per_device}")
+    if per_device * len(devices) < count:
+        raise DecorrError(f"{count} members at {per_device} per device need {-(-count // per_device)} devices; this "
+                          f"machine shows {len(devices)}; raise --members-per-device or use more GPUs")
+    members = [m.module if isinstance(m, Placed) else m for m in ensemble.members]
+    ensemble.members = nn.ModuleList(Placed(m, devices[i // per_device]) for i, m in enumerate(members))
+    return ensemble
 
 
 def _log_mean_prob(logits: Tensor) -> Tensor:
