@@ -21,7 +21,8 @@ from torch import Tensor
 
 from decorr.errors import DecorrError, short_reason
 
-__all__ = ["PICKLE_SUFFIXES", "WEIGHTS_SUFFIXES", "fit_state_dict", "read_state_dict", "sha256_of"]
+__all__ = ["PICKLE_SUFFIXES", "WEIGHTS_SUFFIXES", "constant_buffers", "file_format", "fit_state_dict", "order_keys",
+           "read_state_dict", "sha256_of"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 WEIGHTS_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -29,6 +30,38 @@ WEIGHTS_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 CONTAINER_KEYS = ("state_dict", "model", "net")
 #: BatchNorm's step counter: not a weight; older files lack it and paper code often drops it.
 _COUNTER = "num_batches_tracked"
+#: Buffers learned in training (running statistics); a model's other buffers are constants of its architecture
+#: (Normalize's mean and std), which paper files do not hold.
+_RUNNING = ("running_mean", "running_var")
+
+
+def constant_buffers(model: nn.Module) -> set[str]:
+    """State-dict keys of ``model``'s constant buffers: every buffer but running statistics and counters."""
+    keys = set(model.state_dict())
+    return {name for name, _ in model.named_buffers()
+            if name in keys and name.rsplit(".", 1)[-1] not in (*_RUNNING, _COUNTER)}
+
+
+def order_keys(expected: Mapping[str, Tensor], constants: set[str], count: int) -> list[str]:
+    """The model's keys that a file of ``count`` tensors (counters aside) fills by order: all of them when the
+    file has as many, else the learned parameters and running statistics only (constants stay the model's)."""
+    every = [k for k in expected if not k.endswith(_COUNTER)]
+    return every if count == len(every) else [k for k in every if k not in constants]
+
+
+def file_format(path: str | Path) -> str | None:
+    """What a weights file is, read from its first bytes whatever its suffix: ``"safetensors"`` (an 8-byte
+    header length, then a JSON header), ``"zip"`` (torch.save since torch 1.6), ``"pickle"`` (torch.save's
+    legacy format; still read with weights_only=True) or None."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= Path(path).stat().st_size:
+        return "safetensors"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    return None
 
 
 def sha256_of(path: str | Path) -> str:
@@ -56,8 +89,8 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         raise DecorrError(f"weights file {path} does not exist; give the path of a .safetensors, .pt, .pth or .bin file")
     if path.stat().st_size == 0:
         raise DecorrError(f"weights file {path} is empty (0 bytes); it was not written completely: save the weights again")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+    kind = file_format(path)
+    if kind == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -65,8 +98,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError) as err:
             raise DecorrError(f"cannot read {path} as safetensors ({err}); the file is damaged or not safetensors") from None
-    if suffix not in PICKLE_SUFFIXES:
-        raise DecorrError(f"weights file {path} has suffix {suffix or '(none)'}; use .safetensors, .pt, .pth or .bin")
+    if kind is None:
+        raise DecorrError(f"weights file {path} is neither safetensors nor a torch.save file (zip or pickle), whatever "
+                          "its suffix; give a .safetensors file or a state dict saved with torch.save")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -113,13 +147,14 @@ def fit_state_dict(model: nn.Module, state: Mapping[str, Tensor], *, by_order: b
     """Load ``state`` into ``model``: all names and shapes must fit (``num_batches_tracked`` may be absent).
 
     ``by_order=True`` ignores the names: the i-th tensor of the file goes to the model's i-th tensor
-    (``num_batches_tracked`` left out on both sides), counts and every shape must agree, and the
-    mapping used goes to ``log``. A misfit is a one-line DecorrError naming the first tensor that does
+    (``num_batches_tracked`` left out on both sides; the model's constant buffers, e.g. Normalize's mean and
+    std, too unless the file has as many tensors as the model), counts and every shape must agree, and the
+    mapping used (with the constants kept from the architecture) goes to ``log``. A misfit is a one-line DecorrError naming the first tensor that does
     not fit.
     """
     expected = model.state_dict()
     if by_order:
-        mapped = _map_by_order(expected, state, source, arch, log)
+        mapped = _map_by_order(expected, state, constant_buffers(model), source, arch, log)
     else:
         missing = [k for k in expected if k not in state and not k.endswith(_COUNTER)]
         unexpected = [k for k in state if k not in expected]
@@ -142,10 +177,11 @@ def fit_state_dict(model: nn.Module, state: Mapping[str, Tensor], *, by_order: b
     model.load_state_dict(mapped, strict=True)
 
 
-def _map_by_order(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], source: str, arch: str,
-                  log: Callable[[str], None] | None) -> dict[str, Tensor]:
-    ours = [(k, v) for k, v in expected.items() if not k.endswith(_COUNTER)]
+def _map_by_order(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], constants: set[str], source: str,
+                  arch: str, log: Callable[[str], None] | None) -> dict[str, Tensor]:
     theirs = [(k, v) for k, v in state.items() if not k.endswith(_COUNTER)]
+    ours = [(k, expected[k]) for k in order_keys(expected, constants, len(theirs))]
+    kept = [k for k in expected if not k.endswith(_COUNTER) and k not in dict(ours)]
     for index, ((key, tensor), (file_key, file_tensor)) in enumerate(zip(ours, theirs)):
         if _shape(tensor) != _shape(file_tensor):
             raise DecorrError(
@@ -156,8 +192,9 @@ def _map_by_order(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], s
         index = min(len(ours), len(theirs))
         which = (f"the file's tensor {index} {theirs[index][0]!r} has no counterpart" if len(theirs) > len(ours)
                  else f"{arch}'s tensor {index} {ours[index][0]!r} has no counterpart in the file")
+        aside = " and constant buffers" if kept else ""
         raise DecorrError(f"weights {source} hold {len(theirs)} tensors but {arch} has {len(ours)} "
-                          f"(num_batches_tracked aside): {which}; check the architecture")
+                          f"(num_batches_tracked{aside} aside): {which}; check the architecture")
     mapping = [(file_key, key) for (key, _), (file_key, _) in zip(ours, theirs)]
     if log is not None:
         log(f"{source}: loading {len(mapping)} tensors by order onto {arch}; the first of them:")
@@ -165,4 +202,11 @@ def _map_by_order(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], s
             log(f"  {file_key} -> {key}")
         if len(mapping) > 5:
             log(f"  ... ({len(mapping) - 5} more; all shapes agree)")
-    return {key: state[file_key] for file_key, key in mapping}
+        for key in kept:
+            log(f"  (kept from the architecture) -> {key} = {_brief(expected[key])}")
+    return {**{key: expected[key] for key in kept}, **{key: state[file_key] for file_key, key in mapping}}
+
+
+def _brief(tensor: Tensor) -> str:
+    values = tensor.flatten()[:4].tolist()
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + (", ...]" if tensor.numel() > 4 else "]")
