@@ -38,15 +38,9 @@ import torch
 import torch.nn as nn
 
 from decorr.errors import DecorrError
-from decorr.models.foreign import (
-    FOREIGN_PREFIXES,
-    Preprocessed,
-    accepts_num_classes,
-    build_architecture,
-    classifier_width,
-)
+from decorr.models.arguments import ARCH_HEAD, parse_arguments
+from decorr.models.foreign import FOREIGN_PREFIXES, Preprocessed, build_architecture
 from decorr.models.registry import list_models, model_spec
-from decorr.models.weights import fit_state_dict, read_state_dict, sha256_of
 
 __all__ = [
     "NamedModel", "ParsedSpec", "Preprocessed", "SPEC_HELP", "SpecOptions", "add_spec_arguments",
@@ -65,8 +59,10 @@ SPEC_HELP = """model specs (positional models, --surrogate, --init):
   the global --num-classes --mean --std --input-size --feature-layer --match-by-order apply to every
   ARCH=WEIGHTS spec without its own value (--mean/--std not to registry archs: they normalise inside)"""
 
-SPEC_KEYS = ("num_classes", "mean", "std", "input_size", "feature_layer", "match_by_order", "name")
-_ARCH = re.compile(r"[A-Za-z_][\w.\-]*")
+SPEC_KEYS = ("num_classes", "mean", "std", "input_size", "feature_layer", "match_by_order", "name", "transforms",
+             "dataset", "threat")
+#: Where robustbench.NAME looks for its weights without =MODEL_DIR (robustbench.utils.load_model's default).
+ROBUSTBENCH_DIR = "models"
 
 
 @dataclass(frozen=True)
@@ -80,6 +76,9 @@ class SpecOptions:
     feature_layer: str | None = None
     match_by_order: bool = False
     name: str | None = None
+    transforms: str | None = None  # pretrained weights: their whole eval transform (weights) or mean/std only
+    dataset: str | None = None  # robustbench.NAME: RobustBench's dataset (cifar10, cifar100, imagenet)
+    threat: str | None = None  # robustbench.NAME: RobustBench's threat model (Linf, L2, corruptions)
 
 
 @dataclass(frozen=True)
@@ -90,6 +89,7 @@ class ParsedSpec:
     arch: str | None = None
     weights: str | None = None
     options: Mapping[str, Any] | None = None  # the spec's own options, by key
+    arch_kwargs: Mapping[str, Any] | None = None  # ARCH(KEY=VALUE,...): the architecture's arguments
 
 
 @dataclass
@@ -124,8 +124,12 @@ def parse_spec(text: str) -> ParsedSpec:
                           "e.g. torchvision.resnet18=" + Path(text).name)
     if os.path.exists(text):
         return ParsedSpec(text, checkpoint=text)
-    head, sep, rest = text.partition("=")
-    if sep and _ARCH.fullmatch(head):
+    match = ARCH_HEAD.match(text)
+    after = text[match.end():match.end() + 1] if match else ""
+    if match and after == "=" or (match and text.startswith("robustbench.") and after in ("@", "")):
+        head = match.group("arch")
+        arguments = parse_arguments(match.group("args"), text) if match.group("args") is not None else {}
+        rest = text[match.end() + 1:] if after == "=" else ROBUSTBENCH_DIR + text[match.end():]
         weights, options = rest, {}
         if "@" in rest:
             path, _, tail = rest.rpartition("@")
@@ -133,7 +137,7 @@ def parse_spec(text: str) -> ParsedSpec:
                 weights, options = path, _parse_options(tail, text)
         if not weights:
             raise DecorrError(f"spec {text!r} names no weights file; write ARCH=WEIGHTS, e.g. resnet20=r20.safetensors")
-        return ParsedSpec(text, arch=head, weights=weights, options=options)
+        return ParsedSpec(text, arch=head, weights=weights, options=options, arch_kwargs=arguments)
     if text.lower().endswith((".safetensors", ".pt", ".pth", ".bin")):
         raise DecorrError(f"spec {text!r} is a weights file without its architecture; write ARCH={text}, "
                           "e.g. torchvision.resnet18=" + Path(text).name)
@@ -227,7 +231,7 @@ def load_specs(specs: Sequence[str | os.PathLike], options: SpecOptions | None =
     if len(set(keys)) != len(keys):
         raise DecorrError("the same checkpoint is given twice; list each checkpoint once")
     labels = dict(zip(directories, _unique_labels([_run_name(d) for d in directories.values()])))
-    stems = {i: Path(p.arch[len("torchvision."):]) if _names_pretrained(p) else Path(p.weights).with_suffix("")
+    stems = {i: Path(p.arch.split(".", 1)[1]) if _names_published(p) else Path(p.weights).with_suffix("")
              for i, p in enumerate(parsed) if p.weights is not None}
     stem_labels = dict(zip(stems, _unique_labels(list(stems.values()))))
     loaded: dict[str, NamedModel] = {}
@@ -266,87 +270,17 @@ def _load_checkpoint_models(directory: Path, only: str | None, label: str) -> li
     return models
 
 
-_WEIGHTS_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
-
-
-def _pretrained_state(arch: str, name: str) -> tuple[dict[str, torch.Tensor], Any]:
-    """torchvision's pretrained weights ``name`` of ``torchvision.NAME``: the state dict and the weights enum."""
-    import socket
-
-    import torchvision
-
-    model = arch[len("torchvision."):]
-    try:
-        weights = torchvision.models.get_model_weights(model)[name]
-    except (KeyError, ValueError):
-        raise DecorrError(f"torchvision has no weights {name!r} for {model}; use DEFAULT or one of its "
-                          "*_Weights names (e.g. IMAGENET1K_V1), or a weights file") from None
-    previous = socket.getdefaulttimeout()
-    try:
-        if previous is None:
-            socket.setdefaulttimeout(20.0)
-        state = weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as err:  # noqa: BLE001 - URLError, timeouts, hash mismatch: all "no weights"
-        text = " ".join(str(err).split())[:160]
-        raise DecorrError(f"cannot download torchvision weights {weights} for {model} ({type(err).__name__}: {text}); "
-                          "this needs internet once (torch hub caches them), or give a weights file") from None
-    finally:
-        socket.setdefaulttimeout(previous)
-    return state, weights
-
-
-def _names_pretrained(spec: ParsedSpec) -> bool:
-    """``torchvision.NAME=DEFAULT``-style: a torchvision weights name rather than a file (named after NAME)."""
-    return (spec.arch or "").startswith("torchvision.") and bool(_WEIGHTS_NAME.fullmatch(spec.weights or "")) \
-        and not Path(spec.weights).exists()
-
-
 def _load_weights_spec(spec: ParsedSpec, defaults: SpecOptions, label: str, say: Callable[[str], None]) -> NamedModel:
-    arch, path = spec.arch, Path(spec.weights)
-    pretrained = None
-    if _names_pretrained(spec):
-        state, pretrained = _pretrained_state(arch, spec.weights)
-    foreign = arch.startswith(FOREIGN_PREFIXES)
-    if not foreign and arch not in list_models():
-        build_architecture(arch)  # the one-line error naming the known architectures
-    options = _effective(spec, defaults, registry=not foreign)
-    if pretrained is not None:
-        if options.mean is None:
-            transform = pretrained.transforms()
-            options = replace(options, mean=tuple(transform.mean), std=tuple(transform.std))
-    else:
-        state = read_state_dict(path)
-    kwargs: dict[str, Any] = {}
-    if options.match_by_order and path.suffix.lower() == ".safetensors":
-        raise DecorrError(f"{path}: --match-by-order needs a .pt/.pth/.bin state dict (safetensors files do not keep "
-                          "the tensors' order); load it by name or save the state dict with torch.save")
-    num_classes = options.num_classes
-    if num_classes is None and accepts_num_classes(arch):
-        num_classes = classifier_width(arch, state, options.match_by_order)
-    if num_classes is not None and accepts_num_classes(arch):
-        kwargs["num_classes"] = num_classes
-    if pretrained is not None and arch == "torchvision.inception_v3":
-        kwargs.update(aux_logits=True, transform_input=True, init_weights=False)  # as torchvision builds it
-    net = build_architecture(arch, kwargs)
-    fit_state_dict(net, state, by_order=options.match_by_order, source=str(path), arch=arch, log=say)
-    preprocess = {k: list(v) for k, v in (("mean", options.mean), ("std", options.std),
-                                          ("input_size", options.input_size)) if v is not None}
-    layer = options.feature_layer
-    if layer is None and not foreign:
-        layer = model_spec(arch).feature_layer
-    elif layer is not None and layer not in dict(net.named_modules()):
-        from decorr.features import find_module
+    from decorr.weight_specs import load_weights_spec
 
-        find_module(net, layer)  # the one-line error listing some of its modules
-    module = Preprocessed(net, **preprocess) if preprocess else net
-    full_layer = f"net.{layer}" if preprocess and layer else layer
-    entry = {"arch": arch, "kwargs": kwargs, "feature_layer": full_layer, **({"preprocess": preprocess} if preprocess else {})}
-    info = {"arch": arch, "spec": spec.text, "weights": f"torchvision:{pretrained}" if pretrained else str(path),
-            "sha256": None if pretrained else sha256_of(path),
-            "num_classes": kwargs.get("num_classes"), "mean": preprocess.get("mean"), "std": preprocess.get("std"),
-            "input_size": preprocess.get("input_size"), "feature_layer": full_layer,
-            "match_by_order": options.match_by_order}
-    return NamedModel((spec.options or {}).get("name") or label, module, info, entry)
+    return load_weights_spec(spec, defaults, label, say)
+
+
+def _names_published(spec: ParsedSpec) -> bool:
+    """Published weights (``torchvision.NAME=DEFAULT``, ``timm.NAME=pretrained``, ``robustbench.NAME``): named NAME."""
+    from decorr.models.pretrained import names_pretrained
+
+    return (spec.arch or "").startswith("robustbench.") or names_pretrained(spec.arch, spec.weights)
 
 
 def _run_name(directory: Path) -> Path:
