@@ -319,7 +319,7 @@ def build_model(entry: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
     entry's optional ``preprocess`` (``{mean, std, input_size}``) wraps it (``decorr.models.foreign``).
     """
     def build() -> nn.Module:
-        if entry.get("preprocess") or str(entry["arch"]).startswith(("torchvision.", "timm.")):
+        if entry.get("preprocess") or str(entry["arch"]).startswith(("torchvision.", "timm.", "robustbench.")):
             from decorr.models.foreign import build_architecture
 
             return build_architecture(entry["arch"], entry.get("kwargs", {}), entry.get("preprocess"))

@@ -127,7 +127,7 @@ def classifier_width(arch: str, state: Mapping[str, torch.Tensor], by_order: boo
     net = build_architecture(arch, kwargs)
     theirs = [t for k, t in state.items() if not k.endswith("num_batches_tracked")]
     expected = net.state_dict()
-    ours = [(k, expected[k]) for k in order_keys(expected, constant_buffers(net), len(theirs))]
+    ours = [(k, expected[k]) for k in order_keys(expected, constant_buffers(net), theirs)]
     last = [i for i, (k, t) in enumerate(ours) if k.endswith("weight") and t.dim() >= 2]
     if not last:
         return None

@@ -42,11 +42,19 @@ def constant_buffers(model: nn.Module) -> set[str]:
             if name in keys and name.rsplit(".", 1)[-1] not in (*_RUNNING, _COUNTER)}
 
 
-def order_keys(expected: Mapping[str, Tensor], constants: set[str], count: int) -> list[str]:
-    """The model's keys that a file of ``count`` tensors (counters aside) fills by order: all of them when the
-    file has as many, else the learned parameters and running statistics only (constants stay the model's)."""
+def order_keys(expected: Mapping[str, Tensor], constants: set[str], theirs: list[Tensor]) -> list[str]:
+    """The model's keys that a file's tensors ``theirs`` (counters aside) fill by order: all of them when the file
+    has as many, the learned parameters and running statistics only (constants stay the model's) when it has
+    as many as those; otherwise the list whose shapes agree with the file's as far as both go (for the error)."""
     every = [k for k in expected if not k.endswith(_COUNTER)]
-    return every if count == len(every) else [k for k in every if k not in constants]
+    learned = [k for k in every if k not in constants]
+    for keys in (every, learned):
+        if len(keys) == len(theirs):
+            return keys
+    for keys in (every, learned):
+        if all(list(expected[k].shape) == list(t.shape) for k, t in zip(keys, theirs)):
+            return keys
+    return learned
 
 
 def file_format(path: str | Path) -> str | None:
@@ -180,7 +188,7 @@ def fit_state_dict(model: nn.Module, state: Mapping[str, Tensor], *, by_order: b
 def _map_by_order(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], constants: set[str], source: str,
                   arch: str, log: Callable[[str], None] | None) -> dict[str, Tensor]:
     theirs = [(k, v) for k, v in state.items() if not k.endswith(_COUNTER)]
-    ours = [(k, expected[k]) for k in order_keys(expected, constants, len(theirs))]
+    ours = [(k, expected[k]) for k in order_keys(expected, constants, [t for _, t in theirs])]
     kept = [k for k in expected if not k.endswith(_COUNTER) and k not in dict(ours)]
     for index, ((key, tensor), (file_key, file_tensor)) in enumerate(zip(ours, theirs)):
         if _shape(tensor) != _shape(file_tensor):
