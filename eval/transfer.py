@@ -17,18 +17,20 @@ results.json, transfer.csv, pairs.csv, table.txt and plots to --out (default run
 DIR writes the examples as 8-bit PNGs with an index.csv, and --adversarial DIR evaluates the targets on such
 a folder instead of attacking (docs/transfer.md). Epsilons and step sizes are in pixel units ([0, 1]); for
 --norm l2 in Linf-equivalent units, scaled by --l2-scale. The outputs (--out, --save-adversarial) may not
-overlap each other or hold an input. The schema is in decorr/evaluation/transfer.py.
+overlap each other or hold an input. The schema is in decorr/evaluation/transfer.py. --preset NAME fills in a
+published protocol (transferattack, dverge, p1; decorr/evaluation/presets.py), every setting overridable:
+    python eval/transfer.py --preset transferattack --dataset imagenet_compatible/ --dry-run
 """
 
 from __future__ import annotations
 
-from decorr.config import parse_with_config, set_threads
+from decorr.config import set_threads
 from decorr.errors import cli_entry
-from decorr.evaluation.command import describe_job, job_from_args, run_transfer_job, transfer_parser
+from decorr.evaluation.command import describe_job, job_from_args, parse_transfer_args, run_transfer_job, transfer_parser
 
 
 def parse_args(argv: list[str] | None = None):
-    return parse_with_config(transfer_parser(__doc__), argv)
+    return parse_transfer_args(transfer_parser(__doc__), argv)
 
 
 @cli_entry

@@ -17,12 +17,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from decorr.attacks import add_attack_arguments, attack_overrides
-from decorr.config import add_config_arguments, add_config_file_argument, check_subset, config_kwargs, opt, resolve_device
+from decorr.config import (add_config_arguments, add_config_file_argument, check_subset, config_kwargs, opt,
+                           parse_with_config, resolve_device)
 from decorr.data import load_dataset
 from decorr.distributed import barrier, broadcast_object, rank, start_processes
 from decorr.errors import DecorrError
 from decorr.evaluation.ensembles import ENSEMBLE_RULES
 from decorr.evaluation.adversarial_files import AdversarialWriter, evaluate_adversarial_specs, read_index
+from decorr.evaluation.presets import PRESETS, apply_preset, preset_record
 from decorr.evaluation.progress import terminal_reporter
 from decorr.evaluation.report import format_transfer, save_transfer_report
 from decorr.evaluation.transfer import (ModelSelection, Reporter, TransferOptions, checkpoint_dataset,
@@ -31,7 +33,7 @@ from decorr.io import check_paths_apart, default_output_dir, prepare_output_dir,
 from decorr.specs import SPEC_HELP, add_spec_arguments, spec_options, spec_paths
 
 __all__ = ["DataOptions", "OutputOptions", "TransferJob", "describe_job", "evaluate_job", "job_from_args", "jsonable_job",
-           "run_transfer_job", "transfer_parser"]
+           "parse_transfer_args", "run_transfer_job", "transfer_parser"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class TransferJob:
     output: OutputOptions = field(default_factory=OutputOptions)
     device: str | None = None
     command: tuple[str, ...] = ()
+    #: the --preset protocol this job fills in (decorr.evaluation.presets.preset_record), or None
+    preset: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         output = self.output
@@ -130,12 +134,25 @@ def transfer_parser(description: str | None = None) -> argparse.ArgumentParser:
     add_config_arguments(p.add_argument_group("outputs and adversarial files (docs/transfer.md)"), OutputOptions)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; each process its GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (e.g. 1 on a shared machine)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="a published protocol's settings (decorr.evaluation.presets); a --config file and explicit "
+                        "flags override them; --dry-run prints the whole protocol")
     p.add_argument("--dry-run", action="store_true", help="print the resolved job (models, data, attacks with their "
                                                           "settings, eps) and stop; nothing is loaded or written")
     add_config_file_argument(p)
     add_attack_arguments(p)
     add_spec_arguments(p)
     return p
+
+
+def parse_transfer_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser``'s arguments with ``--preset`` (its settings the defaults, below a ``--config`` file and explicit
+    flags); the preset's record goes to ``args.preset_record``."""
+    first, _ = parser.parse_known_args(argv)
+    applied = apply_preset(parser, first.preset) if getattr(first, "preset", None) else None
+    args = parse_with_config(parser, argv)
+    args.preset_record = preset_record(getattr(first, "preset", None), applied, args)
+    return args
 
 
 def job_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> TransferJob:
@@ -148,7 +165,8 @@ def job_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> Tr
                               attack_settings=attack_overrides(args))
     return TransferJob(selection, DataOptions(**config_kwargs(DataOptions, args)), options,
                        OutputOptions(**config_kwargs(OutputOptions, args)), device=args.device,
-                       command=tuple(sys.argv[1:] if argv is None else argv))
+                       command=tuple(sys.argv[1:] if argv is None else argv),
+                       preset=getattr(args, "preset_record", None))
 
 
 def describe_job(job: TransferJob) -> str:

@@ -129,6 +129,16 @@ def eps_record(eps: float, attack_eps: float, attack: str, sources: Sequence[str
     return row
 
 
+def source_correct_record(source_correct: Tensor, preds: Mapping[str, Tensor], y: Tensor) -> dict[str, Any]:
+    """Attack success over the images the source classifies correctly (``source_correct``, per image): their
+    count, and per model the examples it misclassifies among them and that fraction (TransferAttack's figures
+    are over all images: 1 - accuracy; this is the view that leaves out images the source already got wrong)."""
+    images = int(source_correct.sum())
+    fooled = {name: int(((pred != y) & source_correct).sum()) for name, pred in preds.items()}
+    return {"images": images, "fooled": fooled,
+            "success": {name: number(count / images) if images else None for name, count in fooled.items()}}
+
+
 def worst_case_record(eps: float, attack_eps: float, sources: Sequence[str], targets: Sequence[str],
                       by_attack: Sequence[Mapping[str, Mapping[str, Tensor]]]) -> dict[str, Any]:
     """The per-image worst case at one epsilon: an image counts as fooled when any attack of the run fooled

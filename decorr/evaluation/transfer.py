@@ -53,7 +53,8 @@ Result schema (``format`` ``decorr-transfer/2``)::
      "pairs": [{a, b, same_arch, parameter_distance, natural_features}],
      "by_eps": [{attack, eps, attack_eps, white_box_accuracy, white_box_accuracy_ci95, white_box_correct,
                  accuracy, accuracy_ci95, correct, transfer, transfer_ci95, source_fooled, transferred,
-                 fooled: {src: {model: packed bits}}, [target_hit], detection, pairs}],   one per attack x eps
+                 fooled: {src: {model: packed bits}}, [target_hit], detection, pairs,
+                 source_correct: {src: {images, fooled: {model}, success: {model}}}}],  one per attack x eps
      "worst_case": [{attack: "any", eps, ... as by_eps ..., all_sources: {accuracy, accuracy_ci95, correct,
                      fooled: {target: packed bits}, sources}}],                              one per eps
      "notes": [str], "timing": {natural_s, attack_s, evaluate_s, features_s, total_s}}
@@ -86,7 +87,7 @@ from decorr.evaluation.detection import detection_summary
 from decorr.evaluation.ensembles import load_ensembles
 from decorr.evaluation.passes import AttackJob, Collected, ModelRunner, attack_pass, batches, run_models
 from decorr.evaluation.records import (FeatureSet, eps_record, interval, number, pair_features, pca_or_none,
-                                       r2_or_none, worst_case_record)
+                                       r2_or_none, source_correct_record, worst_case_record)
 from decorr.features import feature_diagnostics
 from decorr.loss import parameter_distance
 from decorr.models.ensemble import Ensemble, spread_members
@@ -485,6 +486,8 @@ def _add_details(plan: _Plan, row: dict[str, Any], gathered: Mapping[str, dict[s
                                      gathered[src]["scores"][ens], gathered[src]["preds"][ens] != plan.y)
               for ens in plan.ensembles}
         for src in plan.sources} if plan.ensembles else {}
+    row["source_correct"] = {src: source_correct_record(natural["preds"][src] == plan.y, g["preds"], plan.y)
+                             for src, g in gathered.items()}
     if targets is not None:
         row["target_hit"] = {src: {name: int((pred == targets).sum()) for name, pred in g["preds"].items()}
                              for src, g in gathered.items()}
