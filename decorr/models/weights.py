@@ -110,7 +110,10 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         raise DecorrError(f"weights file {path} is neither safetensors nor a torch.save file (zip or pickle), whatever "
                           "its suffix; give a .safetensors file or a state dict saved with torch.save")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        # a file object, not the path: torch.load would go by a .safetensors suffix; map_location: a file saved
+        # on a GPU loads on any machine
+        with open(path, "rb") as handle:
+            loaded = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's own text is many lines of advice to load it unsafely; say what was found, in our words.
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
