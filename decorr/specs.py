@@ -271,9 +271,14 @@ def _load_checkpoint_models(directory: Path, only: str | None, label: str) -> li
 
 
 def _load_weights_spec(spec: ParsedSpec, defaults: SpecOptions, label: str, say: Callable[[str], None]) -> NamedModel:
-    from decorr.weight_specs import load_weights_spec
+    from decorr.models.spec_loading import load_weights_spec
 
-    return load_weights_spec(spec, defaults, label, say)
+    foreign = spec.arch.startswith(FOREIGN_PREFIXES)
+    if not foreign and spec.arch not in list_models():
+        build_architecture(spec.arch)  # the one-line error naming the known architectures
+    options = _effective(spec, defaults, registry=not foreign)
+    module, info, entry = load_weights_spec(spec, options, say)
+    return NamedModel((spec.options or {}).get("name") or label, module, info, entry)
 
 
 def _names_published(spec: ParsedSpec) -> bool:

@@ -1,8 +1,8 @@
-"""Loading one ``ARCH[(ARGS)]=WEIGHTS[@OPTIONS]`` model spec (:func:`decorr.specs.load_specs` calls this for
-every spec that is not a checkpoint): a weights file of any format (told by its content), published
-pretrained weights with their preprocessing (:mod:`decorr.models.pretrained`), or a RobustBench model
-(:mod:`decorr.models.robustbench`). Returns the :class:`~decorr.specs.NamedModel` with its results record
-(``info``) and the checkpoint entry that rebuilds it (``entry``: arch, kwargs with the spec's architecture
+"""Loading the model of one ``ARCH[(ARGS)]=WEIGHTS[@OPTIONS]`` spec (:func:`decorr.specs.load_specs` parses
+the spec and calls this for every spec that is not a checkpoint): a weights file of any format (told by its
+content), published pretrained weights with their preprocessing (:mod:`decorr.models.pretrained`), or a
+RobustBench model (:mod:`decorr.models.robustbench`). Returns the module, its results record (``info``)
+and the checkpoint entry that rebuilds it (``entry``: arch, kwargs with the spec's architecture
 arguments, feature layer, preprocess).
 """
 
@@ -18,20 +18,18 @@ from decorr.errors import DecorrError
 from decorr.models.foreign import FOREIGN_PREFIXES, Preprocessed, accepts_num_classes, build_architecture, classifier_width
 from decorr.models.pretrained import (TRANSFORM_MODES, names_pretrained, timm_preprocess, timm_pretrained,
                                       torchvision_preprocess, torchvision_weights)
-from decorr.models.registry import list_models, model_spec
+from decorr.models.registry import model_spec
 from decorr.models.weights import file_format, fit_state_dict, read_state_dict, sha256_of
 
 __all__ = ["load_weights_spec"]
 
 
-def load_weights_spec(spec: Any, defaults: Any, label: str, say: Callable[[str], None]) -> Any:
-    from decorr.specs import NamedModel, _effective
-
+def load_weights_spec(spec: Any, options: Any, say: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any],
+                                                                                     dict[str, Any]]:
+    """``(module, info, entry)`` of the parsed spec ``spec`` (:class:`decorr.specs.ParsedSpec`) under its
+    effective options ``options`` (:class:`decorr.specs.SpecOptions`); ``say`` gets the by-order mapping."""
     arch = spec.arch
     foreign = arch.startswith(FOREIGN_PREFIXES)
-    if not foreign and arch not in list_models():
-        build_architecture(arch)  # the one-line error naming the known architectures
-    options = _effective(spec, defaults, registry=not foreign)
     if options.transforms is not None and options.transforms not in TRANSFORM_MODES:
         raise DecorrError(f"transforms={options.transforms} in spec {spec.text!r}; use one of {', '.join(TRANSFORM_MODES)}")
     arguments = dict(spec.arch_kwargs or {})
@@ -59,7 +57,7 @@ def load_weights_spec(spec: Any, defaults: Any, label: str, say: Callable[[str],
             "mean": preprocess.get("mean"), "std": preprocess.get("std"), "input_size": preprocess.get("input_size"),
             "preprocess": preprocess or None, "feature_layer": full_layer, "match_by_order": options.match_by_order,
             **record}
-    return NamedModel((spec.options or {}).get("name") or label, module, info, entry)
+    return module, info, entry
 
 
 def _feature_layer(arch: str, net: nn.Module, layer: str | None, foreign: bool) -> str | None:
