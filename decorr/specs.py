@@ -2,16 +2,22 @@
 
 Grammar (``SPEC_HELP`` is the same text for ``--help``)::
 
-    SPEC     := CKPT | CKPT:MODEL | ARCH=WEIGHTS[@OPTIONS]
+    SPEC     := CKPT | CKPT:MODEL | ARCH[(ARGS)]=WEIGHTS[@OPTIONS] | robustbench.NAME[=DIR][@OPTIONS]
     CKPT     := a decorr run directory or checkpoint directory (every model; :MODEL picks one)
     ARCH     := a registry name (decorr.models.list_models()) | torchvision.NAME | timm.NAME
-    WEIGHTS  := a .safetensors file | a .pt/.pth/.bin state dict (read with weights_only=True)
-              | with torchvision.NAME: a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), downloaded
-                by torchvision (needs internet once; cached), with its mean and std in front of the model
+    ARGS     := KEY=VALUE[,...]: the architecture builder's arguments (decorr.models.arguments), e.g.
+                mnist_cnn(mean=0,std=1); recorded in the model's kwargs
+    WEIGHTS  := a weights file, its format read from its content (safetensors, torch.save zip or legacy
+                pickle; torch.load with weights_only=True, map_location="cpu")
+              | with torchvision.NAME: a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), read from torch
+                hub's cache (downloaded once), its transforms() in front of the model
+              | with timm.NAME: pretrained (timm's loader), its resolve_data_config preprocessing in front
     OPTIONS  := KEY=VALUE[,KEY=VALUE...]   KEY one of num_classes, mean, std, input_size, feature_layer,
-                                            match_by_order, name
+                                            match_by_order, name, transforms, dataset, threat
                 mean/std: one value per channel separated by "/" (0.485/0.456/0.406); input_size: 224 or
-                224x192 (height x width); match_by_order: 1/0; name: the model's name in results
+                224x192 (height x width); match_by_order: 1/0; name: the model's name in results;
+                transforms: weights (the pretrained weights' eval transform) | normalize (mean/std only);
+                dataset/threat: robustbench.NAME's (decorr.models.robustbench)
 
     torchvision.resnet18=r18.pth@num_classes=10,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,input_size=224
 
@@ -49,12 +55,17 @@ __all__ = [
 
 SPEC_HELP = """model specs (positional models, --surrogate, --init):
   CKPT | CKPT:MODEL            a decorr run or checkpoint directory (all its models, or one)
-  ARCH=WEIGHTS[@KEY=VALUE,...] ARCH: a registry name, torchvision.NAME or timm.NAME; WEIGHTS: .safetensors
-                               or a .pt/.pth/.bin state dict (never unpickles code), or for torchvision.NAME
-                               a torchvision weights name: torchvision.resnet152=DEFAULT (downloads; ImageNet
-                               mean/std put in front unless given)
+  ARCH[(ARGS)]=WEIGHTS[@KEY=VALUE,...]
+                               ARCH: a registry name, torchvision.NAME or timm.NAME; ARGS: the builder's
+                               arguments, quoted: "mnist_cnn(mean=0,std=1)=paper_cnn@match_by_order=1";
+                               WEIGHTS: a weights file of any name (safetensors or torch.save, told by its
+                               content; never unpickles code; GPU files load on CPU), or published weights
+                               with their own preprocessing in front: torchvision.resnet50=DEFAULT (or
+                               IMAGENET1K_V2 ...), timm.NAME=pretrained (both download once; cached)
+  robustbench.NAME[=DIR]@dataset=cifar10,threat=Linf
+                               a RobustBench model (pip install 'decorr[zoo]'), weights in DIR (models)
   per-spec KEYs: num_classes, mean, std (values joined by /), input_size (224 or HxW), feature_layer,
-  match_by_order (1/0), name; e.g.
+  match_by_order (1/0), name, transforms (weights|normalize), dataset, threat; e.g.
   torchvision.resnet18=r18.pth@num_classes=10,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,input_size=224
   the global --num-classes --mean --std --input-size --feature-layer --match-by-order apply to every
   ARCH=WEIGHTS spec without its own value (--mean/--std not to registry archs: they normalise inside)"""
