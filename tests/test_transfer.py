@@ -275,7 +275,7 @@ def test_script_writes_results_and_refuses_overwrite(checkpoints, tmp_path, caps
     assert set(results["by_eps"][0]) == {"attack", "eps", "attack_eps", "white_box_accuracy", "accuracy", "transfer",
                                          "source_fooled", "transferred", "pairs", "white_box_accuracy_ci95",
                                          "white_box_correct", "accuracy_ci95", "correct", "transfer_ci95", "fooled",
-                                         "detection"}
+                                         "detection", "source_correct"}
     assert len(results["settings"]["samples_sha256"]) == 64
     row, model = results["by_eps"][0], results["models"]["fc_pair/model0"]
     assert model["natural_accuracy"] == model["natural_correct"] / 50

@@ -157,6 +157,9 @@ def parse_transfer_args(parser: argparse.ArgumentParser, argv: list[str] | None 
 
 def job_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> TransferJob:
     """The :class:`TransferJob` the flags describe (every setting checked here, before any work)."""
+    if getattr(args, "preset", None) and getattr(args, "preset_record", None) is None:
+        raise DecorrError(f"preset {args.preset} was not applied (only eval/transfer.py's command line applies "
+                          "--preset); give the protocol's settings themselves (see --preset ... --dry-run)")
     selection = ModelSelection(targets=tuple(args.checkpoints), surrogates=tuple(args.surrogate),
                                ensembles=tuple(args.ensemble), surrogate_ensembles=tuple(args.surrogate_ensemble),
                                ensemble_rule=args.ensemble_rule, spec_options=spec_options(args),
