@@ -16,7 +16,7 @@ Grammar (``SPEC_HELP`` is the same text for ``--help``)::
                                             match_by_order, name, transforms, dataset, threat
                 mean/std: one value per channel separated by "/" (0.485/0.456/0.406); input_size: 224 or
                 224x192 (height x width); match_by_order: 1/0; name: the model's name in results;
-                transforms: weights (the pretrained weights' eval transform) | normalize (mean/std only);
+                transforms: weights (the pretrained weights' eval transform) | normalize (mean/std only) | none;
                 dataset/threat: robustbench.NAME's (decorr.models.robustbench)
 
     torchvision.resnet18=r18.pth@num_classes=10,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,input_size=224
@@ -65,7 +65,7 @@ SPEC_HELP = """model specs (positional models, --surrogate, --init):
   robustbench.NAME[=DIR]@dataset=cifar10,threat=Linf
                                a RobustBench model (pip install 'decorr[zoo]'), weights in DIR (models)
   per-spec KEYs: num_classes, mean, std (values joined by /), input_size (224 or HxW), feature_layer,
-  match_by_order (1/0), name, transforms (weights|normalize), dataset, threat; e.g.
+  match_by_order (1/0), name, transforms (weights|normalize|none), dataset, threat; e.g.
   torchvision.resnet18=r18.pth@num_classes=10,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,input_size=224
   the global --num-classes --mean --std --input-size --feature-layer --match-by-order apply to every
   ARCH=WEIGHTS spec without its own value (--mean/--std not to registry archs: they normalise inside)"""

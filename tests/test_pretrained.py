@@ -123,6 +123,8 @@ def test_torchvision_weights_come_with_their_own_transforms(torch_home, image_fo
     only_normalize = load_specs(["torchvision.resnet18=IMAGENET1K_V1@transforms=normalize"])["resnet18"]
     assert only_normalize.entry["preprocess"] == {"mean": list(weights.transforms().mean),
                                                   "std": list(weights.transforms().std)}
+    bare = load_specs(["torchvision.resnet18=IMAGENET1K_V1@transforms=none"])["resnet18"]
+    assert "preprocess" not in bare.entry and not isinstance(bare.module, type(model.module))
 
 
 def _timm_eval_transform(net):

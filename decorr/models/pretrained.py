@@ -11,7 +11,7 @@
 
 Each returns its results record (weights' identity, file, sha256, preprocessing) beside the module.
 With the spec option ``transforms=normalize`` only the weights' mean/std go in front (protocols such as
-TransferAttack's feed images already at the model's size).
+TransferAttack's feed images already at the model's size); ``transforms=none`` puts nothing in front.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from decorr.models.weights import read_state_dict, sha256_of
 __all__ = ["TRANSFORM_MODES", "names_pretrained", "timm_pretrained", "timm_preprocess", "torchvision_preprocess",
            "torchvision_weights"]
 
-TRANSFORM_MODES = ("weights", "normalize")
+TRANSFORM_MODES = ("weights", "normalize", "none")
 _WEIGHTS_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 _HASH = re.compile(r"-([a-f0-9]*)\.")
 
@@ -90,6 +90,8 @@ def _download(url: str, path: Path, model: str, what: str) -> None:
 def torchvision_preprocess(weights: Any, mode: str = "weights") -> dict[str, Any]:
     """The preprocessing of ``weights.transforms()`` as a :class:`Preprocessed` entry (``mode`` normalize:
     mean and std only)."""
+    if mode == "none":
+        return {}
     transform = weights.transforms()
     record: dict[str, Any] = {"mean": [float(v) for v in transform.mean], "std": [float(v) for v in transform.std]}
     if mode == "normalize":
@@ -158,6 +160,8 @@ def timm_preprocess(net: nn.Module, mode: str = "weights") -> tuple[dict[str, An
 
     config = resolve_data_config({}, model=net)
     resolved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
+    if mode == "none":
+        return {}, resolved
     record: dict[str, Any] = {"mean": [float(v) for v in config["mean"]], "std": [float(v) for v in config["std"]]}
     if mode == "normalize":
         return record, resolved
