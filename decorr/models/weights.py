@@ -1,9 +1,10 @@
 """Weights files from outside the toolkit: read them without running code, fit them to an architecture.
 
-``read_state_dict(path)`` reads a ``.safetensors`` file (safetensors) or a ``.pt``/``.pth``/``.bin``
-state dict (``torch.load(..., weights_only=True)``, which refuses anything that would run code when
-unpickled), unwrapping the usual containers: a dict under ``state_dict``, ``model`` or ``net`` and
-the ``module.`` prefix of DataParallel / DistributedDataParallel. ``fit_state_dict(model, state)``
+``read_state_dict(path)`` reads a safetensors file (safetensors) or a torch.save state dict, zip or legacy
+pickle (``torch.load(..., map_location="cpu", weights_only=True)``, which refuses anything that would run
+code when unpickled); the format is told by the file's first bytes (:func:`file_format`), not its suffix,
+so a paper's ``model_final`` or a ``.ckpt`` loads too. The usual containers are unwrapped: a dict under
+``state_dict``, ``model`` or ``net`` and the ``module.`` prefix of DataParallel / DistributedDataParallel. ``fit_state_dict(model, state)``
 loads it strictly, by name, or with ``by_order=True`` by position (same count, same shapes).
 """
 
