@@ -112,13 +112,14 @@ def test_documented_sgm_command_runs_on_a_generated_folder(tmp_path, monkeypatch
                      "torchvision.vgg19=DEFAULT", "torchvision.resnet152=DEFAULT", "--surrogate"):
         assert expected in joined, expected
     small = {"vgg19": "vgg11", "inception_v3": "resnet18", "resnet152": "resnet34", "input_size=299": "input_size=64"}
-    # Offline: torchvision's "pretrained" weights are random weights of the architecture.
-    def fake_state_dict(self, *args, **kwargs):
-        name = type(self).__name__.replace("_Weights", "").lower()
+    # Offline: torchvision's "pretrained" weights are random weights of the architecture, in torch hub's cache.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for name in ("vgg11", "resnet18", "resnet34"):
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        cached = tmp_path / "torch_home" / "hub" / "checkpoints" / Path(weights.url).name
+        cached.parent.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
-        return torchvision.models.get_model(name, weights=None).state_dict()
-
-    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", fake_state_dict)
+        torch.save(torchvision.models.get_model(name, weights=None).state_dict(), cached)
     data = _folder(tmp_path / "imagenet_val", n=3, size=70)
     args = []
     for arg in argv[2:]:
@@ -136,13 +137,14 @@ def test_documented_sgm_command_runs_on_a_generated_folder(tmp_path, monkeypatch
     assert len(list((tmp_path / "runs" / "adv" / "sgm_resnet34").rglob("*.png"))) == 3
 
 
-def test_torchvision_weights_by_name_offline_is_one_line_error(monkeypatch):
+def test_torchvision_weights_by_name_offline_is_one_line_error(monkeypatch, tmp_path):
     from decorr.specs import load_specs
 
-    def offline(self, *args, **kwargs):
+    def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # nothing cached
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(DecorrError, match="needs internet"):
         load_specs(["torchvision.resnet18=DEFAULT"])
     with pytest.raises(DecorrError, match="has no weights 'IMAGENET9K'"):

@@ -51,7 +51,7 @@ def _zoo_entry(name: str, dataset: str, threat: str) -> tuple[Any, Any, dict[str
     except ValueError:
         known = ", ".join(t.value for t in enums.ThreatModel)
         raise DecorrError(f"RobustBench has no threat model {threat!r}; use threat= one of {known}") from None
-    models = package.model_zoo.model_dicts[dataset_].get(threat_, {})
+    models = package.model_zoo.model_dicts.get(dataset_, {}).get(threat_, {})
     if name not in models:
         some = ", ".join(list(models)[:5])
         raise DecorrError(f"RobustBench has no model {name!r} for {dataset_.value} {threat_.value}; names include "
