@@ -322,13 +322,13 @@ def _adversarial_rows(plan: _Plan, data: Data, options: TransferOptions, natural
                 label = f"{attack.text} eps {eps:g}: {src} ({k + 1}/{len(plan.sources)})"
                 if advance is None:
                     report.say(f"attacking {label}")
-                job = AttackJob(attack, src, _source(plan, src), eps, evaluated[src], plan.partners(src))
+                job = AttackJob(attack, src, _source(plan, src), eps, evaluated[src], plan.partners(src),
+                                norm=options.norm, scale=scale, seed=options.seed, targets=targets)
                 hook = None if on_adversarial is None else (
                     lambda batch, x_adv, pred, src=src: on_adversarial(src, attack.text, eps, batch.positions, x_adv,
                                                                        batch.y, pred))
                 step = None if advance is None else (lambda count, label=label: advance(count, label))
-                collected = attack_pass(job, runner, data, options.batch_size, plan.device, seed=options.seed,
-                                        scale=scale, norm=options.norm, targets=targets, on_batch=hook,
+                collected = attack_pass(job, runner, data, options.batch_size, plan.device, on_batch=hook,
                                         progress=step, timing=plan.timing)
                 gathered[src] = collected.gathered(len(plan.y))
                 outcomes[src] = {name: pred != plan.y for name, pred in gathered[src]["preds"].items()}
