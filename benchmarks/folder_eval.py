@@ -3,7 +3,7 @@
 A folder of ``--num-images`` random PNGs (3 classes, sizes around 256) is read with ``--image-size`` (224:
 torchvision's Resize + CenterCrop); a torchvision resnet18 source and vgg11 target (random weights saved
 with ``torch.save`` in a temp dir, specs ``torchvision.resnet18=r18.pth`` ...) are evaluated by
-``decorr.evaluation.transfer.evaluate_checkpoints`` with the folder streamed (``memory_budget_mb`` below the set's
+``decorr.evaluation.selection.evaluate_checkpoints`` with the folder streamed (``memory_budget_mb`` below the set's
 size, DataLoader workers decoding), PGD Linf. "bare" is a loop over the same decoded tensors (in memory),
 the same random starts and the same models loaded by hand; every accuracy must be equal. Reported: time per
 image of each and their ratio (goal <= 1.10), and where the memory goes. Three fresh child processes report
@@ -46,7 +46,8 @@ from decorr.data.accounting import CountedSplit
 from decorr.data.stream import StreamedSplit
 from decorr.io import write_results_json
 from decorr.evaluation.passes import batch_generator
-from decorr.evaluation.transfer import ModelSelection, TransferOptions, evaluate_checkpoints
+from decorr.evaluation.selection import ModelSelection, evaluate_checkpoints
+from decorr.evaluation.options import TransferOptions
 
 
 def make_folder(root: Path, n: int) -> None:
@@ -183,16 +184,16 @@ def main() -> None:
     if args.child:
         folder, r18, vgg, budget = args.child
         budget = float(budget)
-        import decorr.evaluation.transfer
+        import decorr.evaluation.selection
 
-        loads, load_specs = [], decorr.evaluation.transfer.load_specs
+        loads, load_specs = [], decorr.evaluation.selection.load_specs
 
         def load_then_reset(*a, **k):  # the peak of the evaluation itself starts when the models are in place
             models = load_specs(*a, **k)
             loads.append(reset_peak())
             return models
 
-        decorr.evaluation.transfer.load_specs = load_then_reset
+        decorr.evaluation.selection.load_specs = load_then_reset
         tick = time.perf_counter()
         data, result, resident = ours(args, Path(folder), specs_of(args, r18, vgg), budget)
         print(json.dumps({"max_rss_mb": peak_rss_mb(loads[-1]), "ours_s": time.perf_counter() - tick,

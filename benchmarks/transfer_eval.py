@@ -4,7 +4,7 @@ One pass (``eval/transfer.py`` with four models): each of the 4 sources is attac
 epsilon and all 4 targets are evaluated on its adversarial examples, so 4 attacks per epsilon.
 Pair by pair: each of the 6 pairs evaluated on its own, as a script given two checkpoints would
 (load both, natural accuracy, attack both members, evaluate both, feature statistics): 12 attacks per
-epsilon. Both call ``decorr.evaluation.transfer.evaluate_checkpoints`` with the same settings; random starts are
+epsilon. Both call ``decorr.evaluation.selection.evaluate_checkpoints`` with the same settings; random starts are
 seeded per (seed, source name, epsilon, batch), so both ways craft identical adversarial examples and
 every shared number (transfer rates and counts, accuracies, feature R^2 / PCA Pearson, parameter
 distance) must be equal exactly. Prints (and with --json writes) times, ratios and the comparison.
@@ -37,7 +37,8 @@ from decorr.data import iterate_batches, load_dataset
 from decorr.errors import DecorrError
 from decorr.models import create_model
 from decorr.io import write_results_json
-from decorr.evaluation.transfer import ModelSelection, TransferOptions, evaluate_checkpoints
+from decorr.evaluation.selection import ModelSelection, evaluate_checkpoints
+from decorr.evaluation.options import TransferOptions
 
 REPO = Path(__file__).resolve().parents[1]
 PAIR_RUNS = [REPO / "runs" / "mnist_cnn_cor", REPO / "runs" / "mnist_cnn_dec"]

@@ -2,7 +2,7 @@
 
 Models: a torchvision resnet18 (10 classes, at the data's 32x32) saved with ``torch.save(state_dict)`` and
 the registry's resnet20 saved as ``.safetensors`` (random weights; the speed does not depend on them).
-"ours" is ``decorr.evaluation.transfer.evaluate_checkpoints`` on the specs ``torchvision.resnet18=r18.pth`` and
+"ours" is ``decorr.evaluation.selection.evaluate_checkpoints`` on the specs ``torchvision.resnet18=r18.pth`` and
 ``resnet20=r20.safetensors`` (loading, input check, natural accuracy, both attacked, both evaluated on
 every adversarial batch; feature statistics off). "bare" is the 20-line loop below on models loaded by
 hand, drawing the same random starts (``batch_generator``), so every accuracy must be equal; the report
@@ -30,7 +30,8 @@ from decorr.data import load_dataset, to_float
 from decorr.models import create_model
 from decorr.io import write_results_json
 from decorr.evaluation.passes import batch_generator
-from decorr.evaluation.transfer import ModelSelection, TransferOptions, evaluate_checkpoints
+from decorr.evaluation.selection import ModelSelection, evaluate_checkpoints
+from decorr.evaluation.options import TransferOptions
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"

@@ -26,7 +26,7 @@ from decorr.errors import DecorrError, cli_entry
 from decorr.training.recipes import PairConfig, train_pair
 from decorr.evaluation.tables import format_table
 from decorr.io import write_results_json, write_text
-from decorr.evaluation.transfer import evaluate_checkpoints, pair_transfer
+from decorr.evaluation.selection import evaluate_checkpoints, pair_transfer
 
 MODES = ("cor", "dec")
 

@@ -23,7 +23,7 @@ from decorr.distributed import rank, start_processes
 from decorr.errors import DecorrError, cli_entry
 from decorr.specs import SPEC_HELP, add_spec_arguments, check_input_shape, load_specs, spec_options, spec_paths
 from decorr.io import check_output_file, check_paths_apart, write_results_json
-from decorr.evaluation.transfer import checkpoint_dataset
+from decorr.evaluation.selection import checkpoint_dataset
 from decorr.config import check_at_least, parse_with_config, resolve_device, set_threads
 
 #: Test images used without --num-samples (all of them when the split is smaller).

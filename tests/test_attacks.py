@@ -19,6 +19,7 @@ from decorr.attacks import (
     input_diversity,
     pgd,
 )
+from decorr.attacks.inputs import DIM
 from decorr.errors import DecorrError
 
 # ----------------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ COMBINATIONS = [
     dict(norm="l2"),
     dict(norm="linf", momentum=1.0, input_diversity=0.5, translation_kernel=3),
     dict(norm="l2", momentum=0.5, input_diversity=1.0, translation_kernel=torch.ones(3, 3) / 9),
-    dict(norm="linf", input_diversity=1.0, diversity_resize_rate=1.25),
+    dict(norm="linf", input_diversity=DIM(prob=1.0, resize_rate=1.25)),
 ]
 
 

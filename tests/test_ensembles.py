@@ -323,7 +323,7 @@ def test_members_spread_over_devices_give_the_same_outputs_and_attacks():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without GPUs")
 def test_members_per_device_without_gpus_is_one_line_error(tmp_path):
-    from decorr.evaluation.transfer import ModelSelection
+    from decorr.evaluation.selection import ModelSelection
 
     selection = ModelSelection(targets=("x",), members_per_device="auto")
     with pytest.raises(DecorrError, match="has none"):

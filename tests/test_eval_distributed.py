@@ -121,3 +121,17 @@ def test_gradient_alignment_and_dna_robustness_across_two_processes(runs, tmp_pa
     one, two = (json.loads((tmp_path / f"dna_{n}" / "results.json").read_text()) for n in ("one", "two"))
     one["settings"].pop("seconds"), two["settings"].pop("seconds")
     assert one == two and one["results"][0]["attack"] == "none"
+
+
+@pytest.mark.slow
+def test_more_processes_than_batches_is_one_line_error_and_nothing_written(runs, tmp_path):
+    args = [str(runs / "m0"), "--attack", "pgd", "--eps", "0.1", "--steps", "1", "--num-samples", "10",
+            "--batch-size", "10", "--no-plots", "--out", str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(SCRIPT), *args], env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    errors = {line for line in done.stderr.splitlines() if line.startswith("error: ")}
+    assert len(errors) == 1, done.stderr[-3000:]
+    message = errors.pop()
+    assert "2 processes share 1 batch(es)" in message and "--batch-size" in message, message
+    assert not (tmp_path / "out").exists()

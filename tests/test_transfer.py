@@ -22,7 +22,7 @@ from decorr.loss import parameter_distance, pca_pearson, pearson, r_squared
 from decorr.models import create_model
 from decorr.evaluation.report import PAIRS_CSV_HEADER, TRANSFER_CSV_HEADER
 from decorr.evaluation.stats import wilson_interval
-from decorr.evaluation.transfer import pair_transfer
+from decorr.evaluation.selection import pair_transfer
 from decorr.evaluation.records import first_pc_scores
 from transfer_helpers import attack_generator, craft, evaluate, evaluate_specs, load_named_models, options, record
 

@@ -1,6 +1,6 @@
 """The transfer tests' short way of naming an evaluation: the keyword arguments of a single-attack run
 (``attack="pgd", eps_list=..., steps=..., momentum=..., diversity=...``) translated into the evaluation's
-:class:`~decorr.evaluation.transfer.TransferOptions` (attacks of the suite and their settings)."""
+:class:`~decorr.evaluation.options.TransferOptions` (attacks of the suite and their settings)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import torch.nn as nn
 
 from decorr.attacks import Source
 from decorr.evaluation.passes import batch_generator
-from decorr.evaluation.transfer import ModelSelection, Reporter, TransferOptions, evaluate_checkpoints, evaluate_transfer
+from decorr.evaluation.selection import ModelSelection, evaluate_checkpoints
+from decorr.evaluation.options import Reporter, TransferOptions
+from decorr.evaluation.transfer import evaluate_transfer
 from decorr.specs import load_specs
 
 #: the attack flags of the old single-attack keywords

@@ -32,8 +32,7 @@ def pgd(
     norm: Norm = "linf",
     random_start: bool = True,
     momentum: float = 0.0,
-    input_diversity: float = 0.0,
-    diversity_resize_rate: float = 0.9,
+    input_diversity: float | DIM = 0.0,
     translation_kernel: int | Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
@@ -48,8 +47,8 @@ def pgd(
     - ``momentum`` (MI-FGSM, Dong et al. 2018): ``g_t = momentum * g_{t-1} + grad / ||grad||_1`` per
       sample, and the step follows ``g_t``. 1.0 is the MI paper's value; 0 is plain PGD.
     - ``input_diversity`` (DI, Xie et al. 2019): the probability of feeding the model a randomly
-      resized and padded ``x_adv`` at each step (``transforms.input_diversity``, with
-      ``diversity_resize_rate``); the paper uses 0.5.
+      resized and padded ``x_adv`` at each step (``transforms.input_diversity``); the paper uses 0.5.
+      A :class:`~decorr.attacks.inputs.DIM` instead sets its resize rate too (``DIM(prob=1, resize_rate=1.25)``).
     - ``translation_kernel`` (TI, Dong et al. 2019): convolve the gradient, channel by channel, with a
       kernel: an int ``k`` gives TI's Gaussian (``gaussian_kernel(k)``, sigma = (k - 1) / 6 pixels;
       the paper uses 15 on ImageNet), or pass a (k, k) or (C, 1, k, k) tensor.
@@ -65,11 +64,14 @@ def pgd(
         raise DecorrError(f"PGD step size must be >= 0 (pixel units), got {step_size}")
     if not momentum >= 0:
         raise DecorrError(f"momentum must be >= 0 (MI-FGSM uses 1.0), got {momentum}")
-    if not 0.0 <= input_diversity <= 1.0:
+    diversity = input_diversity if isinstance(input_diversity, DIM) else None
+    if diversity is None and not 0.0 <= input_diversity <= 1.0:
         raise DecorrError(f"input_diversity is a probability in [0, 1] (DI uses 0.5), got {input_diversity}")
     if steps == 0:
         return x.detach().clone() if not random_start else _start_only(x, eps, norm, generator)
-    inputs = (DIM(prob=input_diversity, resize_rate=diversity_resize_rate),) if input_diversity > 0 else ()
+    if diversity is None and input_diversity > 0:
+        diversity = DIM(prob=input_diversity)
+    inputs = (diversity,) if diversity is not None and diversity.prob > 0 else ()
     smoothing = (_smoothing(translation_kernel),) if translation_kernel is not None else ()
     optimizer = PGD(steps=steps, step_size=step_size if step_size > 0 else None, random_start=random_start,
                     momentum=momentum)

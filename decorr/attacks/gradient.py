@@ -100,14 +100,18 @@ class PGD(Optimizer):
 
 @dataclass(frozen=True)
 class _Momentum(Optimizer):
-    """MI's update; subclasses choose where the gradient is taken (:meth:`point`) and add variance."""
+    """MI's update; subclasses choose where the gradient is taken (``nesterov``) and add variance tuning."""
 
     nesterov: ClassVar[bool] = False
     variance: ClassVar[bool] = False
+    steps: int = opt(10, _STEPS, flag="--steps")
+    step_size: float | None = opt(None, _STEP, flag="--step-size")
+    random_start: bool = opt(False, _START, flag="--random-start")
+    decay: float = opt(1.0, "momentum decay (MI-FGSM: 1.0)", flag="--decay")
 
     def check(self) -> None:
         super().check()
-        decay = getattr(self, "decay")
+        decay = self.decay
         if not (isinstance(decay, (int, float)) and not isinstance(decay, bool) and decay >= 0):
             self.fail("decay", f"must be >= 0 (MI-FGSM uses 1.0), got {decay!r}")
         if self.variance:
@@ -145,15 +149,19 @@ class _Momentum(Optimizer):
         return total / getattr(self, "neighbors")  # type: ignore[operator]
 
 
+@dataclass(frozen=True)
+class _VarianceTuned(_Momentum):
+    """The variance-tuning settings (Wang & He 2021) shared by VMI and VNI."""
+
+    variance = True
+    beta: float = opt(1.5, "variance tuning: neighbours within beta * eps (VMI: 1.5)", flag="--variance-beta")
+    neighbors: int = opt(20, "variance tuning: neighbours per step (VMI: 20)", flag="--variance-neighbors")
+
+
 @register_attack("mifgsm")
 @dataclass(frozen=True)
 class MIFGSM(_Momentum):
     """MI-FGSM (Dong et al. 2018)."""
-
-    steps: int = opt(10, _STEPS, flag="--steps")
-    step_size: float | None = opt(None, _STEP, flag="--step-size")
-    random_start: bool = opt(False, _START, flag="--random-start")
-    decay: float = opt(1.0, "momentum decay (MI-FGSM: 1.0)", flag="--decay")
 
 
 @register_attack("nifgsm")
@@ -162,36 +170,17 @@ class NIFGSM(_Momentum):
     """NI-FGSM (Lin et al. 2020): the gradient at the Nesterov look-ahead point."""
 
     nesterov = True
-    steps: int = opt(10, _STEPS, flag="--steps")
-    step_size: float | None = opt(None, _STEP, flag="--step-size")
-    random_start: bool = opt(False, _START, flag="--random-start")
-    decay: float = opt(1.0, "momentum decay (MI-FGSM: 1.0)", flag="--decay")
 
 
 @register_attack("vmifgsm")
 @dataclass(frozen=True)
-class VMIFGSM(_Momentum):
+class VMIFGSM(_VarianceTuned):
     """VMI-FGSM (Wang & He 2021): MI-FGSM with variance tuning."""
-
-    variance = True
-    steps: int = opt(10, _STEPS, flag="--steps")
-    step_size: float | None = opt(None, _STEP, flag="--step-size")
-    random_start: bool = opt(False, _START, flag="--random-start")
-    decay: float = opt(1.0, "momentum decay (MI-FGSM: 1.0)", flag="--decay")
-    beta: float = opt(1.5, "variance tuning: neighbours within beta * eps (VMI: 1.5)", flag="--variance-beta")
-    neighbors: int = opt(20, "variance tuning: neighbours per step (VMI: 20)", flag="--variance-neighbors")
 
 
 @register_attack("vnifgsm")
 @dataclass(frozen=True)
-class VNIFGSM(_Momentum):
+class VNIFGSM(_VarianceTuned):
     """VNI-FGSM (Wang & He 2021): NI-FGSM with variance tuning."""
 
     nesterov = True
-    variance = True
-    steps: int = opt(10, _STEPS, flag="--steps")
-    step_size: float | None = opt(None, _STEP, flag="--step-size")
-    random_start: bool = opt(False, _START, flag="--random-start")
-    decay: float = opt(1.0, "momentum decay (MI-FGSM: 1.0)", flag="--decay")
-    beta: float = opt(1.5, "variance tuning: neighbours within beta * eps (VMI: 1.5)", flag="--variance-beta")
-    neighbors: int = opt(20, "variance tuning: neighbours per step (VMI: 20)", flag="--variance-neighbors")

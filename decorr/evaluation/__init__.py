@@ -2,7 +2,10 @@
 detection, statistics with intervals, comparisons and summaries, reports (tables, JSON, CSV, plots) and
 adversarial examples as files.
 
-Modules: ``transfer`` (:func:`~decorr.evaluation.transfer.evaluate_transfer`), ``ensembles``, ``detection``,
+Modules: ``options`` (:class:`~decorr.evaluation.options.TransferOptions`), ``transfer``
+(:func:`~decorr.evaluation.transfer.evaluate_transfer`), ``selection`` (models named by specs:
+:func:`~decorr.evaluation.selection.evaluate_checkpoints`), ``passes`` (batches across processes),
+``command`` (eval/transfer.py's flags), ``sweep``, ``ensembles``, ``detection``,
 ``metrics``, ``stats``, ``compare``, ``summary``, ``seeds``, ``alignment``, ``tables``, ``report``,
 ``adversarial_files``.
 """

@@ -345,15 +345,22 @@ def evaluate_adversarial_folder(
         if use_float:
             row["quantised"] = record["8bit"]
         rows.append(row)
-    target_names = list(targets)
     settings = {**{k: v for k, v in saved.items() if k not in ("num_samples", "num_candidates")},
                 "eps": eps_list, "adversarial": str(folder), "images": "float" if use_float else "8-bit PNG",
                 "batch_size": batch_size, "num_samples": max(len(g["files"]) for g in groups.values()),
                 "num_candidates": None}
     settings.setdefault("norm", "linf")
+    return _folder_result(settings, models, list(targets), sources, model_info, rows, notes)
+
+
+def _folder_result(settings: dict[str, Any], models: Mapping[str, nn.Module], target_names: list[str],
+                   sources: list[str], model_info: Mapping[str, Mapping[str, Any]] | None,
+                   rows: list[dict[str, Any]], notes: set[str]) -> dict[str, Any]:
+    """The ``results.json`` of a folder evaluation: no natural pass, no features, the rows as read."""
     model_records = {}
     for name in models:
-        role = "target+source" if name in targets and name in sources else "target" if name in targets else "source"
+        role = ("target+source" if name in target_names and name in sources
+                else "target" if name in target_names else "source")
         model_records[name] = {"role": role, "arch": (model_info or {}).get(name, {}).get("arch"), "feature_layer": None,
                                "natural_accuracy": None, "natural_correct": None, "natural_accuracy_ci95": None,
                                **{k: v for k, v in (model_info or {}).get(name, {}).items() if k != "arch"}}

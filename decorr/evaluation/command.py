@@ -27,8 +27,8 @@ from decorr.evaluation.adversarial_files import AdversarialWriter, evaluate_adve
 from decorr.evaluation.presets import PRESETS, apply_preset, preset_record
 from decorr.evaluation.progress import terminal_reporter
 from decorr.evaluation.report import format_transfer, save_transfer_report
-from decorr.evaluation.transfer import (ModelSelection, Reporter, TransferOptions, checkpoint_dataset,
-                                        default_eps_text, evaluate_checkpoints)
+from decorr.evaluation.options import Reporter, TransferOptions, default_eps_text
+from decorr.evaluation.selection import ModelSelection, checkpoint_dataset, evaluate_checkpoints
 from decorr.io import check_paths_apart, default_output_dir, prepare_output_dir, staged_output_dir
 from decorr.specs import SPEC_HELP, add_spec_arguments, spec_options, spec_paths
 

@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from decorr.data import ImageSplit, to_float
 from decorr.evaluation.metrics import accuracy, predict
-from decorr.evaluation.transfer import TransferOptions, evaluate_transfer
+from decorr.evaluation.options import TransferOptions
+from decorr.evaluation.transfer import evaluate_transfer
 from decorr.features import eval_mode
 from decorr.io import write_json
 from decorr.distributed import unwrap

@@ -166,10 +166,16 @@ class AttackJob:
     eps: float
     evaluated: list[str]
     featured: set[str]
+    norm: str = "linf"
+    #: Linf-equivalent units to the norm's (TransferOptions.scale)
+    scale: float = 1.0
+    #: seeds every batch's generator with the source, attack, epsilon and batch index
+    seed: int = 0
+    #: one target class per image of the data (a targeted run), or None
+    targets: Tensor | None = None
 
 
 def attack_pass(job: AttackJob, runner: ModelRunner, data: Data, batch_size: int, device: torch.device, *,
-                seed: int, scale: float, norm: str, targets: Tensor | None,
                 on_batch: Callable[[Batch, Tensor, Tensor], None] | None = None,
                 progress: Callable[[int], None] | None = None, timing: dict[str, float]) -> Collected:
     """Craft ``job``'s adversarial examples batch by batch and run every evaluated model on each batch."""
@@ -178,10 +184,10 @@ def attack_pass(job: AttackJob, runner: ModelRunner, data: Data, batch_size: int
     out = Collected()
     for batch in batches(data, batch_size, device):
         tick = time.perf_counter()
-        generator = batch_generator(seed, job.source_name, job.attack.name, job.eps, batch.index)
-        labels = batch.y if targets is None else targets[batch.positions].to(device)
-        x_adv = job.attack.craft(job.source, batch.x, labels, eps=job.eps, norm=norm, scale=scale,
-                                 targeted=targets is not None, generator=generator)
+        generator = batch_generator(job.seed, job.source_name, job.attack.name, job.eps, batch.index)
+        labels = batch.y if job.targets is None else job.targets[batch.positions].to(device)
+        x_adv = job.attack.craft(job.source, batch.x, labels, eps=job.eps, norm=job.norm, scale=job.scale,
+                                 targeted=job.targets is not None, generator=generator)
         timing["attack_s"] += time.perf_counter() - tick
         tick = time.perf_counter()
         out.positions.append(batch.positions)

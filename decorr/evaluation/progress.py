@@ -12,13 +12,13 @@ import sys
 from typing import Callable
 
 from decorr.distributed import rank
-from decorr.evaluation.transfer import Reporter
+from decorr.evaluation.options import Reporter
 
 __all__ = ["terminal_reporter"]
 
 
 def terminal_reporter(*, quiet: bool = False) -> Reporter:
-    """A :class:`~decorr.evaluation.transfer.Reporter` printing stage lines and a tqdm bar to stderr."""
+    """A :class:`~decorr.evaluation.options.Reporter` printing stage lines and a tqdm bar to stderr."""
     main = rank() == 0
     show_bar = main and not quiet and (sys.stderr.isatty() or os.environ.get("DECORR_PROGRESS") == "1")
     bars: list = []

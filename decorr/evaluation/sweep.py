@@ -42,7 +42,7 @@ from decorr.evaluation.command import TransferJob, evaluate_job, jsonable_job, j
 from decorr.evaluation.compare import pack_outcomes, unpack_outcomes
 from decorr.evaluation.report import save_transfer_report
 from decorr.evaluation.stats import wilson_interval
-from decorr.evaluation.transfer import Reporter
+from decorr.evaluation.options import Reporter
 from decorr.io import staged_output_dir, write_json, write_results_json
 from decorr.models.weights import sha256_of
 from decorr.specs import spec_paths
@@ -355,7 +355,7 @@ def plan_sweep(cells: Sequence[Cell], out: str | os.PathLike) -> list[dict[str, 
 
 def _gradients(cell: Cell) -> int | None:
     from decorr.data import load_dataset
-    from decorr.evaluation.transfer import checkpoint_dataset
+    from decorr.evaluation.selection import checkpoint_dataset
 
     job, selection = cell.job, cell.job.selection
     try:

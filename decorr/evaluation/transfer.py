@@ -65,168 +65,29 @@ Denominators: natural accuracies count over ``num_candidates``, accuracies under
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from decorr.attacks import Attack, Source, parse_attacks
-from decorr.checkpoint import load_checkpoint
-from decorr.config import check_at_least, check_seed, opt
+from decorr.attacks import Attack, Source
 from decorr.distributed import world_size
-from decorr.errors import DecorrError, pixel_value
-from decorr.evaluation.compare import data_fingerprint, row_attack, rows_of
+from decorr.errors import DecorrError
+from decorr.evaluation.compare import data_fingerprint
 from decorr.evaluation.detection import detection_summary
-from decorr.evaluation.ensembles import load_ensembles
+from decorr.evaluation.options import FORMAT, Data, Reporter, TransferOptions, default_eps, target_labels
 from decorr.evaluation.passes import AttackJob, Collected, ModelRunner, attack_pass, batches, run_models
 from decorr.evaluation.records import (FeatureSet, eps_record, interval, number, pair_features, pca_or_none,
                                        r2_or_none, source_correct_record, worst_case_record)
 from decorr.features import feature_diagnostics
 from decorr.loss import parameter_distance
-from decorr.models.ensemble import Ensemble, spread_members
-from decorr.specs import SpecOptions, check_input_shape, load_specs, parse_spec
+from decorr.models.ensemble import Ensemble
 
-__all__ = ["DEFAULT_EPS", "FORMAT", "default_eps_text", "L2_SCALES", "Reporter", "TransferOptions", "checkpoint_dataset", "default_eps",
-           "evaluate_checkpoints", "evaluate_transfer", "pair_transfer", "target_labels"]
-
-FORMAT = "decorr-transfer/2"
-L2_SCALES = ("sqrt-side", "sqrt-dim", "none")
-#: SPEC section 3/5: the MNIST epsilons of P1's transfer experiments (one-channel 28x28 data).
-DEFAULT_EPS = (0.05, 0.10, 0.15)
-
-Data = Any  # an ImageSplit, a streamed split or (x, y)
-
-
-def default_eps(input_shape: Sequence[int]) -> tuple[float, ...]:
-    """The radii used without ``--eps``, by the images' shape (C, H, W) (:func:`default_eps_text` says why)."""
-    return _default_eps(input_shape)[0]
-
-
-def default_eps_text(input_shape: Sequence[int]) -> str:
-    return _default_eps(input_shape)[1]
-
-
-def _default_eps(shape: Sequence[int]) -> tuple[tuple[float, ...], str]:
-    # MNIST's radii (SPEC section 3) suit 1-channel images only: on colour images the usual Linf budgets are a
-    # few 255ths (SPEC section 6 for CIFAR-10: 2, 4, 8 / 255; the ImageNet transfer literature, e.g. SGM and
-    # TransferAttack, goes up to 16/255).
-    channels, height, width = (tuple(shape) + (0, 0, 0))[:3]
-    if channels == 1:
-        return DEFAULT_EPS, "1-channel images (MNIST-like, SPEC): 0.05 0.1 0.15"
-    if min(height, width) <= 64:
-        return (2 / 255, 4 / 255, 8 / 255), "colour images up to 64 px (CIFAR-like): 2/255 4/255 8/255"
-    return (4 / 255, 8 / 255, 16 / 255), "colour images over 64 px (ImageNet-like): 4/255 8/255 16/255"
-
-
-# ------------------------------------------------------------------------------------------------
-# Settings
-
-
-@dataclass(frozen=True)
-class TransferOptions:
-    """How to evaluate (every field a flag of ``eval/transfer.py``; validated on creation). ``attacks`` are
-    the suite's combinations (``pgd``, ``mifgsm+dim``, ...); ``attack_settings`` the attack flags given
-    (``{"--steps": 10}``), applied to every attack that has the field."""
-
-    attacks: tuple[str, ...] = opt(("pgd",), "attacks of the suite, several per run, components joined by + "
-                                             "(e.g. pgd mifgsm+dim+tim sgm bsr); see decorr.attacks",
-                                   flag="--attack", metavar="ATTACK")
-    attack_settings: dict[str, Any] = opt({}, "attack flags by name (not a flag: the attack flags set it)")
-    eps: tuple[float, ...] = opt((), "radii in pixel units, e.g. 8/255 (default by image shape: 1-channel 0.05 0.1 "
-                                     "0.15, colour up to 64 px 2/255 4/255 8/255, larger 4/255 8/255 16/255)",
-                                 type=pixel_value)
-    norm: str = opt("linf", "the attacks' norm", choices=("linf", "l2"))
-    l2_scale: str = opt("sqrt-side", "L2 radius = eps * sqrt(image side) (SPEC), * sqrt(C*H*W), or eps itself",
-                        choices=L2_SCALES)
-    targeted: str | None = opt(None, "targeted attacks: 'random' (another class per image, from --seed) or a JSON "
-                                     "class map FILE ({\"true class\": target class})", metavar="RULE")
-    seed: int = opt(0, "seeds the attacks' randomness (per source, attack, eps and batch) and random targets")
-    batch_size: int = opt(1000, "images per batch")
-    features: bool = opt(True, "skip feature R^2 / PCA Pearson of same-architecture pairs", flag="--no-features")
-    only_correct: bool = opt(False, "evaluate only the images every model classifies correctly (SGM's protocol)")
-    attack_targets: bool = opt(False, "with --surrogate: attack the targets too (without --surrogate they always are)")
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "attacks", tuple(self.attacks))
-        object.__setattr__(self, "eps", tuple(float(e) for e in self.eps))
-        object.__setattr__(self, "attack_settings", dict(self.attack_settings))
-        if self.norm not in ("linf", "l2"):
-            raise DecorrError(f"unknown norm {self.norm!r}; use linf or l2")
-        if self.l2_scale not in L2_SCALES:
-            raise DecorrError(f"unknown L2 scale {self.l2_scale!r}; choose one of {', '.join(L2_SCALES)}")
-        bad = [e for e in self.eps if not (e >= 0 and math.isfinite(e))]
-        if bad:
-            raise DecorrError(f"epsilon must be >= 0 (pixel units), got {bad[0]}; e.g. --eps 0.05 0.1 0.15")
-        if len(set(self.eps)) != len(self.eps):
-            raise DecorrError(f"epsilon {sorted(e for e in self.eps if self.eps.count(e) > 1)[0]} is given twice; "
-                              "list each once")
-        check_at_least("batch_size", self.batch_size, 1)
-        check_seed(self.seed)
-        if self.targeted is not None and self.targeted != "random" and not Path(self.targeted).is_file():
-            raise DecorrError(f"--targeted {self.targeted!r} is neither 'random' nor a class map file; give "
-                              "--targeted random or the path of a JSON {\"true class\": target class} file")
-        self.parsed_attacks()  # every attack and setting checked before any work
-
-    def parsed_attacks(self) -> list[Attack]:
-        return parse_attacks(self.attacks, self.attack_settings)
-
-    def scale(self, input_shape: Sequence[int]) -> float:
-        """Factor from Linf-equivalent units to the attacks' norm (1 for Linf)."""
-        if self.norm == "linf" or self.l2_scale == "none":
-            return 1.0
-        dim = math.prod(input_shape)
-        if self.l2_scale == "sqrt-dim":
-            return math.sqrt(dim)
-        spatial = input_shape[-2] * input_shape[-1] if len(input_shape) >= 2 else dim
-        return math.sqrt(math.sqrt(spatial))  # the image side: eps * sqrt(28) on MNIST
-
-    def record(self, attacks: Sequence[Attack], eps: Sequence[float], input_shape: Sequence[int]) -> dict[str, Any]:
-        scale = self.scale(input_shape)
-        record = {k: v for k, v in asdict(self).items() if k not in ("attacks", "attack_settings")}
-        record.update(attacks=[a.describe() for a in attacks], attack_settings=dict(self.attack_settings),
-                      eps=list(eps), attack_eps=[e * scale for e in eps],
-                      l2_scale=None if self.norm == "linf" else self.l2_scale)
-        return record
-
-
-@dataclass
-class Reporter:
-    """Where an evaluation says what it does: ``say`` (progress lines) and ``progress(total)`` (a
-    callable that makes a progress counter advanced by image counts, or None)."""
-
-    say: Callable[[str], None] = lambda _message: None
-    progress: Callable[[int, str], Callable[[int, str], None] | None] | None = None
-
-
-def target_labels(y: Tensor, num_classes: int, rule: str, seed: int) -> Tensor:
-    """The target class of every image: ``random`` draws another class per image from ``seed`` (the same
-    draws whatever the process count), a JSON file maps true classes to targets."""
-    if rule == "random":
-        generator = torch.Generator().manual_seed(int(seed) + 7919)
-        offset = torch.randint(1, num_classes, (len(y),), generator=generator)
-        return (y.cpu() + offset) % num_classes
-    try:
-        mapping = json.loads(Path(rule).read_text())
-        table = {int(k): int(v) for k, v in mapping.items()}
-    except (OSError, ValueError, AttributeError, TypeError):
-        raise DecorrError(f"--targeted {rule}: not a JSON object of class -> target class, e.g. "
-                          "{\"0\": 1, \"1\": 2}") from None
-    missing = sorted({int(c) for c in y.tolist()} - set(table))
-    if missing:
-        raise DecorrError(f"--targeted {rule} maps no target for class {missing[0]}; give every class a target")
-    bad = [(k, v) for k, v in table.items() if not 0 <= v < num_classes or v == k]
-    if bad:
-        raise DecorrError(f"--targeted {rule}: class {bad[0][0]} -> {bad[0][1]} is not another class of the "
-                          f"models' {num_classes}; fix the map")
-    return torch.tensor([table[int(c)] for c in y.tolist()], dtype=torch.int64)
-
+__all__ = ["evaluate_transfer"]
 
 # ------------------------------------------------------------------------------------------------
 # The plan: which models attack and are evaluated, which pairs get feature statistics
@@ -462,13 +323,13 @@ def _adversarial_rows(plan: _Plan, data: Data, options: TransferOptions, natural
                 label = f"{attack.text} eps {eps:g}: {src} ({k + 1}/{len(plan.sources)})"
                 if advance is None:
                     report.say(f"attacking {label}")
-                job = AttackJob(attack, src, _source(plan, src), eps, evaluated[src], plan.partners(src))
+                job = AttackJob(attack, src, _source(plan, src), eps, evaluated[src], plan.partners(src),
+                                norm=options.norm, scale=scale, seed=options.seed, targets=targets)
                 hook = None if on_adversarial is None else (
                     lambda batch, x_adv, pred, src=src: on_adversarial(src, attack.text, eps, batch.positions, x_adv,
                                                                        batch.y, pred))
                 step = None if advance is None else (lambda count, label=label: advance(count, label))
-                collected = attack_pass(job, runner, data, options.batch_size, plan.device, seed=options.seed,
-                                        scale=scale, norm=options.norm, targets=targets, on_batch=hook,
+                collected = attack_pass(job, runner, data, options.batch_size, plan.device, on_batch=hook,
                                         progress=step, timing=plan.timing)
                 gathered[src] = collected.gathered(len(plan.y))
                 outcomes[src] = {name: pred != plan.y for name, pred in gathered[src]["preds"].items()}
@@ -555,116 +416,3 @@ def _model_records(plan: _Plan, natural: dict[str, Any], model_info: Mapping[str
                           effective_rank=number(diagnostics["effective_rank"]))
         records[name] = record
     return records
-
-
-# ------------------------------------------------------------------------------------------------
-# Models named by specs
-
-
-@dataclass(frozen=True)
-class ModelSelection:
-    """Which models an evaluation loads: targets and source-only surrogates (model specs, ``decorr.specs``),
-    ensembles as targets and as surrogates (``NAME=SPEC,SPEC``), how ensembles combine, and the global
-    options of ``ARCH=WEIGHTS`` specs."""
-
-    targets: tuple[str, ...] = ()
-    surrogates: tuple[str, ...] = ()
-    ensembles: tuple[str, ...] = ()
-    surrogate_ensembles: tuple[str, ...] = ()
-    ensemble_rule: str = "prob"
-    spec_options: SpecOptions | None = None
-    #: Ensembles whose members do not fit one GPU together: N members per visible GPU, or "auto" (as evenly
-    #: as the GPUs allow); None keeps every model on the evaluation's device.
-    members_per_device: str | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("targets", "surrogates", "ensembles", "surrogate_ensembles"):
-            object.__setattr__(self, name, tuple(os.fspath(s) for s in getattr(self, name)))
-        if not self.targets and not self.ensembles:
-            raise DecorrError("no target models; pass checkpoints or specs (SPEC ...) or --ensemble NAME=SPEC,SPEC")
-        spread = self.members_per_device
-        if spread is not None and spread != "auto" and not (str(spread).isdigit() and int(spread) >= 1):
-            raise DecorrError(f"--members-per-device takes a number >= 1 or auto, got {spread!r}")
-
-    def spread(self, ensembles: Mapping[str, Ensemble]) -> None:
-        """Spread the ensembles' members over the visible GPUs (``members_per_device``)."""
-        if self.members_per_device is None or not ensembles:
-            return
-        if world_size() > 1:
-            raise DecorrError("--members-per-device spreads one process's ensembles over the GPUs; run one process "
-                              "(not torchrun / accelerate launch with several) or leave it out")
-        if not torch.cuda.is_available():
-            raise DecorrError("--members-per-device spreads ensemble members over GPUs, and this machine has none; "
-                              "leave it out")
-        devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-        per_device = None if self.members_per_device == "auto" else int(self.members_per_device)
-        for ensemble in ensembles.values():
-            spread_members(ensemble, devices, per_device)
-
-    @property
-    def member_specs(self) -> list[str]:
-        from decorr.evaluation.ensembles import parse_ensemble_spec
-
-        return [spec for text in self.ensembles + self.surrogate_ensembles for spec in parse_ensemble_spec(text)[1]]
-
-
-def evaluate_checkpoints(selection: ModelSelection, data: Data, options: TransferOptions = TransferOptions(), *,
-                         device: torch.device | str = "cpu", report: Reporter | None = None,
-                         on_adversarial: Callable[..., None] | None = None) -> dict[str, Any]:
-    """:func:`evaluate_transfer` on the models of ``selection``, loaded with the one spec loader.
-
-    Checks that every model (every ensemble member too) takes the data's input shape before any work;
-    each model's load record goes to its ``models`` entry in the result.
-    """
-    options_ = selection.spec_options
-    targets = load_specs(selection.targets, options_, device=device) if selection.targets else {}
-    sources = load_specs(selection.surrogates, options_, device=device) if selection.surrogates else {}
-    ensembles, ensemble_info, members = load_ensembles(selection.ensembles, rule=selection.ensemble_rule,
-                                                       device=device, options=options_)
-    surrogate_ensembles, surrogate_info, surrogate_members = load_ensembles(
-        selection.surrogate_ensembles, rule=selection.ensemble_rule, objective="mean_ce", device=device, options=options_)
-    for name in list(ensembles) + list(surrogate_ensembles):
-        if name in targets or name in sources or (name in ensembles and name in surrogate_ensembles):
-            raise DecorrError(f"ensemble name {name!r} is taken by another model; choose another NAME")
-    selection.spread({**ensembles, **surrogate_ensembles})
-    loaded = {**sources, **targets}
-    shape = tuple(data.image_shape) if not isinstance(data, (tuple, list)) else tuple(data[0].shape[1:])
-    every_member = {**members, **surrogate_members}
-    check_input_shape({**loaded, **every_member}, shape)
-    info = {**ensemble_info, **surrogate_info}
-    archs = {**{k: m.info["arch"] for k, m in loaded.items()}, **{k: "ensemble" for k in info},
-             **{k: m.info.get("arch") for k, m in every_member.items()}}
-    model_info = {**{k: {key: v for key, v in m.info.items() if key not in ("arch", "feature_layer")}
-                     for k, m in loaded.items()},
-                  **{k: {"member_specs": i["member_specs"], "member_info": i["member_info"]} for k, i in info.items()}}
-    return evaluate_transfer(
-        {**{n: m.module for n, m in targets.items()}, **ensembles}, data, options,
-        surrogates={**{n: m.module for n, m in sources.items()}, **surrogate_ensembles},
-        feature_layers={k: m.info["feature_layer"] for k, m in loaded.items()}, archs=archs, model_info=model_info,
-        device=device, report=report, on_adversarial=on_adversarial)
-
-
-def checkpoint_dataset(specs: Sequence[str]) -> str:
-    """The dataset the checkpoint specs were trained on; they must agree (``ARCH=WEIGHTS`` specs say none)."""
-    names = {}
-    for spec in specs:
-        parsed = parse_spec(spec)
-        names[spec] = load_checkpoint(parsed.checkpoint, load_weights=False).config.get("dataset") if parsed.checkpoint else None
-    found = {name for name in names.values() if name}
-    if len(found) != 1:
-        listed = ", ".join(f"{path}: {name}" for path, name in names.items())
-        raise DecorrError(f"cannot tell which dataset to evaluate on ({listed}); pass --dataset")
-    return found.pop()
-
-
-def pair_transfer(result: Mapping[str, Any], attack: str | None = None) -> dict[tuple[str, str], dict[float, float | None]]:
-    """``{(a, b): {eps: mean of T(a -> b) and T(b -> a)}}`` of one attack (default: the first) of a result."""
-    rows = rows_of(result, attack)
-    table: dict[tuple[str, str], dict[float, float | None]] = {}
-    for row in rows:
-        for pair in row["pairs"]:
-            table.setdefault((pair["a"], pair["b"]), {})[row["eps"]] = pair["mean"]
-    return table
-
-
-__all__ += ["ModelSelection", "row_attack", "rows_of"]

@@ -108,6 +108,7 @@ def feature_matching_loss(model: nn.Module, layer: str, target_features: Tensor)
 
     return loss_fn
 
+
 def feature_distillation(
     model: nn.Module,
     xs: Tensor,
@@ -152,6 +153,7 @@ def choose_layer(layers: Sequence[str], seed: int, epoch: int) -> str | None:
     index = int(torch.randint(len(layers), (1,), generator=stream_generator(seed, epoch, STREAM_LAYER)))
     return layers[index]
 
+
 def dverge_objective(
     models: Sequence[nn.Module],
     distilled: Sequence[Tensor],
@@ -190,6 +192,7 @@ def dverge_objective(
     terms["loss"] = total.detach()
     return total, terms
 
+
 def distil_batch(
     models: Sequence[nn.Module],
     xs: Tensor,
@@ -216,6 +219,7 @@ def distil_batch(
                                        step_size=config.adv_step_size, random_start=True, generator=generator))
     return distilled, adversarial
 
+
 def dverge_loss(
     models: Sequence[nn.Module],
     xs: Tensor,
@@ -232,6 +236,7 @@ def dverge_loss(
     for m in models:
         m.train()
     return dverge_objective(models, distilled, ys, adversarial=adversarial, adv_weight=config.adv_weight)
+
 
 def dverge_step(
     models: Sequence[nn.Module],
