@@ -45,7 +45,9 @@ SUITE = ["mifgsm", "nifgsm", "vmifgsm", "vnifgsm", "dim", "tim", "sim", "admix",
 #: battery runs in well under a minute on one CPU thread.
 CHEAP = ["--variance-neighbors", "2", "--admix-mixes", "1", "--admix-scales", "2", "--sim-scales", "2",
          "--ssm-copies", "2", "--bsr-copies", "2", "--fia-copies", "2", "--naa-path-steps", "2", "--ti-kernel", "5"]
-EPS = ["8/255", "16/255"]
+EPS = ["4/255", "16/255"]
+#: Adam steps of batch 64 per model: about 25% test accuracy, enough for attacks to differ image by image.
+TRAIN_STEPS = 30
 N = 16
 
 
@@ -58,14 +60,14 @@ def resnets(cifar_subset, tmp_path_factory):
     for seed in (0, 1):
         torch.manual_seed(seed)
         model = create_model("resnet20")
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
         model.train()
         for step, (x, y) in enumerate(iterate_batches(cifar_subset.train, 64, seed=seed)):
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            if step == 15:
+            if step + 1 == TRAIN_STEPS:
                 break
         model.eval()
         path = root / f"r20_{seed}"
@@ -97,7 +99,7 @@ def test_suite_rows_and_any_attack_is_the_or_of_the_rows(resnets, tmp_path, caps
     sources, targets = result["sources"], result["targets"]
     assert len(sources) == 2 and targets == sources
     eps_values = result["settings"]["eps"]
-    assert eps_values == pytest.approx([8 / 255, 16 / 255], abs=1e-12)
+    assert eps_values == pytest.approx([4 / 255, 16 / 255], abs=1e-12)
     assert [a["attack"] for a in result["settings"]["attacks"]] == SUITE
     # one row per attack and eps, in the command's order (attack-major)
     assert [(r["attack"], r["eps"]) for r in result["by_eps"]] == [(a, e) for a in SUITE for e in eps_values]
