@@ -34,6 +34,7 @@ the model's parameters are therefore cut at those units (attacks need the input'
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -103,6 +104,10 @@ class _UnitPass:
     x: Tensor
     x_leaf: Tensor
     branch_out: Tensor | None = None
+    #: the output of the branch's last linearised ReLU, where the linear and true backward passes part
+    #: (set only for units whose branch is one chain of layers, where every path runs through it)
+    split: Tensor | None = None
+    chain: bool = False
     branch_leaf: Tensor | None = None
     out: Tensor | None = None
 
@@ -147,11 +152,15 @@ class _Renormalised(torch.autograd.Function):
                                               retain_graph=True, allow_unused=True)
         if at_branch is None:
             at_branch = torch.zeros_like(unit.branch_leaf)
-        linear = torch.autograd.grad(unit.branch_out, unit.x_leaf, at_branch, retain_graph=True)[0]
+        start = unit.branch_out
+        if unit.split is not None:  # above the last linearised ReLU both passes agree: backpropagate once
+            at_branch = torch.autograd.grad(unit.branch_out, unit.split, at_branch, retain_graph=True)[0]
+            start = unit.split
+        linear = torch.autograd.grad(start, unit.x_leaf, at_branch, retain_graph=True)[0]
         if ctx.renormalize:
             state.masked = True
             try:
-                true = torch.autograd.grad(unit.branch_out, unit.x_leaf, at_branch, retain_graph=True)[0]
+                true = torch.autograd.grad(start, unit.x_leaf, at_branch, retain_graph=True)[0]
             finally:
                 state.masked = False
             linear = linear * _norm_ratio(true, linear)
@@ -218,9 +227,25 @@ def _relu_hook(state: _State, *, residual: bool):
             linearise = current is not None and current.branch_out is None
         else:
             linearise = state.started
-        return _LinearReLU.apply(args[0], state) if linearise else None
+        if not linearise:
+            return None
+        out = _LinearReLU.apply(args[0], state)
+        if residual and current.chain:
+            current.split = out
+        return out
 
     return hook
+
+
+@functools.lru_cache(maxsize=1)
+def _chain_units() -> tuple[type, ...]:
+    """Unit types whose branch is one chain of layers (every path from the input to the branch's output runs
+    through its last ReLU), so the linear and true backward passes can share what lies above that ReLU."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    from decorr.models.blocks import ResidualUnit
+
+    return (BasicBlock, Bottleneck, ResidualUnit)
 
 
 def _install_unit_hooks(units: list[tuple[str, nn.Module, nn.Module]], state: _State, renormalize: bool,
@@ -234,7 +259,7 @@ def _install_unit_hooks(units: list[tuple[str, nn.Module, nn.Module]], state: _S
             return None
         x = args[0]
         x_leaf = x.detach().requires_grad_(True)
-        state.units.append(_UnitPass(x=x, x_leaf=x_leaf))
+        state.units.append(_UnitPass(x=x, x_leaf=x_leaf, chain=isinstance(_unit, _chain_units())))
         # A copy, so that the unit may work in place on what it is given.
         return (x_leaf.clone(), *args[1:])
 
