@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot-eps", type=pixel_value, default=None, help="--plot: the epsilon (default: the largest)")
     p.add_argument("--eps", nargs="+", type=pixel_value, default=None,
                    help="--defence: only these epsilons' columns (pixel units, e.g. 8/255)")
+    p.add_argument("--transpose", action="store_true",
+                   help="--defence: measures (attacks) as rows and the LABELs as columns")
     p.add_argument("--source", default=None, help="the attacked model (default: the first source)")
     p.add_argument("--targets", nargs="+", default=None, help="target columns (default: every other target)")
     p.add_argument("--out", default=None, help="also write the table to this file")
@@ -120,13 +122,15 @@ def main(argv: list[str] | None = None) -> str:
             check_output_file(path, flag=flag, overwrite=args.overwrite)
     if (args.plot or args.plot_eps is not None) and not args.across_seeds:
         raise DecorrError("--plot draws the --across-seeds groups; add --across-seeds")
+    if args.transpose and not args.defence:
+        raise DecorrError("--transpose lays out the --defence table; add --defence")
     if args.eps is not None and not args.defence:
         raise DecorrError("--eps selects columns of the --defence table; add --defence")
     if args.defence:
         if args.across_seeds or args.source or args.targets:
             raise DecorrError("--defence is its own table: drop --across-seeds, --source and --targets")
         groups = {label: [_load_target(path) for path in paths] for label, paths in _labelled(args.runs).items()}
-        table = defence_table(groups, baseline=args.baseline, eps=args.eps)
+        table = defence_table(groups, baseline=args.baseline, eps=args.eps, transpose=args.transpose)
     elif args.across_seeds:
         if args.source or args.targets:
             raise DecorrError("--source and --targets belong to the error table; --across-seeds uses every member")

@@ -186,3 +186,27 @@ def test_cli_plot(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error:") and message in err
     assert not (tmp_path / "q.png").exists()
+
+
+def test_transposed_defence_table_swaps_rows_and_columns_of_both_tables():
+    base = [defence_result(a) for a in (0.5, 0.6, 0.7)]
+    other = [defence_result(a, auc=0.8) for a in (0.6, 0.8, 0.7)]
+    groups = {"ce": [(r, None) for r in base], "dec": [(r, "ens") for r in other]}
+    plain, flipped = (defence_table(groups, baseline="ce", eps=[0.1], transpose=t) for t in (False, True))
+
+    def tables(text):
+        blocks, block = [], []
+        for line in text.splitlines() + [""]:
+            if line.startswith("|") and not set(line) <= set("|-"):
+                block.append([c.strip() for c in line.strip("|").split("|")])
+            elif not line.startswith("|") and block:
+                blocks.append(block)
+                block = []
+        return blocks
+
+    assert len(tables(plain)) == len(tables(flipped)) == 2
+    for rows, columns in zip(tables(plain), tables(flipped)):
+        assert columns == [list(c) for c in zip(*rows)]
+    assert flipped.splitlines()[0] == "| method | ce | dec |"
+    assert [l for l in plain.splitlines() if not l.startswith("|")] == \
+        [l for l in flipped.splitlines() if not l.startswith("|")]

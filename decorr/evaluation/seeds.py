@@ -267,7 +267,7 @@ def _defence_title(key: str) -> tuple[str, float, int]:
 
 
 def defence_table(groups: Mapping[str, Sequence[tuple[Mapping[str, Any], str | None]]], *,
-                  baseline: str | None = None, eps: Sequence[float] | None = None) -> str:
+                  baseline: str | None = None, eps: Sequence[float] | None = None, transpose: bool = False) -> str:
     """Markdown: per group (label -> its seeds' ``(result, target)``), each defence measure's mean over seeds.
 
     Columns are the keys of :func:`defence_measures` (the union over all rows, in order of appearance; a
@@ -302,7 +302,25 @@ def defence_table(groups: Mapping[str, Sequence[tuple[Mapping[str, Any], str | N
         lines += _difference_rows(measures, baseline, [(k, scale, digits) for k, (_, scale, digits) in zip(keys, titles)])
         lines += ["", f"Differences seed by seed (the i-th run of each group against the i-th of {baseline}), "
                   "mean [95% t-interval]."]
-    return "\n".join(lines)
+    return "\n".join(transpose_tables(lines) if transpose else lines)
+
+
+def transpose_tables(lines: Sequence[str]) -> list[str]:
+    """Every markdown table among ``lines`` with its rows and columns swapped (other lines kept)."""
+    out: list[str] = []
+    table: list[list[str]] = []
+    for line in [*lines, ""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-"):  # the separator row is rebuilt
+                table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+            continue
+        if table:
+            columns = [list(column) for column in zip(*table)]
+            out += ["| " + " | ".join(columns[0]) + " |", "|" + "---|" * len(columns[0])]
+            out += ["| " + " | ".join(column) + " |" for column in columns[1:]]
+            table = []
+        out.append(line)
+    return out[:-1]
 
 
 def plot_accuracy_transfer(groups: Mapping[str, Sequence[Mapping[str, Any]]], eps: float,
