@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eps", nargs="+", type=pixel_value, default=None,
                    help="--defence: only these epsilons' columns (pixel units, e.g. 8/255)")
     p.add_argument("--transpose", action="store_true",
-                   help="--defence: measures (attacks) as rows and the LABELs as columns")
+                   help="--defence / --across-seeds: measures (attacks) as rows and the LABELs as columns")
     p.add_argument("--source", default=None, help="the attacked model (default: the first source)")
     p.add_argument("--targets", nargs="+", default=None, help="target columns (default: every other target)")
     p.add_argument("--out", default=None, help="also write the table to this file")
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> str:
             check_output_file(path, flag=flag, overwrite=args.overwrite)
     if (args.plot or args.plot_eps is not None) and not args.across_seeds:
         raise DecorrError("--plot draws the --across-seeds groups; add --across-seeds")
-    if args.transpose and not args.defence:
-        raise DecorrError("--transpose lays out the --defence table; add --defence")
+    if args.transpose and not (args.defence or args.across_seeds):
+        raise DecorrError("--transpose lays out the --defence and --across-seeds tables; add one of them")
     if args.eps is not None and not args.defence:
         raise DecorrError("--eps selects columns of the --defence table; add --defence")
     if args.defence:
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> str:
             raise DecorrError("--source and --targets belong to the error table; --across-seeds uses every member")
         groups = _groups(args.runs, True)
         check_paths_apart(outputs, _inputs)
-        table = seed_table(groups, baseline=args.baseline)
+        table = seed_table(groups, baseline=args.baseline, transpose=args.transpose)
         if args.plot:
             eps = args.plot_eps if args.plot_eps is not None else max(r["eps"] for r in
                                                                        next(iter(groups.values()))[0]["by_eps"])

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from decorr.errors import DecorrError
-from decorr.evaluation.seeds import defence_measures, defence_table, ensemble_measures, seed_table
+from decorr.evaluation.seeds import defence_measures, defence_table, ensemble_measures, seed_table, transpose_tables
 from decorr.evaluation.stats import t_interval
 from eval import summarize
 
@@ -208,5 +208,6 @@ def test_transposed_defence_table_swaps_rows_and_columns_of_both_tables():
     for rows, columns in zip(tables(plain), tables(flipped)):
         assert columns == [list(c) for c in zip(*rows)]
     assert flipped.splitlines()[0] == "| method | ce | dec |"
+    assert transpose_tables(transpose_tables(plain.splitlines())) == plain.splitlines()
     assert [l for l in plain.splitlines() if not l.startswith("|")] == \
         [l for l in flipped.splitlines() if not l.startswith("|")]

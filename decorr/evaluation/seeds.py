@@ -159,7 +159,8 @@ def _difference_rows(measures: Mapping[str, Sequence[Mapping[str, float | None]]
     return lines
 
 
-def seed_table(groups: Mapping[str, Sequence[Mapping[str, Any]]], *, baseline: str | None = None) -> str:
+def seed_table(groups: Mapping[str, Sequence[Mapping[str, Any]]], *, baseline: str | None = None,
+               transpose: bool = False) -> str:
     """Markdown: per group (label -> its seeds' results), every measure's mean over seeds [95% t-interval].
 
     With ``baseline`` (a label), a second table gives each group's seed-by-seed difference to it in the
@@ -204,7 +205,7 @@ def seed_table(groups: Mapping[str, Sequence[Mapping[str, Any]]], *, baseline: s
         lines += _difference_rows(measures, baseline, [(k, 100, 1) for k, _ in transfer_keys])
         lines += ["", f"Differences in points, seed by seed (the i-th run of each group against the i-th of "
                   f"{baseline}), mean [95% t-interval]."]
-    return "\n".join(lines)
+    return "\n".join(transpose_tables(lines) if transpose else lines)
 
 
 def _defended(result: Mapping[str, Any], target: str | None) -> str:
