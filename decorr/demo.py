@@ -26,7 +26,9 @@ from decorr.errors import DecorrError, cli_entry
 from decorr.training.recipes import PairConfig, train_pair
 from decorr.evaluation.tables import format_table
 from decorr.io import write_results_json, write_text
-from decorr.evaluation.selection import evaluate_checkpoints, pair_transfer
+from decorr.evaluation.options import TransferOptions
+from decorr.evaluation.progress import terminal_reporter
+from decorr.evaluation.selection import ModelSelection, evaluate_checkpoints, pair_transfer
 
 MODES = ("cor", "dec")
 
@@ -83,8 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     test = dataset.test.subset(min(args.attack_samples, len(dataset.test)))
     _say(f"== evaluating: PGD Linf transfer between the models of each pair, 40 steps of 3/255 at eps "
          f"{' '.join(f'{e:g}' for e in args.eps)}, {len(test)} test images ==")
-    result = evaluate_checkpoints([out / m for m in MODES], test, attack="pgd", eps_list=args.eps, features=False,
-                                  log=lambda message: _say(f"   {message}"))
+    selection = ModelSelection(targets=tuple(str(out / m) for m in MODES))
+    options = TransferOptions(attacks=("pgd",), eps=tuple(args.eps), features=False)
+    result = evaluate_checkpoints(selection, test, options, report=terminal_reporter())
     transfer = pair_transfer(result)
     rows = []
     summary: dict[str, Any] = {"dataset": args.dataset, "epochs": args.epochs, "eps": args.eps, "pairs": {}}

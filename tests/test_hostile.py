@@ -535,6 +535,25 @@ def test_demo_says_it_reuses_a_finished_run(made, tmp_path, capsys):
     assert "test/acc_model0" in metrics
 
 
+def test_demo_end_to_end_on_finished_runs(made, tmp_path, capsys):
+    """make demo's evaluation and table on two finished pairs (training skipped: it is the tested loop)."""
+    import json
+
+    from decorr import demo
+
+    out = tmp_path / "demo"
+    for mode in ("cor", "dec"):
+        shutil.copytree(made / mode, out / mode)
+    demo.main(["--out", str(out), "--dataset", "mnist", "--epochs", "1", "--attack-samples", "40", "--eps", "0.1"])
+    summary = json.loads((out / "results.json").read_text())
+    for mode in ("cor", "dec"):
+        rate = summary["pairs"][mode]["transfer_rate"]["0.1"]
+        assert rate is None or 0.0 <= rate <= 1.0
+        assert 0.0 <= summary["pairs"][mode]["acc_model0"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "transfer eps=0.1" in printed and (out / "table.txt").read_text().strip() in printed
+
+
 # ------------------------------------------------------------------------------------------------
 # The library's own refusals (no script in between)
 
