@@ -19,6 +19,16 @@ os.environ.setdefault("DECORR_DATA_ROOT", str(SHARED_DATA))
 torch.set_num_threads(1)
 
 
+def load_script(path: str):
+    """A script of the repository (``eval/transfer.py``) imported as a module, to call its ``main`` in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{path.replace('/', '_')}", REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
 def _load(name: str):
     from decorr.data import load_dataset
     from decorr.errors import DecorrError

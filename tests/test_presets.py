@@ -8,7 +8,6 @@ predictions (a plain forward of the same weights) and the per-image outcomes pac
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,19 +21,12 @@ from decorr.data import load_dataset, to_float
 from decorr.evaluation.compare import unpack_outcomes
 from decorr.models import create_model
 
-from conftest import CIFAR_SUBSET
+from conftest import CIFAR_SUBSET, load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name.replace('/', '_')}", REPO / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-transfer_script = _script("eval/transfer.py")
+transfer_script = load_script("eval/transfer.py")
 
 
 def _weights(tmp_path: Path, arch: str, seed: int, **kwargs) -> str:

@@ -13,7 +13,6 @@ state-dict helpers, ``model_info/<dataset>/<threat>/NAME.json``); the path throu
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import sys
 import textwrap
@@ -30,19 +29,12 @@ from decorr.errors import DecorrError
 from decorr.specs import load_specs
 
 REPO = Path(__file__).resolve().parents[1]
-from conftest import CIFAR_SUBSET  # noqa: E402
+from conftest import CIFAR_SUBSET, load_script  # noqa: E402
 
 timm = pytest.importorskip("timm")  # in the dev extra; CI installs it
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name.replace('/', '_')}", REPO / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-transfer_script = _script("eval/transfer.py")
+transfer_script = load_script("eval/transfer.py")
 
 
 def _error_line(main, argv, capsys) -> str:

@@ -7,7 +7,6 @@ plain forward passes; files written with torch.save / safetensors; hashlib for t
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -28,20 +27,13 @@ from decorr.models import create_model
 from decorr.specs import Preprocessed, SpecOptions, load_specs, parse_spec
 from transfer_helpers import evaluate_specs, load_named_models
 
-from conftest import CIFAR_SUBSET
+from conftest import CIFAR_SUBSET, load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name.replace('/', '_')}", REPO / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-transfer_script = _script("eval/transfer.py")
-alignment_script = _script("eval/gradient_alignment.py")
+transfer_script = load_script("eval/transfer.py")
+alignment_script = load_script("eval/gradient_alignment.py")
 
 
 def _r18(seed: int = 0) -> nn.Module:

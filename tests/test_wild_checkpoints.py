@@ -2,14 +2,13 @@
 architecture arguments, evaluated and converted.
 
 Oracles: a hand-written forward (F.conv2d / F.max_pool2d / F.avg_pool2d / F.linear) with the file's own
-tensors, read back with torch.load(map_location="cpu"); the file written with torch.save while torch's
+tensors, read back with torch.load(map_location="cpu", weights_only=True); the file written with torch.save while torch's
 location tag says "cuda:0" (so a load without map_location fails on this CPU machine: checked).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import pickle
 from pathlib import Path
@@ -27,19 +26,13 @@ from decorr.data import to_float
 from decorr.errors import DecorrError
 from decorr.models.weights import file_format, read_state_dict
 from decorr.specs import load_specs, parse_spec
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 N = 300  # MNIST test images evaluated
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name.replace('/', '_')}", REPO / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-transfer_script = _script("eval/transfer.py")
+transfer_script = load_script("eval/transfer.py")
 
 
 class PaperCNN(nn.Module):
